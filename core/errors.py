@@ -1,0 +1,44 @@
+"""The project's own exceptions: each carries a message a user or operator can act on.
+
+Everything above `core` (the CLI, the console, Discord plugins) shows `str(exc)` of a
+`LoracordError` as-is and treats any other exception as a bug to log with its traceback.
+"""
+
+from __future__ import annotations
+
+
+class LoracordError(Exception):
+    """Base of every error whose message is meant for the user."""
+
+
+class SettingsError(LoracordError):
+    """The settings file or an environment override is invalid."""
+
+    def __init__(self, problems: list[str], source: str = "settings") -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(
+            f"invalid {source}:\n{lines}"
+            if len(problems) > 1
+            else f"invalid {source}: {problems[0]}"
+        )
+
+
+class ModelError(LoracordError):
+    """A model could not be found, built or loaded."""
+
+
+class PromptError(LoracordError):
+    """A request was refused before generation (empty prompt, bad parameters)."""
+
+
+class EngineBusy(LoracordError):
+    """The engine's queue is full; the caller should retry later."""
+
+
+class EngineClosed(LoracordError):
+    """The engine was shut down and takes no more requests."""
+
+
+class GenerationCancelled(LoracordError):
+    """A request was cancelled before it finished."""

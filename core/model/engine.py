@@ -1,0 +1,220 @@
+"""Serving: one worker thread owns the model; the event loop only submits and reads streams.
+
+`LocalEngine.submit()` never blocks the event loop: it validates the request, puts it on a
+bounded queue (a full queue raises `EngineBusy` at once) and returns a `ResponseStream` that the
+worker feeds token by token. Requests run one after another today; the worker takes work through
+`_next_batch()` so that batching rows with different adapters (the adapters issue) slots in
+there without changing the interface. The engine knows nothing about Discord or channels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, Protocol, TypeVar
+
+from core.errors import EngineBusy, EngineClosed, ModelError, PromptError
+from core.model.kernels import Runtime
+from core.model.loader import ModelInfo, describe, load_for_serving
+from core.model.requests import ChatMessage, GenerationParams, GenerationRequest, ResponseStream
+from core.model.source import ResolvedModel
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Engine(Protocol):
+    """What every serving backend offers (DESIGN.md, "The engine's interface")."""
+
+    async def start(self) -> ModelInfo: ...
+    async def submit(self, request: GenerationRequest) -> ResponseStream: ...
+    async def close(self) -> None: ...
+
+
+class LocalEngine:
+    """In-process engine: a GPTQ model on this machine's CPU or GPU, served by one thread."""
+
+    def __init__(
+        self,
+        locate: Callable[[], ResolvedModel],
+        runtime: Runtime,
+        *,
+        queue_size: int = 16,
+        max_new_tokens_cap: int = 1024,
+        max_context_tokens: int = 2048,
+        system_prompt: str | None = None,
+        threads: int | None = None,
+    ) -> None:
+        self.locate = locate
+        self.runtime = runtime
+        self.source: ResolvedModel | None = None
+        self.queue_size = queue_size
+        self.max_new_tokens_cap = max_new_tokens_cap
+        self.max_context_tokens = max_context_tokens
+        self.system_prompt = system_prompt
+        self.threads = threads
+        self.info: ModelInfo | None = None
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self._waiting: deque[ResponseStream] = deque()
+        self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._ready: Future[ModelInfo] = Future()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> ModelInfo:
+        """Start the worker and load the model on it; returns what was loaded."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="loracord-engine", daemon=True)
+            self._thread.start()
+        return await asyncio.wrap_future(self._ready)
+
+    async def close(self) -> None:
+        """Cancel what is queued, let the running request end, stop the worker."""
+        with self._cond:
+            self._closing = True
+            for stream in self._waiting:
+                stream._fail(EngineClosed("the bot is shutting down; ask again when it is back"))
+            self._waiting.clear()
+            self._cond.notify_all()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    @property
+    def context_tokens(self) -> int:
+        limit = self.info.context_tokens if self.info else self.max_context_tokens
+        return min(limit, self.max_context_tokens)
+
+    # -- requests ----------------------------------------------------------------------------
+    async def submit(self, request: GenerationRequest) -> ResponseStream:
+        """Queue a request; returns its stream at once. Raises EngineBusy when the queue is full."""
+        asked = request.params.max_new_tokens
+        request = self._validated(request)
+        stream = ResponseStream(request, self._position_of)
+        if request.params.max_new_tokens < asked:
+            stream._notice(f"max_tokens was capped at {request.params.max_new_tokens}.")
+        with self._cond:
+            if self._closing:
+                raise EngineClosed("the bot is shutting down; ask again when it is back")
+            if len(self._waiting) >= self.queue_size:
+                raise EngineBusy(
+                    f"the model is busy ({len(self._waiting)} questions waiting); "
+                    "try again in a minute"
+                )
+            self._waiting.append(stream)
+            self._cond.notify_all()
+        return stream
+
+    def _validated(self, request: GenerationRequest) -> GenerationRequest:
+        if not request.messages or not any(
+            m.content.strip() for m in request.messages if m.role == "user"
+        ):
+            raise PromptError("the prompt is empty; ask a question")
+        p = request.params
+        if p.max_new_tokens < 1:
+            raise PromptError("max_tokens must be at least 1")
+        if not 0.0 <= p.temperature <= 2.0:
+            raise PromptError("temperature must be between 0 and 2")
+        if not 0.0 < p.top_p <= 1.0:
+            raise PromptError("top_p must be above 0 and at most 1")
+        messages = tuple(request.messages)
+        if self.system_prompt and not any(m.role == "system" for m in messages):
+            messages = (ChatMessage("system", self.system_prompt), *messages)
+        capped = min(p.max_new_tokens, self.max_new_tokens_cap)
+        params = GenerationParams(capped, p.temperature, p.top_p, p.seed)
+        return GenerationRequest(messages=messages, adapter=request.adapter, params=params)
+
+    def _position_of(self, stream: ResponseStream) -> int | None:
+        with self._cond:
+            for index, waiting in enumerate(self._waiting):
+                if waiting is stream:
+                    return index + 1
+        return None
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the worker between generation steps (adapter loads go through here)."""
+        future: Future[T] = Future()
+        with self._cond:
+            if self._closing:
+                raise EngineClosed("the engine is closed")
+            self._calls.append((fn, future))
+            self._cond.notify_all()
+        return await asyncio.wrap_future(future)
+
+    # -- worker ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._load()
+        except BaseException as e:
+            error = e if isinstance(e, ModelError) else ModelError(f"could not load the model: {e}")
+            if error is not e:
+                error.__cause__ = e
+            self._ready.set_exception(error)
+            return
+        assert self.info is not None
+        self._ready.set_result(self.info)
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                break
+            for stream in batch:
+                self._serve(stream)
+        log.info("engine worker stopped")
+
+    def _load(self) -> None:
+        import torch
+
+        if self.runtime.device == "cpu":
+            torch.set_num_threads(self.threads or max(1, os.cpu_count() or 1))
+        self.source = source = self.locate()  # may build the embedded model: minutes, once
+        self.model, self.tokenizer, seconds = load_for_serving(source.path, self.runtime)
+        self.info = describe(source.name, source.path, self.model, self.runtime, seconds)
+        log.info(
+            "model ready in %.1f s: %s, %d-bit g%d, %s, %s on %s",
+            seconds,
+            self.info.name,
+            self.info.bits,
+            self.info.group_size,
+            self.info.kernel,
+            self.info.dtype,
+            self.info.device,
+        )
+
+    def _next_batch(self) -> list[ResponseStream] | None:
+        """Block until there is work; run pending calls; return the requests to serve next."""
+        with self._cond:
+            while True:
+                while self._calls:
+                    fn, future = self._calls.popleft()
+                    self._cond.release()
+                    try:
+                        if future.set_running_or_notify_cancel():
+                            future.set_result(fn())
+                    except BaseException as e:
+                        future.set_exception(e)
+                    finally:
+                        self._cond.acquire()
+                while self._waiting and self._waiting[0].cancelled:
+                    self._waiting.popleft()._finish("cancelled")
+                if self._waiting:
+                    return [self._waiting.popleft()]
+                if self._closing:
+                    return None
+                self._cond.wait()
+
+    def _serve(self, stream: ResponseStream) -> None:
+        from core.model.generate import generate_into
+
+        stream._mark_started()
+        try:
+            generate_into(self.model, self.tokenizer, stream, self.context_tokens)
+        except BaseException as e:
+            stream._fail(e)

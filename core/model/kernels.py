@@ -1,0 +1,75 @@
+"""Which GPTQ kernel, dtype and device serve a model here. Knows nothing about loading.
+
+Measured on CPU (KNOWN.md): transformers' default fp16 runs 2.8-3.5 tok/s; bf16 with the
+AVX512-BF16 kernel that GPTQModel's `auto` picks runs ~8x faster. On CUDA, Marlin and
+ExLlamaV2 are the fast serving kernels; only `torch` trains correctly there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+# Names accepted by the `kernel` setting: GPTQModel backend names, plus `auto`.
+KNOWN_KERNELS: tuple[str, ...] = (
+    "auto",
+    "marlin",
+    "exllama_v2",
+    "triton",
+    "torch",
+    "torch_fused",
+    "torch_int8",
+    "gptq_torch_aten",
+    "gptq_torch_cpu_avx512",
+)
+
+_CUDA_SERVING_ORDER = ("marlin", "exllama_v2")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how the model runs: a torch device, a dtype and a GPTQModel backend name."""
+
+    device: str
+    dtype: torch.dtype
+    kernel: str
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def choose_runtime(device: str = "auto", dtype: str = "auto", kernel: str = "auto") -> Runtime:
+    """Resolve the `device`, `dtype` and `kernel` settings into a concrete runtime."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if _cuda_available() else "cpu"
+    if device == "cuda" and not _cuda_available():
+        from core.errors import ModelError
+
+        raise ModelError("device = 'cuda' but torch sees no CUDA GPU; set device = 'cpu' or 'auto'")
+    if dtype == "auto":
+        if device == "cuda":
+            dtype = "float16"
+        else:
+            dtype = "bfloat16" if cpu_supports_bf16() else "float32"
+    torch_dtype = getattr(torch, dtype)
+    if kernel == "auto" and device == "cuda":
+        kernel = _CUDA_SERVING_ORDER[0]
+    return Runtime(device=device, dtype=torch_dtype, kernel=kernel)

@@ -1,0 +1,97 @@
+"""Load a GPTQ checkpoint for serving with the right kernel, dtype and device, and describe it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from core.errors import ModelError
+from core.model.kernels import Runtime
+from core.model.source import read_quantization
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What `loracord model info` prints: where the model is and how it runs."""
+
+    name: str
+    path: str
+    bits: int
+    group_size: int
+    kernel: str
+    dtype: str
+    device: str
+    size_bytes: int
+    context_tokens: int
+    load_seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def folder_size(path: Path) -> int:
+    """Bytes of the checkpoint's weight and config files."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def quant_layers(model: Any) -> list[Any]:
+    """The model's GPTQ linear layers (GPTQModel QuantLinear subclasses)."""
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+    return [m for m in model.modules() if isinstance(m, BaseQuantLinear)]
+
+
+def load_for_serving(path: Path, runtime: Runtime) -> tuple[Any, Any, float]:
+    """(model, tokenizer, seconds) loaded from a GPTQ folder, ready for inference."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
+
+    quant = read_quantization(path)
+    started = time.monotonic()
+    kwargs: dict[str, Any] = {}
+    if runtime.kernel != "auto":
+        kwargs["quantization_config"] = GPTQConfig(bits=int(quant["bits"]), backend=runtime.kernel)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=runtime.dtype, device_map=runtime.device, **kwargs
+        )
+    except (OSError, ValueError, RuntimeError, ImportError) as e:
+        raise ModelError(f"could not load the model from {path}: {str(e).splitlines()[0]}") from e
+    model.eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+    if not quant_layers(model):
+        raise ModelError(f"{path} loaded without any GPTQ layers; is it really quantized?")
+    torch.set_grad_enabled(False)
+    return model, tokenizer, time.monotonic() - started
+
+
+def describe(name: str, path: Path, model: Any, runtime: Runtime, seconds: float) -> ModelInfo:
+    """Facts about a loaded model, read from the model itself rather than the settings."""
+    quant = json.loads((path / "config.json").read_text(encoding="utf-8"))["quantization_config"]
+    layers = quant_layers(model)
+    kernel = type(layers[0]).__name__ if layers else "none"
+    return ModelInfo(
+        name=name,
+        path=str(path),
+        bits=int(quant.get("bits", 0)),
+        group_size=int(quant.get("group_size", -1)),
+        kernel=kernel,
+        dtype=str(
+            next(model.parameters()).dtype if _has_float_params(model) else runtime.dtype
+        ).removeprefix("torch."),
+        device=str(runtime.device),
+        size_bytes=folder_size(path),
+        context_tokens=int(getattr(model.config, "max_position_embeddings", 2048)),
+        load_seconds=round(seconds, 2),
+    )
+
+
+def _has_float_params(model: Any) -> bool:
+    return any(p.is_floating_point() for p in model.parameters())
