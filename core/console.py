@@ -50,9 +50,8 @@ class Console:
         read = read_line or input
         info = self.app.engine.info
         if info:
-            self._write(
-                f"loracord console: {info.name}, {info.kernel} on {info.device}. /help for commands.\n"
-            )
+            banner = f"loracord console: {info.name}, {info.kernel} on {info.device}."
+            self._write(banner + " /help for commands.\n")
         while True:
             try:
                 line = await asyncio.to_thread(read, f"#{self.channel}> ")

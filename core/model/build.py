@@ -42,6 +42,7 @@ class Recipe:
     desc_act: bool = False
     sym: bool = True
     damp_percent: float = 0.05
+    true_sequential: bool = True
     calibration_max: int = 256
     version: int = 1
 
@@ -219,6 +220,7 @@ def _quantize_into(fp_dir: Path, final: Path, recipe: Recipe) -> None:
         desc_act=recipe.desc_act,
         sym=recipe.sym,
         damp_percent=recipe.damp_percent,
+        true_sequential=recipe.true_sequential,
         dataset=calibration,
         tokenizer=tokenizer,
     )

@@ -65,10 +65,8 @@ def choose_runtime(device: str = "auto", dtype: str = "auto", kernel: str = "aut
 
         raise ModelError("device = 'cuda' but torch sees no CUDA GPU; set device = 'cpu' or 'auto'")
     if dtype == "auto":
-        if device == "cuda":
-            dtype = "float16"
-        else:
-            dtype = "bfloat16" if cpu_supports_bf16() else "float32"
+        cpu_dtype = "bfloat16" if cpu_supports_bf16() else "float32"
+        dtype = "float16" if device == "cuda" else cpu_dtype
     torch_dtype = getattr(torch, dtype)
     if kernel == "auto" and device == "cuda":
         kernel = _CUDA_SERVING_ORDER[0]

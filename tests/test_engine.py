@@ -1,0 +1,191 @@
+"""The engine against the real embedded GPTQ model on CPU: tokens, template, streaming, queue."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.app import App, build
+from core.errors import EngineBusy, EngineClosed, PromptError
+from core.model.decoding import render
+from core.model.requests import ChatMessage, GenerationParams, GenerationRequest
+from tests.conftest import make_settings
+
+PROMPT = "Give me a short quote about courage."
+GREEDY = GenerationParams(max_new_tokens=24, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def fp32_app(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: Path):
+    app = build(make_settings(tmp_path_factory.mktemp("fp32"), dtype="float32"))
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(app.start())
+    yield app
+    loop.run_until_complete(app.close())
+    loop.close()
+
+
+async def test_greedy_tokens_equal_plain_generate_fp32(fp32_app: App) -> None:
+    engine = fp32_app.engine
+    stream = await engine.submit(GenerationRequest.from_prompt(PROMPT, GREEDY))
+    answer = await stream.text()
+
+    messages = [ChatMessage("system", fp32_app.settings.system_prompt), ChatMessage("user", PROMPT)]
+    prompt_ids = render(engine.tokenizer, messages)
+    assert stream.prompt_tokens == len(prompt_ids)
+    with torch.inference_mode():
+        out = engine.model.generate(
+            torch.tensor([prompt_ids]), max_new_tokens=GREEDY.max_new_tokens, do_sample=False
+        )
+    new_ids = out[0, len(prompt_ids) :].tolist()
+    eos = engine.tokenizer.eos_token_id
+    if eos in new_ids:
+        new_ids = new_ids[: new_ids.index(eos)]
+    assert stream.completion_tokens == len(new_ids)
+    assert answer == engine.tokenizer.decode(new_ids, skip_special_tokens=True)
+    assert len(answer.split()) >= 3, answer
+
+
+def test_chat_template_is_applied(session_app: App) -> None:
+    tokenizer = session_app.engine.tokenizer
+    text = tokenizer.decode(render(tokenizer, [ChatMessage("user", "hello there")]))
+    assert text.startswith("<|im_start|>system\n")
+    assert "<|im_start|>user\nhello there<|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+async def test_answer_is_coherent_and_stops_at_eos(session_app: App) -> None:
+    params = GenerationParams(max_new_tokens=120, temperature=0.0)
+    stream = await session_app.engine.submit(
+        GenerationRequest.from_prompt("What is the capital of France? Answer in one word.", params)
+    )
+    answer = await stream.text()
+    assert "Paris" in answer
+    assert stream.finish_reason == "stop"
+    assert "<|im_end|>" not in answer
+
+
+async def test_sampling_is_seeded_and_respects_max_tokens(session_app: App) -> None:
+    params = GenerationParams(max_new_tokens=12, temperature=0.9, seed=7)
+    texts = []
+    for _ in range(2):
+        stream = await session_app.engine.submit(GenerationRequest.from_prompt(PROMPT, params))
+        texts.append(await stream.text())
+        assert stream.completion_tokens <= 12
+    assert texts[0] == texts[1]
+
+
+async def test_event_loop_keeps_running_between_pieces(session_app: App) -> None:
+    """Another coroutine makes progress while the answer streams (order, not timing)."""
+    events: list[str] = []
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        while not done.is_set():
+            events.append("tick")
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    stream = await session_app.engine.submit(
+        GenerationRequest.from_prompt(PROMPT, GenerationParams(max_new_tokens=16, temperature=0))
+    )
+    async for _piece in stream:
+        events.append("piece")
+    done.set()
+    await task
+    pieces = [i for i, e in enumerate(events) if e == "piece"]
+    assert len(pieces) >= 5
+    between = [events[a + 1 : b].count("tick") for a, b in itertools.pairwise(pieces)]
+    assert sum(1 for n in between if n > 0) >= len(between) // 2, between
+
+
+async def test_empty_prompt_is_refused(session_app: App) -> None:
+    for prompt in ("", "   \n "):
+        with pytest.raises(PromptError, match="empty"):
+            await session_app.engine.submit(GenerationRequest.from_prompt(prompt))
+
+
+async def test_long_prompt_is_cut_from_the_front_with_a_notice(
+    tmp_path: Path, embedded_model_dir: Path
+) -> None:
+    app = build(make_settings(tmp_path, max_context_tokens=128))
+    await app.start()
+    try:
+        prompt = " ".join(f"word{i}" for i in range(400)) + " Say hi."
+        stream = await app.engine.submit(
+            GenerationRequest.from_prompt(prompt, GenerationParams(max_new_tokens=8, temperature=0))
+        )
+        await stream.text()
+        assert stream.prompt_tokens <= 128 - 8
+        assert any("too long" in n for n in stream.notices)
+        assert stream.completion_tokens >= 1
+    finally:
+        await app.close()
+
+
+async def test_max_tokens_is_capped(tmp_path: Path, embedded_model_dir: Path) -> None:
+    app = build(make_settings(tmp_path, max_new_tokens=4, max_new_tokens_cap=6))
+    await app.start()
+    try:
+        stream = await app.engine.submit(
+            GenerationRequest.from_prompt(
+                "Count from one to fifty in words.",
+                GenerationParams(max_new_tokens=500, temperature=0),
+            )
+        )
+        await stream.text()
+        assert stream.completion_tokens == 6
+        assert stream.finish_reason == "length"
+        assert any("capped at 6" in n for n in stream.notices)
+    finally:
+        await app.close()
+
+
+async def test_queue_positions_busy_error_and_cancel(
+    tmp_path: Path, embedded_model_dir: Path
+) -> None:
+    app = build(make_settings(tmp_path, queue_size=2))
+    await app.start()
+    try:
+        long = GenerationParams(max_new_tokens=200, temperature=0)
+        ask = "Write a long story about a dragon."
+        running = await app.engine.submit(GenerationRequest.from_prompt(ask, long))
+        await anext(running)  # the first piece: it is generating now
+        assert running.queue_position == 0
+        first = await app.engine.submit(GenerationRequest.from_prompt(ask, long))
+        second = await app.engine.submit(GenerationRequest.from_prompt(ask, long))
+        assert (first.queue_position, second.queue_position) == (1, 2)
+        with pytest.raises(EngineBusy, match="busy"):
+            await app.engine.submit(GenerationRequest.from_prompt(ask, long))
+
+        first.cancel()  # dropped from the queue without generating
+        running.cancel()  # Stop: ends the running answer early
+        assert await running.text() != ""
+        assert running.finish_reason == "cancelled"
+        assert running.completion_tokens < 200
+        assert await first.text() == ""
+        assert first.finish_reason == "cancelled"
+        second.cancel()
+        await second.text()
+        assert second.queue_position is None
+    finally:
+        await app.close()
+    with pytest.raises(EngineClosed):
+        await app.engine.submit(GenerationRequest.from_prompt("hi"))
+
+
+async def test_close_tells_waiting_requests(tmp_path: Path, embedded_model_dir: Path) -> None:
+    app = build(make_settings(tmp_path))
+    await app.start()
+    long = GenerationParams(max_new_tokens=60, temperature=0)
+    running = await app.engine.submit(GenerationRequest.from_prompt("Tell me a story.", long))
+    waiting = await app.engine.submit(GenerationRequest.from_prompt("And another.", long))
+    await anext(running)
+    running.cancel()
+    await app.close()
+    with pytest.raises(EngineClosed, match="shutting down"):
+        await waiting.text()

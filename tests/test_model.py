@@ -1,0 +1,197 @@
+"""The embedded model build and model sources: real GPTQ 4-bit, quality, folders, hub ids."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.app import App
+from core.errors import ModelError
+from core.model import build
+from core.model.loader import folder_size, quant_layers
+from core.model.quality import perplexity
+from core.model.source import resolve
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_layers_are_really_gptq_4bit(session_app: App, embedded_model_dir: Path) -> None:
+    model = session_app.engine.model
+    layers = quant_layers(model)
+    # 30 decoder blocks x (q, k, v, o, gate, up, down)
+    assert len(layers) == 30 * 7
+    first = model.model.layers[0].self_attn.q_proj
+    assert first in layers
+    assert first.qweight.dtype == torch.int32
+    assert first.bits == 4
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.model.layers.modules())
+    config = json.loads((embedded_model_dir / "config.json").read_text())
+    quant = config["quantization_config"]
+    assert quant["quant_method"] == "gptq" and quant["bits"] == 4
+    assert quant["group_size"] in (32, 64)
+    assert "dataset" not in quant  # calibration texts are not shipped in the config
+
+
+def test_size_on_disk_is_a_fraction_of_fp32(
+    embedded_model_dir: Path, dequantized_model_dir: Path
+) -> None:
+    gptq = folder_size(embedded_model_dir)
+    fp32 = folder_size(dequantized_model_dir)
+    # The tied 49152x576 embedding stays in 16-bit; the 4-bit blocks are ~1/7 of fp32.
+    assert gptq < 0.4 * fp32, (gptq, fp32)
+
+
+def test_heldout_quotes_never_reach_calibration() -> None:
+    calibration, heldout = build.quote_corpus()
+    assert len(heldout) >= 100 and len(calibration) >= 150
+    assert not set(calibration) & set(heldout)
+    again = build.quote_corpus()
+    assert again == (calibration, heldout)
+
+
+def test_perplexity_within_20_percent_of_dequantized(
+    session_app: App, dequantized_model_dir: Path, record_property: pytest.RecordProperty
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    _, heldout = build.quote_corpus()
+    tokenizer = session_app.engine.tokenizer
+    fp_model = AutoModelForCausalLM.from_pretrained(dequantized_model_dir, dtype=torch.float32)
+    reference = perplexity(fp_model, tokenizer, heldout)
+    del fp_model
+    from core.model.kernels import Runtime
+    from core.model.loader import load_for_serving
+
+    quantized, _, _ = load_for_serving(
+        session_app.engine.source.path, Runtime("cpu", torch.float32, "auto")
+    )
+    measured = perplexity(quantized, tokenizer, heldout)
+    ratio = measured / reference
+    record_property("perplexity", {"fp32": reference, "gptq": measured, "ratio": ratio})
+    print(f"held-out perplexity: fp32 {reference:.2f}, GPTQ {measured:.2f} (+{ratio - 1:.1%})")
+    assert ratio < 1.20, (reference, measured)
+
+
+def test_local_folder_must_be_gptq(tmp_path: Path, dequantized_model_dir: Path) -> None:
+    with pytest.raises(ModelError, match="not a GPTQ checkpoint"):
+        resolve(str(dequantized_model_dir), tmp_path)
+    with pytest.raises(ModelError, match=r"no config\.json"):
+        resolve(str(tmp_path), tmp_path)
+    with pytest.raises(ModelError, match="no such folder"):
+        resolve(str(tmp_path / "nothing-here"), tmp_path)
+
+
+def test_local_gptq_folder_resolves(embedded_model_dir: Path, tmp_path: Path) -> None:
+    resolved = resolve(str(embedded_model_dir), tmp_path)
+    assert resolved.origin == "folder" and resolved.path == embedded_model_dir
+
+
+def _hf_cache_with(model_dir: Path, cache: Path, repo_id: str) -> None:
+    """Lay a model out as huggingface_hub's cache does: blobs, snapshots/<sha>, refs/main."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / sha
+    snapshot.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        if f.is_file():
+            os.symlink(f, snapshot / f.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bot.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=ROOT,
+    )
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LORACORD_", "HF_"))}
+    env.pop("DISCORD_TOKEN", None)
+    from tests.conftest import CACHE_DIR
+
+    env.update(
+        LORACORD_CACHE_DIR=str(CACHE_DIR),
+        LORACORD_DATA_DIR=str(tmp_path / "data"),
+        LORACORD_CONFIG=str(tmp_path / "none.toml"),
+        **extra,
+    )
+    (tmp_path / "none.toml").write_text("")
+    return env
+
+
+def test_hub_id_loads_offline_from_the_hf_cache(embedded_model_dir: Path, tmp_path: Path) -> None:
+    hub = tmp_path / "hub"
+    _hf_cache_with(embedded_model_dir, hub, "loracord-test/smollm2-gptq")
+    env = _env(
+        tmp_path,
+        LORACORD_MODEL="loracord-test/smollm2-gptq",
+        HF_HUB_CACHE=str(hub),
+        HF_HUB_OFFLINE="1",
+    )
+    done = _cli("model", "info", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    assert info["name"] == "loracord-test/smollm2-gptq"
+    assert info["bits"] == 4 and info["path"].startswith(str(hub))
+
+
+def test_unknown_hub_id_is_one_clear_line(tmp_path: Path) -> None:
+    env = _env(
+        tmp_path,
+        LORACORD_MODEL="nobody/no-such-model-gptq",
+        HF_HUB_CACHE=str(tmp_path / "hub"),
+        HF_HUB_OFFLINE="1",
+    )
+    done = _cli("model", "info", env=env)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert lines == [lines[-1]] and "no-such-model-gptq" in lines[-1], done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_model_info_json(embedded_model_dir: Path, tmp_path: Path) -> None:
+    done = _cli("model", "info", "--json", env=_env(tmp_path))
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    for key in ("path", "bits", "group_size", "kernel", "dtype", "device", "size_bytes"):
+        assert key in info
+    assert info["path"] == str(embedded_model_dir)
+    assert info["device"] == "cpu" and info["bits"] == 4
+    assert info["size_bytes"] == folder_size(embedded_model_dir)
+
+
+def test_interrupted_build_leaves_nothing_visible(
+    embedded_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "cache"
+    fp_dir = build.dequantized_dir(cache)
+    fp_dir.mkdir(parents=True)
+    for f in embedded_model_dir.glob("tokenizer*"):
+        shutil.copy(f, fp_dir)
+    (fp_dir / "loracord-build.json").write_text("{}")
+
+    class KilledWhileSaving:
+        def save_pretrained(self, path: Path) -> None:
+            (Path(path) / "model.safetensors").write_bytes(b"half a model")
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(
+        "transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: KilledWhileSaving()
+    )
+    with pytest.raises(KeyboardInterrupt):
+        build.ensure_embedded(cache)
+    left = sorted(p.name for p in (cache / "models").iterdir())
+    assert left == [".build.lock", fp_dir.name], left
