@@ -1,0 +1,131 @@
+"""The bot host: a `commands.Bot` handed loracord's services, loading plugins as extensions.
+
+Importing this module starts nothing. `LoracordBot(app)` holds the services (settings, engine;
+later store, registry, trainer through `app`), loads each plugin in `settings.discord.plugins`
+as the extension `plugins.<name>` in `setup_hook` (a plugin that fails is logged and skipped),
+syncs the command tree when it changed, and routes every app-command error through one handler.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import discord
+from discord.ext import commands
+
+from core.model.requests import AdapterRef
+from core.settings import DiscordSettings, Settings
+
+from .answers import AnswerBoard
+from .checks import ChannelKey
+from .conversation import AnswerIndex
+from .errors import on_app_command_error
+from .streaming import NO_MENTIONS
+from .sync import CommandSync
+
+if TYPE_CHECKING:
+    from core.app import App
+    from core.model.engine import LocalEngine
+
+log = logging.getLogger(__name__)
+
+PLUGIN_PACKAGE = "plugins"
+
+
+def intents_for(settings: DiscordSettings) -> discord.Intents:
+    """Only what loracord needs; message content (privileged) only when the setting asks."""
+    intents = discord.Intents.none()
+    intents.guilds = True  # channels, threads and roles: admin checks and thread parents
+    intents.guild_messages = True  # replies to the bot's answers
+    intents.dm_messages = True
+    intents.guild_reactions = True  # star reactions (quotes), read as raw events
+    intents.message_content = settings.message_content_intent
+    return intents
+
+
+class LoracordBot(commands.Bot):
+    """loracord's Discord client: services in, plugins loaded, commands synced."""
+
+    def __init__(self, app: App, *, clock: Callable[[], float] | None = None) -> None:
+        super().__init__(
+            command_prefix=commands.when_mentioned,
+            intents=intents_for(app.settings.discord),
+            allowed_mentions=NO_MENTIONS,
+            help_command=None,
+        )
+        self.app = app
+        self.answers = AnswerBoard()
+        self.conversations = AnswerIndex()
+        self.command_sync = CommandSync(
+            self.tree, app.settings.data_dir, app.settings.discord.dev_guild
+        )
+        self.plugin_errors: dict[str, BaseException] = {}
+        # Time for throttling edits and cooldowns; tests hand in a clock they drive.
+        self.clock: Callable[[], float] = clock or time.monotonic
+        self.tree.on_error = on_app_command_error  # type: ignore[method-assign]
+
+    @property
+    def settings(self) -> Settings:
+        return self.app.settings
+
+    @property
+    def engine(self) -> LocalEngine:
+        return self.app.engine
+
+    @staticmethod
+    def plugin_module(name: str) -> str:
+        return f"{PLUGIN_PACKAGE}.{name}"
+
+    async def setup_hook(self) -> None:
+        for name in self.settings.discord.plugins:
+            await self.load_plugin(name)
+        await self.sync_commands()
+
+    async def load_plugin(self, name: str) -> bool:
+        """Load (or reload, if loaded) one plugin; on failure log it, keep the old version."""
+        module = self.plugin_module(name)
+        try:
+            if module in self.extensions:
+                await self.reload_extension(module)
+            else:
+                await self.load_extension(module)
+        except commands.ExtensionError as e:
+            self.plugin_errors[name] = e
+            cause = e.__cause__ or e
+            log.error("plugin %r failed to load: %s", name, cause, exc_info=cause)
+            return False
+        self.plugin_errors.pop(name, None)
+        log.info("plugin %r loaded", name)
+        return True
+
+    def plugin_names(self) -> list[str]:
+        """Plugins that are loaded now."""
+        prefix = PLUGIN_PACKAGE + "."
+        return sorted(m[len(prefix) :] for m in self.extensions if m.startswith(prefix))
+
+    async def sync_commands(self, *, force: bool = False) -> bool:
+        """Sync the command tree if it changed since the last sync."""
+        return await self.command_sync.sync(force=force)
+
+    async def adapter_for(self, channel: ChannelKey | None) -> AdapterRef | None:
+        """The adapter answering in `channel` (None: the base model). The adapters issue fills
+        this in; until then every channel uses the base model."""
+        return None
+
+    async def on_ready(self) -> None:
+        log.info(
+            "logged in as %s (%s), in %d servers", self.user, self.application_id, len(self.guilds)
+        )
+
+    async def close(self) -> None:
+        """Stop taking answers, end those in flight with a message, then disconnect."""
+        await self.answers.shutdown()
+        await super().close()
+
+
+def create_bot(app: App, *, clock: Callable[[], float] | None = None) -> LoracordBot:
+    """The bot for `app`, not yet started (DESIGN.md's Python surface)."""
+    return LoracordBot(app, clock=clock)

@@ -1,0 +1,64 @@
+"""Run the bot for real: start the model, connect, and shut down cleanly on SIGINT/SIGTERM.
+
+Shutdown order: stop taking requests, end in-flight answers with a message (the bot's close),
+disconnect from Discord, then close the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import TYPE_CHECKING
+
+from core.errors import LoracordError
+
+from .bot import create_bot
+
+if TYPE_CHECKING:
+    from core.app import App
+
+log = logging.getLogger(__name__)
+
+
+def _install_signal_handlers(stop: asyncio.Event) -> list[signal.Signals]:
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
+            continue
+        installed.append(sig)
+    return installed
+
+
+async def run_bot(app: App) -> None:
+    """Start `app`, serve Discord until SIGINT/SIGTERM or disconnect, then close everything."""
+    token = app.settings.discord.token
+    if not token:
+        raise LoracordError("DISCORD_TOKEN is not set; run without it for the local console")
+    stop = asyncio.Event()
+    installed = _install_signal_handlers(stop)
+    bot = create_bot(app)
+    try:
+        await app.start()
+        async with bot:
+            serving = asyncio.create_task(bot.start(token), name="discord")
+            stopping = asyncio.create_task(stop.wait(), name="stop-signal")
+            done, _ = await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if stopping in done:
+                log.info("shutting down: finishing answers in flight")
+            await bot.close()
+            stopping.cancel()
+            if serving in done:
+                serving.result()  # a login failure surfaces here
+            else:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await serving
+    finally:
+        loop = asyncio.get_running_loop()
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        await app.close()
