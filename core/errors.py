@@ -42,3 +42,37 @@ class EngineClosed(LoracordError):
 
 class GenerationCancelled(LoracordError):
     """A request was cancelled before it finished."""
+
+
+class StoreError(LoracordError):
+    """The database could not be opened, reached or upgraded."""
+
+
+class QuoteError(LoracordError):
+    """A quote operation was refused; the message says why and what to do."""
+
+
+class EmptyQuote(QuoteError):
+    """The quote has no text."""
+
+
+class CollectionDisabled(QuoteError):
+    """Quote collection is off in this channel."""
+
+
+class QuoteCapReached(QuoteError):
+    """A member saved as many quotes in a channel today as the cap allows."""
+
+
+class QuoteNotFound(QuoteError):
+    """No quote (or channel) matches what was asked for."""
+
+
+class QuoteImportError(QuoteError):
+    """An import file is malformed; nothing of it was imported."""
+
+    def __init__(self, source: str, line: int | None, problem: str) -> None:
+        self.source = source
+        self.line = line
+        where = f"{source}, line {line}" if line is not None else source
+        super().__init__(f"cannot import {where}: {problem}; nothing was imported")

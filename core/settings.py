@@ -52,6 +52,16 @@ class DiscordSettings(_Section):
     edit_interval_seconds: float = Field(default=1.0, ge=0.2)
 
 
+class QuoteSettings(_Section):
+    """Quote collection: the star reaction, limits against floods, the training split."""
+
+    star_emoji: str = "⭐"
+    star_threshold: int = Field(default=1, ge=1)
+    max_chars: int = Field(default=1000, ge=20, le=100_000)
+    daily_cap: int = Field(default=50, ge=1)
+    eval_percent: int = Field(default=10, ge=0, le=50)
+
+
 class Settings(_Section):
     """Everything loracord reads at start. Paths are absolute after validation."""
 
@@ -65,6 +75,9 @@ class Settings(_Section):
     data_dir: Path = Field(default_factory=_default_data_dir)
     adapters_dir: Path = PROJECT_ROOT / "adapters"
     cache_dir: Path = Field(default_factory=_default_cache_dir)
+    # None: the SQLite file data_dir/loracord.db. Or any SQLAlchemy URL, e.g.
+    # postgresql+psycopg://user:password@host/db (keep passwords in LORACORD_DATABASE_URL).
+    database_url: str | None = None
 
     system_prompt: str = (
         "You are loracord, a friendly assistant in a Discord server. Answer briefly and helpfully."
@@ -77,6 +90,7 @@ class Settings(_Section):
     queue_size: int = Field(default=16, ge=1)
 
     discord: DiscordSettings = DiscordSettings()
+    quotes: QuoteSettings = QuoteSettings()
 
     @field_validator("data_dir", "adapters_dir", "cache_dir")
     @classmethod

@@ -1,0 +1,1 @@
+"""Alembic migrations of the loracord database (run by `core.store.db.migrate`)."""

@@ -1,0 +1,75 @@
+"""The database schema at the newest migration, as SQLAlchemy Core tables.
+
+The migrations in `migrations/versions/` create and change the real tables; this module only
+describes the result for queries. A change here needs a new migration beside it.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """Times stored as naive UTC everywhere (SQLite keeps no zone); read back as aware UTC."""
+
+    impl = sa.DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("store times must be timezone-aware")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC)
+
+
+metadata = sa.MetaData()
+
+channels = sa.Table(
+    "channels",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("server", sa.String(64), nullable=False),
+    sa.Column("channel", sa.String(100), nullable=False),
+    sa.Column("collecting", sa.Boolean, nullable=False),
+    sa.Column("auto_train", sa.Boolean, nullable=False),
+    sa.Column("needs_retrain", sa.Boolean, nullable=False),
+    sa.Column("last_trained_at", UTCDateTime, nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.UniqueConstraint("server", "channel", name="uq_channels_server_channel"),
+)
+
+quotes = sa.Table(
+    "quotes",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column(
+        "channel_id", sa.Integer, sa.ForeignKey("channels.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("message_id", sa.String(32), nullable=True, unique=True),
+    sa.Column("author_id", sa.String(32), nullable=True),
+    sa.Column("author_name", sa.String(200), nullable=True),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("text_key", sa.String(64), nullable=False),
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("added_at", UTCDateTime, nullable=False),
+    sa.Column("added_by", sa.String(32), nullable=True),
+    # migration 0002
+    sa.Column("tags", sa.Text, nullable=False, server_default=""),
+    sa.Column("edited_at", UTCDateTime, nullable=True),
+    sa.UniqueConstraint("channel_id", "text_key", name="uq_quotes_channel_text"),
+    sa.CheckConstraint(
+        "source IN ('reaction', 'menu', 'command', 'import')", name="ck_quotes_source"
+    ),
+)
+sa.Index("ix_quotes_author", quotes.c.author_id)
+sa.Index("ix_quotes_added", quotes.c.channel_id, quotes.c.added_by, quotes.c.added_at)
