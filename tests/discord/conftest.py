@@ -1,0 +1,138 @@
+"""Fixtures for Discord tests: the real bot on SimCord, real model, strict about ERROR logs.
+
+- `make_harness(engine=None, discord={...}, **settings)`: start a bot in a fresh simulated
+  server and return a `DiscordHarness`. Without `engine` it answers from the shared real model
+  (`session_app`); pass a `ScriptedEngine` for output the small model cannot produce on demand.
+- `harness`: `make_harness()` with the defaults.
+- `plugin_dir`: a folder whose packages load as `plugins.<name>` (broken or changing plugins).
+- Every ERROR log record during a test fails it unless the test takes it with
+  `h.logs.expect(...)` (or `error_log.expect(...)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import discord
+import pytest
+import simcord
+from fake_engines import EngineProbe
+from simbot import DiscordHarness, ErrorLog, FakeClock
+
+import plugins
+from core.app import build
+from core.discord import create_bot
+from tests.conftest import make_settings
+
+SETTLE_TIMEOUT = 180.0  # answers from the real model take seconds on a busy 2-core machine
+
+StartHarness = Callable[..., Awaitable[DiscordHarness]]
+
+
+@pytest.fixture
+def error_log() -> Iterator[ErrorLog]:
+    """ERROR records during the test; any left untaken fail it."""
+    handler = ErrorLog()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+    assert not handler.records, f"unexpected ERROR logs: {handler.messages()}"
+
+
+@pytest.fixture
+async def make_harness(
+    request: pytest.FixtureRequest, tmp_path: Path, error_log: ErrorLog
+) -> AsyncIterator[StartHarness]:
+    """A factory: start the bot in a fresh simulated server."""
+    async with AsyncExitStack() as stack:
+
+        async def start(
+            engine: Any = None,
+            *,
+            discord: dict[str, Any] | None = None,
+            clock: FakeClock | None = None,
+            **settings_overrides: Any,
+        ) -> DiscordHarness:
+            if engine is None:
+                engine = request.getfixturevalue("session_app").engine
+            section = {"cooldown_seconds": 0.0, **(discord or {})}
+            settings = make_settings(tmp_path, discord=section, **settings_overrides)
+            probe = EngineProbe(engine)
+            clock = clock or FakeClock()
+            app = dataclasses.replace(build(settings), engine=probe)  # the model is shared
+            await app.store.open()
+            stack.push_async_callback(app.store.close)
+            bot = create_bot(app, clock=clock)
+            env = simcord.Env(bot, settle_timeout=SETTLE_TIMEOUT)
+            await env.start()  # not `simcord.run`: its clock context can't leave a fixture
+            stack.push_async_callback(_stop, env)
+            probe.env = env
+            return _world(env, bot, probe, clock, error_log)
+
+        yield start
+
+
+async def _stop(env: simcord.Env) -> None:
+    await env.shutdown()
+    env.raise_errors()  # errors the bot swallowed and no test inspected
+
+
+def _world(env: simcord.Env, bot: Any, probe: EngineProbe, clock: FakeClock, logs: ErrorLog):
+    guild = env.create_guild("loracord test")
+    channel = guild.create_text_channel("general")
+    admins = guild.create_role("Admins", permissions=discord.Permissions(administrator=True))
+    return DiscordHarness(
+        env=env,
+        bot=bot,
+        probe=probe,
+        clock=clock,
+        logs=logs,
+        guild=guild,
+        channel=channel,
+        alice=guild.add_member(env.create_user("alice")),
+        bob=guild.add_member(env.create_user("bob")),
+        admin=guild.add_member(env.create_user("root"), roles=[admins]),
+    )
+
+
+@pytest.fixture
+async def harness(make_harness: StartHarness) -> DiscordHarness:
+    """The bot with default settings, answering from the real model."""
+    return await make_harness()
+
+
+class PluginDir:
+    """Writes plugin packages that load as `plugins.<name>`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.names: set[str] = set()
+
+    def write(self, name: str, source: str) -> None:
+        package = self.root / name
+        package.mkdir(parents=True, exist_ok=True)
+        (package / "__init__.py").write_text(textwrap.dedent(source))
+        self.names.add(name)
+        importlib.invalidate_caches()
+
+
+@pytest.fixture
+def plugin_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PluginDir]:
+    root = tmp_path / "extra_plugins"
+    root.mkdir()
+    monkeypatch.setattr(plugins, "__path__", [*plugins.__path__, str(root)])
+    folder = PluginDir(root)
+    yield folder
+    for name in folder.names:
+        sys.modules.pop(f"plugins.{name}", None)
