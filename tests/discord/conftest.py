@@ -85,7 +85,8 @@ async def make_harness(
 
 async def _stop(env: simcord.Env) -> None:
     await env.shutdown()
-    env.raise_errors()  # errors the bot swallowed and no test inspected
+    # What simcord's own fixture does: fail on errors the bot raised that no test inspected.
+    env._raise_errors_since(env._errors_acknowledged)
 
 
 def _world(env: simcord.Env, bot: Any, probe: EngineProbe, clock: FakeClock, logs: ErrorLog):

@@ -9,6 +9,7 @@ read what the bot sent with `h.response_text(result)`, and check logs with `h.lo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -96,6 +97,18 @@ class DiscordHarness:
     def member(self, name: str, *roles: simcord.RoleHandle) -> simcord.MemberActor:
         """Add another member to the server."""
         return self.guild.add_member(self.env.create_user(name), roles=list(roles))
+
+    def command_errors(self) -> list[BaseException]:
+        """Errors the bot's handlers raised (and the error handler answered); reading them
+        acknowledges them, so they do not fail the test at teardown."""
+        return [getattr(e, "original", None) or e for e in self.env.errors]
+
+    def reconfigure(self, **discord_fields: Any) -> None:
+        """Change `[discord]` settings of the running bot (ids known only once the world exists)."""
+        settings = self.bot.settings
+        section = settings.discord.model_copy(update=discord_fields)
+        updated = settings.model_copy(update={"discord": section})
+        self.bot.app = dataclasses.replace(self.bot.app, settings=updated)
 
     def command_syncs(self) -> list[Any]:
         """The bot's command-sync requests (PUT .../commands) so far."""

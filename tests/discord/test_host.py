@@ -1,0 +1,108 @@
+"""The bot host: admin checks, plugin loading and reloading, command sync only on change."""
+
+from __future__ import annotations
+
+from fake_engines import ScriptedEngine
+
+ECHO = """
+from discord import app_commands
+from discord.ext import commands
+
+
+class Echo(commands.Cog):
+    @app_commands.command(name="echo", description="Say the plugin's version")
+    async def echo(self, interaction):
+        await interaction.response.send_message("{reply}")
+
+
+async def setup(bot):
+    await bot.add_cog(Echo())
+"""
+
+BROKEN = """
+raise RuntimeError("this plugin is broken on purpose")
+"""
+
+
+async def test_non_admin_is_refused_and_admins_are_accepted(make_harness) -> None:
+    h = await make_harness(ScriptedEngine())
+    helper_role = h.guild.create_role("Helpers")
+    helper = h.member("helper", helper_role)
+    listed = h.member("listed")
+    h.reconfigure(admin_role_ids=(helper_role.id,), admin_user_ids=(listed.id,))
+
+    refused = await h.slash(h.alice, "plugins list")
+    assert refused.ephemeral
+    assert "for admins" in refused.response.content
+    assert [type(e).__name__ for e in h.command_errors()] == ["NotAdmin"]
+
+    for member in (h.admin, helper, listed):
+        accepted = await h.slash(member, "plugins list")
+        assert accepted.ephemeral
+        assert "`ask`" in accepted.response.content and "`admin`" in accepted.response.content
+
+
+async def test_a_broken_plugin_does_not_stop_the_others(make_harness, plugin_dir) -> None:
+    plugin_dir.write("broken", BROKEN)
+    h = await make_harness(
+        ScriptedEngine(["still ", "answering"]),
+        discord={"plugins": ["broken", "ask", "admin"]},
+    )
+    h.logs.expect("plugin 'broken' failed to load")
+
+    answer = await h.ask(h.alice, "are you there?")
+    assert answer.response.content == "still answering"
+    listing = await h.slash(h.admin, "plugins list")
+    assert "\N{CROSS MARK} `broken`: RuntimeError: this plugin is broken on purpose" in (
+        listing.response.content
+    )
+
+
+async def test_reload_picks_up_changes_and_keeps_the_old_version_on_failure(
+    make_harness, plugin_dir
+) -> None:
+    plugin_dir.write("echo", ECHO.replace("{reply}", "v1"))
+    h = await make_harness(ScriptedEngine(), discord={"plugins": ["ask", "admin", "echo"]})
+    assert (await h.slash(h.alice, "echo")).response.content == "v1"
+
+    plugin_dir.write("echo", ECHO.replace("{reply}", "v2"))
+    reloaded = await h.slash(h.admin, "plugins reload", name="echo")
+    assert "`echo` reloaded" in h.response_text(reloaded)
+    assert (await h.slash(h.alice, "echo")).response.content == "v2"
+
+    plugin_dir.write("echo", BROKEN)
+    failed = await h.slash(h.admin, "plugins reload", name="echo")
+    assert "failed to load" in h.response_text(failed)
+    assert "previous version is still running" in h.response_text(failed)
+    h.logs.expect("plugin 'echo' failed to load")
+    assert (await h.slash(h.alice, "echo")).response.content == "v2"
+
+    refused = await h.slash(h.alice, "plugins reload", name="echo")
+    assert "for admins" in refused.response.content
+    assert [type(e).__name__ for e in h.command_errors()] == ["NotAdmin"]
+
+
+async def test_reload_with_a_new_command_syncs_again(make_harness, plugin_dir) -> None:
+    plugin_dir.write("echo", ECHO.replace("{reply}", "v1"))
+    h = await make_harness(ScriptedEngine(), discord={"plugins": ["ask", "admin", "echo"]})
+    syncs = len(h.command_syncs())
+    plugin_dir.write("echo", ECHO.replace("{reply}", "v1").replace('name="echo"', 'name="echo2"'))
+
+    result = await h.slash(h.admin, "plugins reload", name="echo")
+
+    assert "Commands re-synced" in h.response_text(result)
+    assert len(h.command_syncs()) == syncs + 1
+    assert (await h.slash(h.alice, "echo2")).response.content == "v1"
+
+
+async def test_second_start_with_unchanged_commands_does_not_sync(make_harness) -> None:
+    h = await make_harness(ScriptedEngine(["hi"]))
+    assert len(h.command_syncs()) == 1
+    assert (h.bot.settings.data_dir / "discord_commands.json").is_file()
+
+    again = h.bot.__class__(h.bot.app, clock=h.clock)
+    await h.env.restart_bot(again)
+
+    assert len(h.command_syncs()) == 1
+    assert again.command_sync.syncs == 0
+    assert (await h.ask(h.alice, "still there?")).response.content == "hi"
