@@ -3,6 +3,7 @@
 - `make_harness(engine=None, discord={...}, **settings)`: start a bot in a fresh simulated
   server and return a `DiscordHarness`. Without `engine` it answers from the shared real model
   (`session_app`); pass a `ScriptedEngine` for output the small model cannot produce on demand.
+- `make_offline_harness(engine, ...)`: the same without loading the model (scripted engines).
 - `harness`: `make_harness()` with the defaults.
 - `plugin_dir`: a folder whose packages load as `plugins.<name>` (broken or changing plugins).
 - Every ERROR log record during a test fails it unless the test takes it with
@@ -28,7 +29,7 @@ from fake_engines import EngineProbe
 from simbot import DiscordHarness, ErrorLog, FakeClock
 
 import plugins
-from core.app import build
+from core.app import App, build
 from core.discord import create_bot
 from tests.conftest import make_settings
 
@@ -52,35 +53,46 @@ def error_log() -> Iterator[ErrorLog]:
 
 @pytest.fixture
 async def make_harness(
-    request: pytest.FixtureRequest, tmp_path: Path, error_log: ErrorLog
+    session_app: App, tmp_path: Path, error_log: ErrorLog
 ) -> AsyncIterator[StartHarness]:
-    """A factory: start the bot in a fresh simulated server."""
+    """A factory: start the bot in a fresh simulated server, answering from the real model
+    (or from the engine passed in)."""
     async with AsyncExitStack() as stack:
+        yield _starter(stack, tmp_path, error_log, session_app.engine)
 
-        async def start(
-            engine: Any = None,
-            *,
-            discord: dict[str, Any] | None = None,
-            clock: FakeClock | None = None,
-            **settings_overrides: Any,
-        ) -> DiscordHarness:
-            if engine is None:
-                engine = request.getfixturevalue("session_app").engine
-            section = {"cooldown_seconds": 0.0, **(discord or {})}
-            settings = make_settings(tmp_path, discord=section, **settings_overrides)
-            probe = EngineProbe(engine)
-            clock = clock or FakeClock()
-            app = dataclasses.replace(build(settings), engine=probe)  # the model is shared
-            await app.store.open()
-            stack.push_async_callback(app.store.close)
-            bot = create_bot(app, clock=clock)
-            env = simcord.Env(bot, settle_timeout=SETTLE_TIMEOUT)
-            await env.start()  # not `simcord.run`: its clock context can't leave a fixture
-            stack.push_async_callback(_stop, env)
-            probe.env = env
-            return _world(env, bot, probe, clock, error_log)
 
-        yield start
+@pytest.fixture
+async def make_offline_harness(tmp_path: Path, error_log: ErrorLog) -> AsyncIterator[StartHarness]:
+    """Like `make_harness` without loading the model: pass an engine (a `ScriptedEngine`)."""
+    async with AsyncExitStack() as stack:
+        yield _starter(stack, tmp_path, error_log, None)
+
+
+def _starter(stack: AsyncExitStack, tmp_path: Path, logs: ErrorLog, default: Any) -> StartHarness:
+    async def start(
+        engine: Any = None,
+        *,
+        discord: dict[str, Any] | None = None,
+        clock: FakeClock | None = None,
+        **settings_overrides: Any,
+    ) -> DiscordHarness:
+        engine = engine or default
+        assert engine is not None, "make_offline_harness needs an engine"
+        section = {"cooldown_seconds": 0.0, **(discord or {})}
+        settings = make_settings(tmp_path, discord=section, **settings_overrides)
+        probe = EngineProbe(engine)
+        clock = clock or FakeClock()
+        app = dataclasses.replace(build(settings), engine=probe)  # the model is shared
+        await app.store.open()
+        stack.push_async_callback(app.store.close)
+        bot = create_bot(app, clock=clock)
+        env = simcord.Env(bot, settle_timeout=SETTLE_TIMEOUT)
+        await env.start()  # not `simcord.run`: its clock context can't leave a fixture
+        stack.push_async_callback(_stop, env)
+        probe.env = env
+        return _world(env, bot, probe, clock, logs)
+
+    return start
 
 
 async def _stop(env: simcord.Env) -> None:

@@ -116,6 +116,14 @@ class DiscordHarness:
             r for r in self.env.http_requests if r.method == "PUT" and r.path.endswith("/commands")
         ]
 
+    def callback_types(self) -> list[int]:
+        """The interaction callback types the bot sent, in order (5 = deferred)."""
+        return [
+            r.json["type"]
+            for r in self.env.http_requests
+            if r.method == "POST" and r.path.endswith("/callback") and isinstance(r.json, dict)
+        ]
+
     def original_edits(self) -> list[str]:
         """The contents the bot wrote into interaction responses, in order."""
         return [

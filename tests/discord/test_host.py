@@ -24,8 +24,8 @@ raise RuntimeError("this plugin is broken on purpose")
 """
 
 
-async def test_non_admin_is_refused_and_admins_are_accepted(make_harness) -> None:
-    h = await make_harness(ScriptedEngine())
+async def test_non_admin_is_refused_and_admins_are_accepted(make_offline_harness) -> None:
+    h = await make_offline_harness(ScriptedEngine())
     helper_role = h.guild.create_role("Helpers")
     helper = h.member("helper", helper_role)
     listed = h.member("listed")
@@ -42,9 +42,9 @@ async def test_non_admin_is_refused_and_admins_are_accepted(make_harness) -> Non
         assert "`ask`" in accepted.response.content and "`admin`" in accepted.response.content
 
 
-async def test_a_broken_plugin_does_not_stop_the_others(make_harness, plugin_dir) -> None:
+async def test_a_broken_plugin_does_not_stop_the_others(make_offline_harness, plugin_dir) -> None:
     plugin_dir.write("broken", BROKEN)
-    h = await make_harness(
+    h = await make_offline_harness(
         ScriptedEngine(["still ", "answering"]),
         discord={"plugins": ["broken", "ask", "admin"]},
     )
@@ -59,10 +59,10 @@ async def test_a_broken_plugin_does_not_stop_the_others(make_harness, plugin_dir
 
 
 async def test_reload_picks_up_changes_and_keeps_the_old_version_on_failure(
-    make_harness, plugin_dir
+    make_offline_harness, plugin_dir
 ) -> None:
     plugin_dir.write("echo", ECHO.replace("{reply}", "v1"))
-    h = await make_harness(ScriptedEngine(), discord={"plugins": ["ask", "admin", "echo"]})
+    h = await make_offline_harness(ScriptedEngine(), discord={"plugins": ["ask", "admin", "echo"]})
     assert (await h.slash(h.alice, "echo")).response.content == "v1"
 
     plugin_dir.write("echo", ECHO.replace("{reply}", "v2"))
@@ -82,9 +82,9 @@ async def test_reload_picks_up_changes_and_keeps_the_old_version_on_failure(
     assert [type(e).__name__ for e in h.command_errors()] == ["NotAdmin"]
 
 
-async def test_reload_with_a_new_command_syncs_again(make_harness, plugin_dir) -> None:
+async def test_reload_with_a_new_command_syncs_again(make_offline_harness, plugin_dir) -> None:
     plugin_dir.write("echo", ECHO.replace("{reply}", "v1"))
-    h = await make_harness(ScriptedEngine(), discord={"plugins": ["ask", "admin", "echo"]})
+    h = await make_offline_harness(ScriptedEngine(), discord={"plugins": ["ask", "admin", "echo"]})
     syncs = len(h.command_syncs())
     plugin_dir.write("echo", ECHO.replace("{reply}", "v1").replace('name="echo"', 'name="echo2"'))
 
@@ -95,8 +95,8 @@ async def test_reload_with_a_new_command_syncs_again(make_harness, plugin_dir) -
     assert (await h.slash(h.alice, "echo2")).response.content == "v1"
 
 
-async def test_second_start_with_unchanged_commands_does_not_sync(make_harness) -> None:
-    h = await make_harness(ScriptedEngine(["hi"]))
+async def test_second_start_with_unchanged_commands_does_not_sync(make_offline_harness) -> None:
+    h = await make_offline_harness(ScriptedEngine(["hi"]))
     assert len(h.command_syncs()) == 1
     assert (h.bot.settings.data_dir / "discord_commands.json").is_file()
 

@@ -19,10 +19,10 @@ def _long_answer() -> list[str]:
     return [text[i : i + 7] for i in range(0, len(text), 7)]
 
 
-async def test_long_answer_is_split_at_line_boundaries(make_harness) -> None:
+async def test_long_answer_is_split_at_line_boundaries(make_offline_harness) -> None:
     pieces = _long_answer()
     full = "".join(pieces)
-    h = await make_harness(ScriptedEngine(pieces))
+    h = await make_offline_harness(ScriptedEngine(pieces))
 
     result = await h.ask(h.alice, "write a lot")
 
@@ -35,9 +35,9 @@ async def test_long_answer_is_split_at_line_boundaries(make_harness) -> None:
     assert not any(m.components for m in messages)  # the Stop button is gone at the end
 
 
-async def test_model_output_never_pings(make_harness) -> None:
+async def test_model_output_never_pings(make_offline_harness) -> None:
     engine = ScriptedEngine()
-    h = await make_harness(engine)
+    h = await make_offline_harness(engine)
     role = h.guild.create_role("Mods", mentionable=True)
     text = f"@everyone @here <@{h.bob.id}> <@&{role.id}> hello"
     engine.scripts = [[text[:10], text[10:]]]
