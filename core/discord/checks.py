@@ -64,9 +64,14 @@ class ChannelKey:
 
 def channel_key(interaction: discord.Interaction) -> ChannelKey | None:
     """The channel whose adapter applies, or None in DMs and user-installed contexts."""
-    if interaction.guild_id is None or not interaction.is_guild_integration():
+    guild_id = interaction.guild_id
+    if guild_id is None:
         return None
-    return channel_key_of(interaction.guild_id, interaction.channel)
+    # A user-installed command in a server the bot is not in has no channel adapter; where the
+    # bot is a member, the channel's adapter applies whoever installed the command.
+    if not interaction.is_guild_integration() and interaction.client.get_guild(guild_id) is None:
+        return None
+    return channel_key_of(guild_id, interaction.channel)
 
 
 def channel_key_of(guild_id: int | None, channel: Any) -> ChannelKey | None:
