@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from core import cli_quotes
 from core.errors import LoracordError
 
 log = logging.getLogger("loracord")
@@ -74,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     model_commands.add_parser("build", help="build the embedded model now (it builds on first use)")
     info = model_commands.add_parser("info", help="load the model and describe it")
     info.add_argument("--json", action="store_true", help="print JSON")
+    cli_quotes.add_parser(commands)
     return parser
 
 
@@ -180,6 +182,8 @@ def run(argv: list[str] | None = None) -> int:
             return _model_build(settings)
         if args.command == "model":
             return asyncio.run(_model_info(settings, args))
+        if args.command == "quotes":
+            return cli_quotes.run(settings, args)
         return asyncio.run(_serve(settings))
     except LoracordError as e:
         message = " ".join(line.strip() for line in str(e).splitlines())

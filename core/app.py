@@ -15,6 +15,7 @@ from core.model.kernels import choose_runtime
 from core.model.loader import ModelInfo
 from core.model.source import ResolvedModel, resolve
 from core.settings import Settings
+from core.store import AsyncQuoteStore, QuoteStore
 
 log = logging.getLogger(__name__)
 
@@ -25,14 +26,19 @@ class App:
 
     settings: Settings
     engine: LocalEngine
+    store: AsyncQuoteStore
 
     async def start(self) -> ModelInfo:
-        """Load the model; returns what was loaded."""
+        """Open the database, then load the model; returns what was loaded."""
+        await self.store.open()
         return await self.engine.start()
 
     async def close(self) -> None:
-        """Stop the engine (queued requests are told the bot is shutting down)."""
-        await self.engine.close()
+        """Stop the engine (queued requests are told the bot is shutting down), close the store."""
+        try:
+            await self.engine.close()
+        finally:
+            await self.store.close()
 
     async def __aenter__(self) -> App:
         await self.start()
@@ -64,4 +70,5 @@ def build(settings: Settings) -> App:
         system_prompt=settings.system_prompt,
         threads=settings.threads,
     )
-    return App(settings=settings, engine=engine)
+    store = AsyncQuoteStore(QuoteStore.from_settings(settings))
+    return App(settings=settings, engine=engine, store=store)

@@ -9,17 +9,16 @@ from __future__ import annotations
 import logging
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from core.errors import StoreError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +63,8 @@ def open_engine(url: str) -> Engine:
 
 def alembic_config() -> Config:
     """The Alembic configuration of the migrations shipped inside this package."""
+    from alembic.config import Config  # alembic costs ~0.4 s to import: only when migrating
+
     config = Config()
     location = resources.files("core.store") / "migrations"
     config.set_main_option("script_location", str(location))
@@ -72,6 +73,8 @@ def alembic_config() -> Config:
 
 def head_revision() -> str:
     """The newest schema revision this code knows."""
+    from alembic.script import ScriptDirectory
+
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None
     return head
@@ -79,12 +82,16 @@ def head_revision() -> str:
 
 def current_revision(engine: Engine) -> str | None:
     """The schema revision of the database (None for an empty database)."""
+    from alembic.runtime.migration import MigrationContext
+
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
 
 
 def migrate(engine: Engine, revision: str = "head") -> None:
     """Upgrade the schema to `revision` (default: the newest) in one transaction."""
+    from alembic import command
+
     config = alembic_config()
     before = current_revision_safe(engine)
     try:
