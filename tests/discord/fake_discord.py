@@ -334,6 +334,9 @@ class FakeDiscord:
 
 
 def _json(payload: Any, status: int = 200) -> web.Response:
+    # `body`, not `text`: aiohttp would add "; charset=utf-8", and discord.py then reads text.
     return web.Response(
-        text=json.dumps(payload), status=status, headers={"Content-Type": "application/json"}
+        body=json.dumps(payload).encode(),
+        status=status,
+        headers={"Content-Type": "application/json"},
     )
