@@ -34,6 +34,10 @@ from .cooldowns import Cooldowns
 log = logging.getLogger(__name__)
 
 DM_REFUSED = "I only answer in servers; ask me in a server channel."
+UNREADABLE = (
+    "I can't read replies here unless they mention me (the bot runs without the message "
+    "content intent): mention me in your reply, or use /ask."
+)
 
 
 class AskCog(commands.Cog):
@@ -166,6 +170,8 @@ class AskCog(commands.Cog):
             message, me, self.bot.conversations, self.bot.settings.discord.reply_chain_limit
         )
         if not turns[-1].content:
+            if not self.bot.intents.message_content:
+                await message.reply(UNREADABLE, mention_author=False)
             return
         view = StopView(message.author.id)
         last: list[discord.Message] = [message]

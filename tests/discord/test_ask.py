@@ -36,7 +36,9 @@ async def test_ask_streams_and_ends_with_the_models_text(make_harness) -> None:
 
 
 async def test_reply_to_an_answer_carries_the_earlier_turns(make_harness) -> None:
-    h = await make_harness(discord={"message_content_intent": True, "reply_chain_limit": 8})
+    h = await make_harness(
+        max_new_tokens=12, discord={"message_content_intent": True, "reply_chain_limit": 8}
+    )
     first = await h.ask(h.alice, "My name is Ada. Greet me.", temperature=0.0, max_tokens=12)
     answer = answer_of(first.response.content)
 
@@ -56,7 +58,9 @@ async def test_reply_to_an_answer_carries_the_earlier_turns(make_harness) -> Non
 
 
 async def test_reply_chain_is_bounded_by_the_setting(make_harness) -> None:
-    h = await make_harness(discord={"message_content_intent": True, "reply_chain_limit": 2})
+    h = await make_harness(
+        max_new_tokens=6, discord={"message_content_intent": True, "reply_chain_limit": 2}
+    )
     first = await h.ask(h.alice, "Hello there.", temperature=0.0, max_tokens=6)
     await h.alice.send(h.channel, "And again?", reply_to=first.response.message)
     messages = [m for m in h.probe.last.request.messages if m.role != "system"]
@@ -153,3 +157,12 @@ async def test_shutdown_ends_answers_in_flight_with_a_message(make_harness) -> N
     refused = await h.ask(h.bob, "Anyone there?", max_tokens=4)
     assert refused.ephemeral and "shutting down" in refused.response.content
     assert h.command_errors()
+
+
+async def test_mentioning_the_bot_asks_when_enabled(make_harness) -> None:
+    h = await make_harness(max_new_tokens=12, discord={"answer_on_mention": True})
+    await h.alice.send(h.channel, f"<@{h.bot.user.id}> Say hi.")
+    assert h.probe.last.request.messages[-1] == ChatMessage("user", "Say hi.")
+    reply = h.channel.last_message
+    assert reply.author.id == h.bot.user.id
+    assert answer_of(reply.content) == (await h.probe.last.stream.text()).strip()

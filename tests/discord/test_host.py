@@ -106,3 +106,43 @@ async def test_second_start_with_unchanged_commands_does_not_sync(make_offline_h
     assert len(h.command_syncs()) == 1
     assert again.command_sync.syncs == 0
     assert (await h.ask(h.alice, "still there?")).response.content == "hi"
+
+
+FAILING = """
+from discord import app_commands
+from discord.ext import commands
+
+from core.errors import LoracordError
+
+
+class Failing(commands.Cog):
+    @app_commands.command(name="oops", description="Fail like a bug")
+    async def oops(self, interaction):
+        raise RuntimeError("a bug")
+
+    @app_commands.command(name="nope", description="Fail like a user error")
+    async def nope(self, interaction):
+        raise LoracordError("that channel has no adapter yet")
+
+
+async def setup(bot):
+    await bot.add_cog(Failing())
+"""
+
+
+async def test_errors_become_ephemeral_messages_and_bugs_are_logged(
+    make_offline_harness, plugin_dir
+) -> None:
+    plugin_dir.write("failing", FAILING)
+    h = await make_offline_harness(ScriptedEngine(), discord={"plugins": ["failing"]})
+
+    user_error = await h.slash(h.alice, "nope")
+    assert user_error.ephemeral
+    assert user_error.response.content == "that channel has no adapter yet"
+    assert not h.logs.records
+
+    bug = await h.slash(h.alice, "oops")
+    assert bug.ephemeral and "Something went wrong" in bug.response.content
+    (record,) = h.logs.expect("command /oops failed")
+    assert record.exc_info and "a bug" in str(record.exc_info[1])
+    assert [type(e).__name__ for e in h.command_errors()] == ["LoracordError", "RuntimeError"]
