@@ -81,9 +81,9 @@ async def reply_chain(
         if known is not None:
             turns = [*known, *turns]
             break
-        role = "assistant" if earlier.author.id == me.id else "user"
         text = message_text(earlier, me)
         if text:
-            turns.insert(0, ChatMessage(role, text))
+            mine = earlier.author.id == me.id
+            turns.insert(0, ChatMessage("assistant" if mine else "user", text))
         earlier = await referenced_message(earlier)
     return turns[-limit:]

@@ -89,6 +89,12 @@ class DiscordHarness:
         await self.probe.wait_ended()
         await self.env.settle()
 
+    async def restart(self) -> LoracordBot:
+        """Restart the bot process (new bot, same settings, same simulated world)."""
+        self.bot = type(self.bot)(self.bot.app, clock=self.clock)
+        await self.env.restart_bot(self.bot)
+        return self.bot
+
     def thread(self, name: str = "thread") -> simcord.ChannelHandle:
         """A public thread under #general."""
         thread = self.env.backend.create_thread(self.channel.id, name, self.alice.id)

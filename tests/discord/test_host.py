@@ -100,8 +100,7 @@ async def test_second_start_with_unchanged_commands_does_not_sync(make_offline_h
     assert len(h.command_syncs()) == 1
     assert (h.bot.settings.data_dir / "discord_commands.json").is_file()
 
-    again = h.bot.__class__(h.bot.app, clock=h.clock)
-    await h.env.restart_bot(again)
+    again = await h.restart()
 
     assert len(h.command_syncs()) == 1
     assert again.command_sync.syncs == 0

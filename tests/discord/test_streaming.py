@@ -59,3 +59,24 @@ def test_split_message_prefers_lines_then_words() -> None:
     assert split_message("a" * 10 + "\n" + "b" * 5, limit=12) == ["a" * 10, "b" * 5]
     assert split_message("aaa bbb ccc", limit=8) == ["aaa bbb", "ccc"]
     assert split_message("x" * 25, limit=10) == ["x" * 10, "x" * 10, "x" * 5]
+
+
+async def test_reply_chain_is_read_from_discord_after_a_restart(make_offline_harness) -> None:
+    engine = ScriptedEngine(["First answer."], ["Second answer."], ["Third."])
+    h = await make_offline_harness(engine, discord={"message_content_intent": True})
+    first = await h.ask(h.alice, "A question no message shows")
+    await h.restart()  # the bot forgets its answers: the chain must come from Discord
+
+    await h.alice.send(h.channel, "Tell me more.", reply_to=first.response.message)
+    second = h.channel.last_message
+    await h.restart()
+    await h.bob.send(h.channel, "And then?", reply_to=second)
+
+    turns = [(m.role, m.content) for m in h.probe.last.request.messages]
+    assert turns == [
+        ("assistant", "First answer."),
+        ("user", "Tell me more."),
+        ("assistant", "Second answer."),
+        ("user", "And then?"),
+    ]
+    assert h.channel.last_message.content == "Third."
