@@ -3,6 +3,8 @@ the daily cap, and the text rules (unicode, long, empty)."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from core.errors import CollectionDisabled, EmptyQuote, QuoteCapReached
@@ -137,3 +139,28 @@ def test_random_and_list_by_member(enabled: QuoteStore) -> None:
     assert [q.text for q in enabled.list_quotes(GENERAL, author_id=7)] == ["by seven"]
     picked = {enabled.random(GENERAL).text for _ in range(40)}  # type: ignore[union-attr]
     assert picked == {"by seven", "by eight"}
+
+
+def test_concurrent_saves_of_one_message_store_one_row(enabled: QuoteStore) -> None:
+    barrier = threading.Barrier(6)
+    created: list[bool] = []
+    errors: list[BaseException] = []
+
+    def star(member: int) -> None:
+        barrier.wait()
+        try:
+            result = enabled.add(
+                GENERAL, "starred at once", source="reaction", message_id="77", added_by=str(member)
+            )
+            created.append(result.created)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=star, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(created) == [False] * 5 + [True]
+    assert enabled.count(GENERAL) == 1
