@@ -1,22 +1,27 @@
 """Smoke test: the real bot over real sockets against a fake Discord on 127.0.0.1.
 
 Login, READY, GUILD_CREATE, the command sync payload, and one /ask answered from the real
-model: deferred, then the response edited with the model's text.
+model: deferred, then the response edited with the model's text. And `run_bot` as `loracord`
+runs it: SIGTERM ends the answer in flight with a message, disconnects and closes the app.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import signal
 
 import discord
 import pytest
 import yarl
 from fake_discord import APP_ID, FakeDiscord
+from fake_engines import EngineProbe
 from simbot import answer_of
 
 from core.app import build
-from core.discord import create_bot
+from core.discord import create_bot, run_bot
+from core.discord.streaming import CURSOR
 from core.model.requests import GenerationParams, GenerationRequest
 from tests.conftest import make_settings
 
@@ -75,3 +80,43 @@ async def test_real_bot_over_real_sockets(tmp_path, session_app, fake_discord, e
     finally:
         await bot.close()
         await asyncio.wait_for(running, 30)
+
+
+class _SharedEngine(EngineProbe):
+    """The session's engine, which this test must not close: records the close instead."""
+
+    closed = False
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_sigterm_ends_answers_in_flight_and_closes_the_app(
+    tmp_path, session_app, fake_discord, error_log
+) -> None:
+    settings = make_settings(tmp_path, discord={"cooldown_seconds": 0})
+    settings = settings.model_copy(
+        update={"discord": settings.discord.model_copy(update={"token": "smoke-token"})}
+    )
+    engine = _SharedEngine(session_app.engine)
+    app = dataclasses.replace(build(settings), settings=settings, engine=engine)
+    running = asyncio.create_task(run_bot(app))
+    await fake_discord.wait_for(lambda f: f.commands)
+    await asyncio.wait_for(fake_discord.identified.wait(), 30)
+
+    options = [
+        {"name": "prompt", "type": 3, "value": "Tell me a very long story about the sea."},
+        {"name": "max_tokens", "type": 4, "value": 400},
+    ]
+    token = await fake_discord.slash("ask", options)
+    await fake_discord.wait_for(  # the answer is streaming: text has been shown
+        lambda f: any(e.body["content"].endswith(CURSOR) for e in f.originals(token))
+    )
+    os.kill(os.getpid(), signal.SIGTERM)
+    await asyncio.wait_for(running, 60)
+
+    final = fake_discord.originals(token)[-1].body
+    assert final["content"].endswith("Stopped: the bot is shutting down.")
+    assert final["components"] == []
+    assert engine.submitted[-1].stream.finish_reason == "cancelled"
+    assert engine.closed
