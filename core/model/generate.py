@@ -53,9 +53,7 @@ def generate_into(model: Any, tokenizer: Any, stream: ResponseStream, context_to
     input_ids = torch.tensor([fitted.input_ids], device=device)
     with torch.inference_mode():
         for step in range(max_new):
-            out = model(
-                input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1
-            )
+            out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
             token = pick_next(out.logits[:, -1, :], params.temperature, params.top_p, generator)
             token_id = int(token[0])
             if token_id in stops:

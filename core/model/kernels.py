@@ -36,6 +36,7 @@ class Runtime:
     device: str
     dtype: torch.dtype
     kernel: str
+    fallbacks: tuple[str, ...] = ()  # tried in order when `kernel` cannot load this checkpoint
 
 
 def _cuda_available() -> bool:
@@ -69,5 +70,11 @@ def choose_runtime(device: str = "auto", dtype: str = "auto", kernel: str = "aut
         dtype = "float16" if device == "cuda" else cpu_dtype
     torch_dtype = getattr(torch, dtype)
     if kernel == "auto" and device == "cuda":
-        kernel = _CUDA_SERVING_ORDER[0]
+        # Marlin does not take every group size / layout; ExLlamaV2, then GPTQModel's pick.
+        return Runtime(
+            device, torch_dtype, _CUDA_SERVING_ORDER[0], (*_CUDA_SERVING_ORDER[1:], "auto")
+        )
+    if kernel == "auto" and torch_dtype == torch.float32:
+        # GPTQModel's auto pick on CPU (AVX512-BF16) dequantizes every call in fp32.
+        kernel = "torch_fused"
     return Runtime(device=device, dtype=torch_dtype, kernel=kernel)

@@ -50,26 +50,51 @@ def quant_layers(model: Any) -> list[Any]:
 def load_for_serving(path: Path, runtime: Runtime) -> tuple[Any, Any, float]:
     """(model, tokenizer, seconds) loaded from a GPTQ folder, ready for inference."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
+    from transformers import AutoTokenizer
 
     quant = read_quantization(path)
     started = time.monotonic()
-    kwargs: dict[str, Any] = {}
-    if runtime.kernel != "auto":
-        kwargs["quantization_config"] = GPTQConfig(bits=int(quant["bits"]), backend=runtime.kernel)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=runtime.dtype, device_map=runtime.device, **kwargs
-        )
-    except (OSError, ValueError, RuntimeError, ImportError) as e:
-        raise ModelError(f"could not load the model from {path}: {str(e).splitlines()[0]}") from e
+    except (OSError, ValueError) as e:
+        raise ModelError(f"could not load the tokenizer from {path}: {_first_line(e)}") from e
+    kernels = (runtime.kernel, *runtime.fallbacks)
+    for index, kernel in enumerate(kernels):
+        try:
+            model = _load_with_kernel(path, runtime, kernel, int(quant["bits"]))
+            break
+        except (OSError, ValueError, RuntimeError, ImportError, NotImplementedError) as e:
+            if index + 1 == len(kernels):
+                raise ModelError(f"could not load the model from {path}: {_first_line(e)}") from e
+            log.warning(
+                "kernel %s cannot serve %s (%s); trying %s",
+                kernel,
+                path.name,
+                _first_line(e),
+                kernels[index + 1],
+            )
     model.eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
     if not quant_layers(model):
         raise ModelError(f"{path} loaded without any GPTQ layers; is it really quantized?")
     torch.set_grad_enabled(False)
     return model, tokenizer, time.monotonic() - started
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _load_with_kernel(path: Path, runtime: Runtime, kernel: str, bits: int) -> Any:
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    kwargs: dict[str, Any] = {}
+    if kernel != "auto":
+        kwargs["quantization_config"] = GPTQConfig(bits=bits, backend=kernel)
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=runtime.dtype, device_map=runtime.device, **kwargs
+    )
 
 
 def describe(name: str, path: Path, model: Any, runtime: Runtime, seconds: float) -> ModelInfo:
@@ -83,15 +108,9 @@ def describe(name: str, path: Path, model: Any, runtime: Runtime, seconds: float
         bits=int(quant.get("bits", 0)),
         group_size=int(quant.get("group_size", -1)),
         kernel=kernel,
-        dtype=str(
-            next(model.parameters()).dtype if _has_float_params(model) else runtime.dtype
-        ).removeprefix("torch."),
+        dtype=str(model.dtype).removeprefix("torch."),
         device=str(runtime.device),
         size_bytes=folder_size(path),
         context_tokens=int(getattr(model.config, "max_position_embeddings", 2048)),
         load_seconds=round(seconds, 2),
     )
-
-
-def _has_float_params(model: Any) -> bool:
-    return any(p.is_floating_point() for p in model.parameters())
