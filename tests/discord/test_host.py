@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from fake_engines import ScriptedEngine
 
+from core.discord.sync import CommandSync
+
 ECHO = """
 from discord import app_commands
 from discord.ext import commands
@@ -145,3 +147,16 @@ async def test_errors_become_ephemeral_messages_and_bugs_are_logged(
     (record,) = h.logs.expect("command /oops failed")
     assert record.exc_info and "a bug" in str(record.exc_info[1])
     assert [type(e).__name__ for e in h.command_errors()] == ["LoracordError", "RuntimeError"]
+
+
+async def test_dev_guild_sync_goes_to_that_guild_once(make_offline_harness) -> None:
+    h = await make_offline_harness(ScriptedEngine(["guild answer"]))
+    h.reconfigure(dev_guild=h.guild.id)
+    h.bot.command_sync = CommandSync(h.bot.tree, h.bot.settings.data_dir, h.guild.id)
+
+    assert await h.bot.sync_commands()
+    assert not await h.bot.sync_commands()  # unchanged: not sent again
+
+    (guild_sync,) = [r for r in h.command_syncs() if f"/guilds/{h.guild.id}/" in r.path]
+    assert {c["name"] for c in guild_sync.json} == {"ask", "plugins"}
+    assert (await h.ask(h.alice, "hi")).response.content == "guild answer"
