@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -84,14 +85,20 @@ async def _with_app(settings: Any, body: Callable[[Any], Awaitable[int]]) -> int
 
     app = build(settings)
     try:
-        await app.start()
+        # GPTQModel prints its banner and kernel choice on stdout; stdout is for results only.
+        with contextlib.redirect_stdout(sys.stderr):
+            await app.start()
         return await body(app)
     finally:
         await app.close()
 
 
 async def _ask(settings: Any, args: argparse.Namespace) -> int:
+    from core.errors import PromptError
     from core.model.requests import GenerationParams, GenerationRequest
+
+    if not args.prompt.strip():  # refuse before spending seconds on loading the model
+        raise PromptError("the prompt is empty; ask a question")
 
     params = GenerationParams(
         max_new_tokens=args.max_tokens if args.max_tokens is not None else settings.max_new_tokens,
