@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -66,14 +67,30 @@ async def bench_engine(settings: Any, runs: int, tokens: int) -> dict[str, Any]:
 def bench_seed_style(path: Path, runs: int, tokens: int) -> dict[str, Any]:
     """The same measurement for transformers' defaults (fp16, auto kernel)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
     from transformers.generation.streamers import BaseStreamer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16, device_map="auto")
     messages = [{"role": "user", "content": PROMPT}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16, device_map="auto")
+        model.generate(ids, max_new_tokens=2, do_sample=False)
+    except (ValueError, RuntimeError) as e:
+        # With the CUDA build of torch installed, GPTQModel's fp16 auto pick on a CPU-only
+        # machine is the Triton kernel, which cannot run here; the seed's load then uses the
+        # generic torch kernel, as transformers does without triton.
+        print(
+            f"seed-style auto kernel failed ({str(e).splitlines()[0]}); using 'torch'",
+            file=sys.stderr,
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=torch.float16,
+            device_map="auto",
+            quantization_config=GPTQConfig(bits=4, backend="torch"),
+        )
 
     class Clock(BaseStreamer):
         def __init__(self) -> None:
@@ -114,10 +131,12 @@ def main() -> None:
     from core import settings as settings_module
 
     settings = settings_module.load(None, device="cpu")
-    engine = asyncio.run(bench_engine(settings, args.runs, args.tokens))
     from core.app import locate_model
 
-    seed = bench_seed_style(locate_model(settings).path, args.runs, args.tokens)
+    # GPTQModel prints its banner and kernel choices on stdout; keep stdout for the results.
+    with contextlib.redirect_stdout(sys.stderr):
+        engine = asyncio.run(bench_engine(settings, args.runs, args.tokens))
+        seed = bench_seed_style(locate_model(settings).path, args.runs, args.tokens)
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}",
         "prompt": PROMPT,
