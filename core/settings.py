@@ -41,7 +41,7 @@ class DiscordSettings(_Section):
 
     token: str | None = Field(default=None, exclude=True, repr=False)
     dev_guild: int | None = None
-    plugins: tuple[str, ...] = ("ask", "admin")
+    plugins: tuple[str, ...] = ("ask", "admin", "quotes")
     admin_role_ids: tuple[int, ...] = ()
     admin_user_ids: tuple[int, ...] = ()
     message_content_intent: bool = False
