@@ -21,7 +21,9 @@ $(STAMP): pyproject.toml Makefile
 run: install
 	$(BIN)/loracord
 
+# The embedded model is built (minutes, once per cache dir) before the tests, which reuse it.
 test: install lint
+	$(BIN)/loracord model build
 	$(BIN)/python -m pytest
 
 lint: install

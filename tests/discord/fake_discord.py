@@ -301,7 +301,13 @@ class FakeDiscord:
             }
         if method == "PUT" and parts[0] == "applications" and parts[-1] == "commands":
             self.commands = [
-                {**c, "id": str(next(self._ids)), "application_id": str(APP_ID), "version": "1"}
+                {
+                    "description": "",
+                    **c,
+                    "id": str(next(self._ids)),
+                    "application_id": str(APP_ID),
+                    "version": "1",
+                }
                 for c in body
             ]
             return self.commands

@@ -158,5 +158,6 @@ async def test_dev_guild_sync_goes_to_that_guild_once(make_offline_harness) -> N
     assert not await h.bot.sync_commands()  # unchanged: not sent again
 
     (guild_sync,) = [r for r in h.command_syncs() if f"/guilds/{h.guild.id}/" in r.path]
-    assert {c["name"] for c in guild_sync.json} == {"ask", "plugins"}
+    # The default plugins: ask, admin and quotes (a slash group and a message menu).
+    assert {c["name"] for c in guild_sync.json} == {"ask", "plugins", "quote", "Save as quote"}
     assert (await h.ask(h.alice, "hi")).response.content == "guild answer"

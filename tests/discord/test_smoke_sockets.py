@@ -52,7 +52,7 @@ async def test_real_bot_over_real_sockets(tmp_path, session_app, fake_discord, e
 
         sync = next(r for r in fake_discord.requests if r.method == "PUT")
         assert sync.path == f"/applications/{APP_ID}/commands"
-        assert {c["name"] for c in sync.body} == {"ask", "plugins"}
+        assert {c["name"] for c in sync.body} == {"ask", "plugins", "quote", "Save as quote"}
 
         options = [
             {"name": "prompt", "type": 3, "value": PROMPT},
