@@ -136,6 +136,8 @@ def _env_overrides(environ: dict[str, str]) -> tuple[dict[str, Any], dict[tuple[
     for var, raw in environ.items():
         if not var.startswith(ENV_PREFIX) or var == f"{ENV_PREFIX}CONFIG":
             continue
+        if var.startswith(f"{ENV_PREFIX}TEST_"):  # reserved for the test suite, never a setting
+            continue
         key = var[len(ENV_PREFIX) :].lower()
         placed = False
         for section, model in sections.items():

@@ -63,6 +63,14 @@ def test_every_bad_field_is_reported_with_its_source(tmp_path: Path) -> None:
     assert "LORACORD_NOPE: no such setting" in text
 
 
+def test_test_suite_variables_are_not_settings() -> None:
+    settings = load(
+        None,
+        environ={"LORACORD_TEST_POSTGRES_URL": "postgresql://x", "LORACORD_CONFIG": "/dev/null"},
+    )
+    assert settings.model == "embedded"
+
+
 def test_token_in_file_is_refused(tmp_path: Path) -> None:
     cfg = tmp_path / "t.toml"
     cfg.write_text('[discord]\ntoken = "abc"\n')
