@@ -5,7 +5,10 @@ courage.", chat template) and 40 greedy tokens, so their ratio holds even on a b
 The seed-style baseline is transformers' defaults as the seed write-up loads a GPTQ model:
 `from_pretrained(path, dtype=float16, device_map="auto")`, then `generate` with a streamer.
 
-    python bench/decode.py [--runs 3] [--tokens 40] [--json]
+    python bench/decode.py [--runs 3] [--tokens 40] [--json] [--model M] [--device cpu|cuda]
+
+`--model` takes any `model` setting (default: the embedded model); `--device cuda` measures
+the same pair on a GPU, where the engine serves with Marlin or ExLlamaV2.
 
 Prints a table (and JSON with --json) with time to first token and decode tokens/s.
 """
@@ -74,6 +77,7 @@ def bench_seed_style(path: Path, runs: int, tokens: int) -> dict[str, Any]:
     messages = [{"role": "user", "content": PROMPT}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    ids = ids.to("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16, device_map="auto")
         model.generate(ids, max_new_tokens=2, do_sample=False)
@@ -120,17 +124,32 @@ def bench_seed_style(path: Path, runs: int, tokens: int) -> dict[str, Any]:
     }
 
 
+def _machine(device: str) -> str:
+    import torch
+
+    text = f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}"
+    if device == "cuda":
+        text += f"; {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=40)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--model", default=None, help="a `model` setting (default: embedded)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--kernel", default="auto", help="the engine's `kernel` setting")
     args = parser.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
     from core import settings as settings_module
 
-    settings = settings_module.load(None, device="cpu")
+    overrides: dict[str, Any] = {"device": args.device, "kernel": args.kernel}
+    if args.model:
+        overrides["model"] = args.model
+    settings = settings_module.load(None, **overrides)
     from core.app import locate_model
 
     # GPTQModel prints its banner and kernel choices on stdout; keep stdout for the results.
@@ -138,15 +157,16 @@ def main() -> None:
         engine = asyncio.run(bench_engine(settings, args.runs, args.tokens))
         seed = bench_seed_style(locate_model(settings).path, args.runs, args.tokens)
     result = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}",
+        "machine": _machine(args.device),
         "prompt": PROMPT,
         "tokens": args.tokens,
         "engine": engine,
         "seed_style": seed,
         "speedup_vs_seed_style": round(engine["decode_tok_s"] / seed["decode_tok_s"], 2),
         "ttft_speedup_vs_seed_style": round(seed["ttft_s"] / engine["ttft_s"], 2),
-        "ratio_to_llama_cpp": round(engine["decode_tok_s"] / LLAMA_CPP_TOK_S, 3),
     }
+    if args.device == "cpu":
+        result["ratio_to_llama_cpp"] = round(engine["decode_tok_s"] / LLAMA_CPP_TOK_S, 3)
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -156,11 +176,14 @@ def main() -> None:
         print(
             f"{name:<12}{r['kernel']:<26}{r['dtype']:<10}{r['ttft_s']:>8.3f}{r['decode_tok_s']:>8.1f}"
         )
-    print(
+    line = (
         f"engine / seed-style decode: {result['speedup_vs_seed_style']}x; "
-        f"TTFT {result['ttft_speedup_vs_seed_style']}x; "
-        f"engine / llama.cpp ({LLAMA_CPP_TOK_S:.0f} tok/s): {result['ratio_to_llama_cpp']}"
+        f"TTFT {result['ttft_speedup_vs_seed_style']}x"
     )
+    if "ratio_to_llama_cpp" in result:
+        ratio = result["ratio_to_llama_cpp"]
+        line += f"; engine / llama.cpp ({LLAMA_CPP_TOK_S:.0f} tok/s): {ratio}"
+    print(line)
 
 
 if __name__ == "__main__":

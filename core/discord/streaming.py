@@ -29,9 +29,11 @@ _STREAM_RESERVE = len(CURSOR)
 class EditableMessage(Protocol):
     """What a posted message must offer: `discord.Message`, `InteractionMessage`, ..."""
 
-    id: int
+    @property
+    def id(self) -> int: ...
 
-    async def edit(self, **fields: Any) -> Any: ...
+    @property
+    def edit(self) -> Callable[..., Awaitable[Any]]: ...
 
 
 PostFirst = Callable[[str, discord.ui.View | None], Awaitable[EditableMessage]]

@@ -1,8 +1,8 @@
 """Which GPTQ kernel, dtype and device serve a model here. Knows nothing about loading.
 
 Measured on CPU (KNOWN.md): transformers' default fp16 runs 2.8-3.5 tok/s; bf16 with the
-AVX512-BF16 kernel that GPTQModel's `auto` picks runs ~8x faster. On CUDA, Marlin and
-ExLlamaV2 are the fast serving kernels; only `torch` trains correctly there.
+AVX512-BF16 kernel that GPTQModel's `auto` picks runs ~8x faster. On CUDA, ExLlamaV2 and
+Marlin are the fast serving kernels; only `torch` trains correctly there.
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ KNOWN_KERNELS: tuple[str, ...] = (
     "gptq_torch_cpu_avx512",
 )
 
-_CUDA_SERVING_ORDER = ("marlin", "exllama_v2")
+# ExLlamaV2 first: on an H100 it decoded faster than Marlin at batch 1 and 8 on a 7B-wide model
+# (KNOWN.md: 135 vs 126, 1057 vs 1013 tok/s) and 1.6x faster on SmolLM2's 576-wide layers, which
+# Marlin pads to its tiles on every forward (BENCHMARKS.md). Marlin next, then GPTQModel's pick.
+_CUDA_SERVING_ORDER = ("exllama_v2", "marlin")
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ def choose_runtime(device: str = "auto", dtype: str = "auto", kernel: str = "aut
         dtype = "float16" if device == "cuda" else cpu_dtype
     torch_dtype = getattr(torch, dtype)
     if kernel == "auto" and device == "cuda":
-        # Marlin does not take every group size / layout; ExLlamaV2, then GPTQModel's pick.
+        # Neither kernel takes every group size / layout: fall back in order.
         return Runtime(
             device, torch_dtype, _CUDA_SERVING_ORDER[0], (*_CUDA_SERVING_ORDER[1:], "auto")
         )

@@ -9,6 +9,7 @@ with the reply chain as context.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import discord
 from discord import app_commands
@@ -177,11 +178,12 @@ class AskCog(commands.Cog):
         last: list[discord.Message] = [message]
 
         async def post_first(content: str, first_view: discord.ui.View | None) -> discord.Message:
+            extra: dict[str, Any] = {"view": first_view} if first_view is not None else {}
             sent = await message.reply(
                 content,
-                view=first_view,
                 mention_author=False,
                 allowed_mentions=discord.AllowedMentions.none(),
+                **extra,
             )
             last[0] = sent
             return sent
