@@ -144,11 +144,11 @@ def _env_overrides(environ: dict[str, str]) -> tuple[dict[str, Any], dict[tuple[
             prefix = section + "_"
             if key.startswith(prefix) and key[len(prefix) :] in model.model_fields:
                 sub = key[len(prefix) :]
-                values.setdefault(section, {})[sub] = _parse_env(raw)
+                values.setdefault(section, {})[sub] = _parse_env(raw, model.model_fields[sub])
                 origin[(section, sub)] = var
                 placed = True
         if not placed and key in Settings.model_fields and key not in sections:
-            values[key] = _parse_env(raw)
+            values[key] = _parse_env(raw, Settings.model_fields[key])
             origin[(key,)] = var
         elif not placed:
             values.setdefault("__unknown_env__", []).append(var)
@@ -158,9 +158,24 @@ def _env_overrides(environ: dict[str, str]) -> tuple[dict[str, Any], dict[tuple[
     return values, origin
 
 
-def _parse_env(raw: str) -> Any:
-    """Env values are strings; lists may be JSON (`[1,2]`) or comma-separated (`1,2`)."""
+def _is_list_field(field: Any) -> bool:
+    import typing
+
+    annotation = field.annotation
+    return typing.get_origin(annotation) in (list, tuple, set, frozenset) or any(
+        typing.get_origin(arg) in (list, tuple, set, frozenset)
+        for arg in typing.get_args(annotation)
+    )
+
+
+def _parse_env(raw: str, field: Any = None) -> Any:
+    """Env values are strings; list settings may be JSON (`[1,2]`) or comma-separated (`1,2`).
+
+    Other settings take the text as it is, so a database URL with a comma stays one string.
+    """
     text = raw.strip()
+    if field is not None and not _is_list_field(field):
+        return text
     if text.startswith("["):
         try:
             return json.loads(text)

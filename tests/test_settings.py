@@ -71,6 +71,22 @@ def test_test_suite_variables_are_not_settings() -> None:
     assert settings.model == "embedded"
 
 
+def test_only_list_settings_split_on_commas() -> None:
+    url = "postgresql://bot:p,w@db/loracord?options=a,b"
+    settings = load(
+        None,
+        environ={
+            "LORACORD_CONFIG": "/dev/null",
+            "LORACORD_DATABASE_URL": url,
+            "LORACORD_DISCORD_PLUGINS": "ask, quotes",
+            "LORACORD_DISCORD_ADMIN_USER_IDS": "[7, 8]",
+        },
+    )
+    assert settings.database_url == url
+    assert settings.discord.plugins == ("ask", "quotes")
+    assert settings.discord.admin_user_ids == (7, 8)
+
+
 def test_token_in_file_is_refused(tmp_path: Path) -> None:
     cfg = tmp_path / "t.toml"
     cfg.write_text('[discord]\ntoken = "abc"\n')
