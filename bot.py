@@ -95,15 +95,14 @@ async def _with_app(settings: Any, body: Callable[[Any], Awaitable[int]]) -> int
 
 async def _ask(settings: Any, args: argparse.Namespace) -> int:
     from core.errors import PromptError
-    from core.model.requests import GenerationParams, GenerationRequest
+    from core.model.requests import GenerationRequest
 
     if not args.prompt.strip():  # refuse before spending seconds on loading the model
         raise PromptError("the prompt is empty; ask a question")
 
-    params = GenerationParams(
-        max_new_tokens=args.max_tokens if args.max_tokens is not None else settings.max_new_tokens,
-        temperature=args.temperature if args.temperature is not None else settings.temperature,
-        top_p=settings.top_p,
+    # Bad options are refused here, before seconds of model loading.
+    params = settings.generation_params(
+        max_new_tokens=args.max_tokens, temperature=args.temperature
     )
 
     async def body(app: Any) -> int:

@@ -16,7 +16,7 @@ from typing import TextIO
 
 from core.app import App
 from core.errors import LoracordError
-from core.model.requests import GenerationParams, GenerationRequest
+from core.model.requests import GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +99,11 @@ class Console:
         prompt = _OPTION.sub("", " " + text).strip()
         settings = self.app.settings
         try:
-            params = GenerationParams(
-                max_new_tokens=int(options.get("max_tokens", settings.max_new_tokens)),
-                temperature=float(options.get("temperature", settings.temperature)),
-                top_p=settings.top_p,
+            max_tokens = options.get("max_tokens")
+            temperature = options.get("temperature")
+            params = settings.generation_params(
+                max_new_tokens=None if max_tokens is None else int(max_tokens),
+                temperature=None if temperature is None else float(temperature),
             )
         except ValueError as e:
             raise LoracordError(f"bad option value: {e}") from e

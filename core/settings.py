@@ -11,11 +11,14 @@ import json
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.errors import SettingsError
+
+if TYPE_CHECKING:
+    from core.model.requests import GenerationParams
 
 ENV_PREFIX = "LORACORD_"
 DEFAULT_FILE = "loracord.toml"
@@ -84,6 +87,7 @@ class Settings(_Section):
     )
     temperature: float = Field(default=0.2, ge=0.0, le=2.0)
     top_p: float = Field(default=0.9, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(default=1.0, ge=1.0, le=2.0)
     max_new_tokens: int = Field(default=200, ge=1)
     max_new_tokens_cap: int = Field(default=1024, ge=1)
     max_context_tokens: int = Field(default=2048, ge=64)
@@ -113,6 +117,24 @@ class Settings(_Section):
         if value not in KNOWN_KERNELS:
             raise ValueError(f"unknown kernel {value!r}; one of: {', '.join(KNOWN_KERNELS)}")
         return value
+
+    def generation_params(
+        self, *, max_new_tokens: int | None = None, temperature: float | None = None
+    ) -> GenerationParams:
+        """The sampling every front uses: the settings' defaults, with what the user asked for.
+
+        A token budget above `max_new_tokens_cap` is lowered to it; a bad value raises
+        `PromptError` here, before any model work.
+        """
+        from core.model.requests import GenerationParams
+
+        wanted = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        return GenerationParams(
+            max_new_tokens=wanted if wanted < 1 else min(wanted, self.max_new_tokens_cap),
+            temperature=self.temperature if temperature is None else temperature,
+            top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+        )
 
     @model_validator(mode="after")
     def _default_within_cap(self) -> Settings:

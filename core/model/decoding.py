@@ -77,6 +77,17 @@ def fit_prompt(tokenizer: Any, messages: Sequence[ChatMessage], budget: int) -> 
     return FittedPrompt(ids, notices)
 
 
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty, as transformers applies it: logits of tokens already in the
+    prompt or answer (`seen`, ids [batch, n]) are divided by `penalty` when positive and
+    multiplied when negative, so a repeated token always loses probability."""
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    picked = logits.gather(-1, seen)
+    picked = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits.scatter(-1, seen, picked)
+
+
 def pick_next(
     logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
 ) -> torch.Tensor:

@@ -10,6 +10,7 @@ there without changing the interface. The engine knows nothing about Discord or 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import threading
@@ -21,7 +22,7 @@ from typing import Any, Protocol, TypeVar
 from core.errors import EngineBusy, EngineClosed, ModelError, PromptError
 from core.model.kernels import Runtime
 from core.model.loader import ModelInfo, describe, load_for_serving
-from core.model.requests import ChatMessage, GenerationParams, GenerationRequest, ResponseStream
+from core.model.requests import ChatMessage, GenerationRequest, ResponseStream
 from core.model.source import ResolvedModel
 
 log = logging.getLogger(__name__)
@@ -118,18 +119,12 @@ class LocalEngine:
             m.content.strip() for m in request.messages if m.role == "user"
         ):
             raise PromptError("the prompt is empty; ask a question")
-        p = request.params
-        if p.max_new_tokens < 1:
-            raise PromptError("max_tokens must be at least 1")
-        if not 0.0 <= p.temperature <= 2.0:
-            raise PromptError("temperature must be between 0 and 2")
-        if not 0.0 < p.top_p <= 1.0:
-            raise PromptError("top_p must be above 0 and at most 1")
+        p = request.params  # checked when it was built
         messages = tuple(request.messages)
         if self.system_prompt and not any(m.role == "system" for m in messages):
             messages = (ChatMessage("system", self.system_prompt), *messages)
         capped = min(p.max_new_tokens, self.max_new_tokens_cap)
-        params = GenerationParams(capped, p.temperature, p.top_p, p.seed)
+        params = dataclasses.replace(p, max_new_tokens=capped)
         return GenerationRequest(messages=messages, adapter=request.adapter, params=params)
 
     def _position_of(self, stream: ResponseStream) -> int | None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from core.model.decoding import IncrementalDetokenizer, fit_prompt, pick_next
+from core.model.decoding import IncrementalDetokenizer, fit_prompt, penalize_repeats, pick_next
 from core.model.requests import ResponseStream
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,12 @@ def generate_into(model: Any, tokenizer: Any, stream: ResponseStream, context_to
     detok = IncrementalDetokenizer(tokenizer)
     cache = DynamicCache(config=model.config)
     input_ids = torch.tensor([fitted.input_ids], device=device)
+    seen = input_ids
     with torch.inference_mode():
         for step in range(max_new):
             out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
-            token = pick_next(out.logits[:, -1, :], params.temperature, params.top_p, generator)
+            logits = penalize_repeats(out.logits[:, -1, :], seen, params.repetition_penalty)
+            token = pick_next(logits, params.temperature, params.top_p, generator)
             token_id = int(token[0])
             if token_id in stops:
                 stream._finish("stop")
@@ -64,4 +66,5 @@ def generate_into(model: Any, tokenizer: Any, stream: ResponseStream, context_to
                 stream._finish("cancelled")
                 return
             input_ids = token.view(1, 1)
+            seen = torch.cat([seen, input_ids], dim=1)
     stream._finish("length")

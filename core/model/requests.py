@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from core.errors import LoracordError, ModelError
+from core.errors import LoracordError, ModelError, PromptError
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,28 @@ class AdapterRef:
 
 @dataclass(frozen=True)
 class GenerationParams:
-    """Sampling settings. temperature 0 means greedy, as in the seed recipe."""
+    """Sampling settings. temperature 0 means greedy, as in the seed recipe.
+
+    Values are checked on construction, so a bad option is refused by whichever front built
+    it, before any model work. `repetition_penalty` divides the logits of tokens already in the
+    prompt or answer (CTRL's penalty, as transformers applies it); 1.0 turns it off.
+    """
 
     max_new_tokens: int = 200
     temperature: float = 0.2
     top_p: float = 0.9
     seed: int | None = None
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise PromptError("max_tokens must be at least 1")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise PromptError("temperature must be between 0 and 2")
+        if not 0.0 < self.top_p <= 1.0:
+            raise PromptError("top_p must be above 0 and at most 1")
+        if not 1.0 <= self.repetition_penalty <= 2.0:
+            raise PromptError("repetition_penalty must be between 1 and 2")
 
 
 @dataclass(frozen=True)

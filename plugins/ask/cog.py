@@ -121,12 +121,8 @@ class AskCog(commands.Cog):
             raise LoracordError(DM_REFUSED)
 
     def _params(self, temperature: float | None, max_tokens: int | None) -> GenerationParams:
-        settings = self.bot.settings
-        wanted = max_tokens if max_tokens is not None else settings.max_new_tokens
-        return GenerationParams(
-            max_new_tokens=min(wanted, settings.max_new_tokens_cap),
-            temperature=settings.temperature if temperature is None else temperature,
-            top_p=settings.top_p,
+        return self.bot.settings.generation_params(
+            max_new_tokens=max_tokens, temperature=temperature
         )
 
     async def _answer(
