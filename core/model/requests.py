@@ -40,6 +40,16 @@ class AdapterRef:
         return f"{self.name}@{self.version}"
 
 
+# The system prompt every front uses unless settings say otherwise. Empty means the model's
+# own default (the one its chat template carries, which it was trained with): on the embedded
+# model every custom prompt measured made answers worse (BENCHMARKS.md, "Answer defaults").
+DEFAULT_SYSTEM_PROMPT = ""
+# A custom prompt of the kind operators write, so calibration covers prompts besides the default.
+CUSTOM_SYSTEM_PROMPT_EXAMPLE = (
+    "You are loracord, a friendly assistant in a Discord server. Answer briefly and helpfully."
+)
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """Sampling settings. temperature 0 means greedy, as in the seed recipe.

@@ -1,0 +1,105 @@
+"""The embedded build's quality gate: the measure of what members get, and builds it refuses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from core.app import App
+from core.errors import ModelError
+from core.model import build, calibration, fidelity, gate
+from core.model.requests import DEFAULT_SYSTEM_PROMPT
+
+
+def test_measurement_set_is_fixed_varied_and_never_calibrates() -> None:
+    prompts = fidelity.eval_prompts()
+    counts = {c: sum(p.category == c for p in prompts) for c in fidelity.CATEGORIES}
+    assert counts == {"facts": 16, "quotes": 16, "instructions": 16, "smalltalk": 16}
+    assert all(p.keys for p in prompts if p.category == "facts")
+    texts = {p.text for p in prompts}
+    assert len(texts) == 64
+    assert not texts & set(fidelity.calibration_prompts())
+    quotes, _ = calibration.quote_corpus()
+    assert not texts & set(quotes)
+
+
+def test_looped_needs_the_cap_and_a_repeated_ngram() -> None:
+    loop = [1, 2, 3, 4] * 5
+    assert fidelity.looped(loop, max_new_tokens=20)
+    assert not fidelity.looped(loop[:16], max_new_tokens=20)  # stopped before the cap
+    assert not fidelity.looped(list(range(20)), max_new_tokens=20)  # long, not repeating
+
+
+def test_pack_makes_equal_chunks_without_padding() -> None:
+    chunks = calibration.pack([[1, 2, 3], [4, 5], [6, 7, 8, 9, 10]], 4)
+    assert chunks == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert calibration.pack([[1, 2]], 4) == [[1, 2]]
+
+
+def test_served_build_answers_like_fp32(
+    session_app: App, dequantized_model_dir: Path, record_property: pytest.RecordProperty
+) -> None:
+    """The measure on the model as this machine serves it, not one lucky answer."""
+    reference, tokenizer = gate.load_reference(dequantized_model_dir)
+    result = gate.check(
+        dequantized_model_dir,
+        session_app.engine.model,
+        reference,
+        tokenizer,
+        session_app.settings.system_prompt,
+    )
+    record_property("gate", result.as_dict())
+    print(result.summary())
+    assert result.fidelity.top1_agreement >= gate.MIN_TOP1_AGREEMENT, result.summary()
+    assert result.perplexity_ratio <= gate.MAX_PERPLEXITY_RATIO, result.summary()
+    assert result.fidelity.scored_tokens > 64 * 8
+    assert result.passed
+
+
+def test_build_records_its_gate(embedded_model_dir: Path) -> None:
+    manifest = json.loads((embedded_model_dir / "loracord-build.json").read_text())
+    assert manifest["gate"]["passed"] is True
+    assert manifest["gate"]["top1_agreement"] >= gate.MIN_TOP1_AGREEMENT
+    assert manifest["recipe"]["calibration"] == "chat+quotes"
+    assert manifest["weights_sha256"] and len(manifest["weights_sha256"]) == 64
+
+
+@pytest.mark.slow
+def test_gate_refuses_a_quote_only_build(
+    dequantized_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Quotes alone keep quote perplexity but break chat: the gate must not cache it."""
+    cache = tmp_path / "cache"
+    (cache / "models").mkdir(parents=True)
+    build.dequantized_dir(cache).symlink_to(dequantized_model_dir)
+    quotes_only = build.Recipe(calibration="quotes")
+    monkeypatch.setattr(build, "recipes", lambda group_size=32: (quotes_only,))
+    with pytest.raises(ModelError) as refused:
+        build.ensure_embedded(cache)
+    message = str(refused.value)
+    assert "could not be built to quality" in message and "\n" not in message
+    assert "top-1 agreement" in message
+    left = sorted(p.name for p in (cache / "models").iterdir())
+    assert left == [".build.lock", build.dequantized_dir(cache).name, build._failure_file(cache, 32).name]
+    # A later start does not spend minutes failing again; it says the same at once.
+    with pytest.raises(ModelError, match="could not be built to quality") as again:
+        build.ensure_embedded(cache)
+    assert str(again.value) == message
+
+
+def test_a_killed_build_leaves_nothing_for_the_next(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    (cache / "models" / ".tmp-killed").mkdir(parents=True)
+    (cache / "models" / ".tmp-killed" / "model.safetensors").write_bytes(b"half")
+    build._remove_leftovers(cache)
+    assert not (cache / "models" / ".tmp-killed").exists()
+
+
+def test_default_system_prompt_is_the_models_own() -> None:
+    from tests.conftest import make_settings
+
+    settings = make_settings(Path("/nonexistent"))
+    assert settings.system_prompt == DEFAULT_SYSTEM_PROMPT
+    assert fidelity.serving_messages(DEFAULT_SYSTEM_PROMPT, "hi")[0].role == "user"
