@@ -235,3 +235,13 @@ def test_an_unreadable_config_is_one_clear_line(tmp_path: Path) -> None:
     assert str(caught.value) == (
         f"invalid settings: settings file {cfg} cannot be read: permission denied"
     )
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux /proc")
+def test_a_config_that_fails_to_read_is_one_clear_line_even_for_root() -> None:
+    # Reading /proc/self/mem at offset 0 fails with EIO for every user, root included.
+    with pytest.raises(SettingsError) as caught:
+        load("/proc/self/mem", environ={})
+    assert str(caught.value) == (
+        "invalid settings: settings file /proc/self/mem cannot be read: Input/output error"
+    )
