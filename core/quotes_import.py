@@ -291,8 +291,9 @@ def parse(data: bytes, source: str, fmt: Format | None = None) -> list[NewQuote]
 
 def read_file(path: Path, fmt: Format | None = None) -> list[NewQuote]:
     """Every quote in the file at `path` (see `parse`)."""
+    fmt = fmt or detect_format(str(path))
     try:
         data = path.read_bytes()
     except OSError as e:
         raise QuoteImportError(str(path), None, f"cannot read it ({e.strerror})") from e
-    return parse(data, str(path), fmt or detect_format(path.name))
+    return parse(data, str(path), fmt)
