@@ -3,7 +3,8 @@
 `add_parser(subparsers)` registers the command; `run(settings, args)` runs it and returns the exit
 status. Nothing here loads the model: the store is all these commands need, so they work beside a
 running bot. The operator is trusted: adding works in channels with collection off and has no
-daily cap. Channels are console channel names, or Discord channel ids the store has seen.
+daily cap. Channels are console channel names, or Discord channel ids the store has seen; every
+name goes through `core.names`. Errors point to these commands, never to Discord's `/quote`.
 """
 
 from __future__ import annotations
@@ -16,13 +17,35 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.errors import QuoteError, QuoteNotFound
+from core.names import CONSOLE_SERVER, channel_name, server_name
 
 if TYPE_CHECKING:
     from core.settings import Settings
     from core.store import ChannelRef, Quote, QuoteStore
 
-_NAME = re.compile(r"^[\w\-]{1,100}$")
+# Discord ids are snowflakes (15 to 20 digits today); shorter digit names are console channels.
 _SNOWFLAKE = re.compile(r"^\d{15,21}$")
+_MAX_ID = 2**63 - 1
+_PROGRESS_EVERY = 5000
+
+
+def _count(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _quote_id(text: str) -> int:
+    """argparse type: a quote id (a whole number that fits the database)."""
+    value = _count(text)
+    if value > _MAX_ID:
+        raise argparse.ArgumentTypeError(f"{text} is larger than any quote id")
+    return value
 
 
 def _channel_args(parser: argparse.ArgumentParser) -> None:
@@ -43,22 +66,28 @@ def add_parser(subparsers: Any) -> None:
     add.add_argument("--author", help="who said it")
     add.add_argument("--author-id", help="the author's Discord user id")
 
-    imp = actions.add_parser("import", help="import a JSON, JSONL, CSV or fortune file")
+    imp = actions.add_parser(
+        "import",
+        help="import a JSON, JSONL, CSV, plain text or fortune file",
+        description="Import quotes, all or nothing. The format follows the extension: .json, "
+        ".jsonl, .csv (quote/text, author/from, tags), .txt (one quote per line), .fortune or "
+        "no extension (quotes between '%%' lines); other extensions are refused.",
+    )
     _channel_args(imp)
     imp.add_argument("file", type=Path)
-    imp.add_argument("--format", choices=("json", "jsonl", "csv", "fortune"))
+    imp.add_argument("--format", choices=("json", "jsonl", "csv", "txt", "fortune"))
 
     lst = actions.add_parser("list", help="list a channel's quotes")
     _channel_args(lst)
     lst.add_argument("--member", help="only this author id's quotes")
-    lst.add_argument("--limit", type=int, help="at most this many")
+    lst.add_argument("--limit", type=_count, help="at most this many (1 or more)")
     lst.add_argument("--json", action="store_true", help="print a JSON array")
 
     forget = actions.add_parser("forget", help="remove a member's quotes, or one quote")
     _channel_args(forget)
     which = forget.add_mutually_exclusive_group(required=True)
     which.add_argument("--member", help="remove this author id's quotes in the channel's server")
-    which.add_argument("--id", type=int, help="remove the quote with this id")
+    which.add_argument("--id", type=_quote_id, help="remove the quote with this id")
 
     export = actions.add_parser("export", help="write a member's quotes as JSON")
     export.add_argument("--member", required=True, help="the author's id")
@@ -70,12 +99,12 @@ def add_parser(subparsers: Any) -> None:
 
 
 def resolve_channel(store: QuoteStore, channel: str, server: str | None) -> ChannelRef:
-    """`--channel` (and `--server`) as the store's (server, channel)."""
+    """`--channel` (and `--server`) as the store's (server, channel); names are checked."""
     from core.store import ChannelRef
 
-    name = channel.strip().lstrip("#")
+    name = channel_name(channel)
     if server is not None:
-        return ChannelRef(server.strip(), name)
+        return ChannelRef(server_name(server), name)
     if _SNOWFLAKE.match(name):
         known = store.find_channel(name)
         if len(known) == 1:
@@ -86,11 +115,7 @@ def resolve_channel(store: QuoteStore, channel: str, server: str | None) -> Chan
             if not known
             else f"channel id {name} is known in several servers; pass --server ID"
         )
-    if not _NAME.match(name):
-        raise QuoteError(
-            f"{channel!r} is not a channel name: use letters, digits, '-' and '_' (or a Discord id)"
-        )
-    return ChannelRef.console(name)
+    return ChannelRef(CONSOLE_SERVER, name)
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
@@ -132,11 +157,19 @@ def _add(store: QuoteStore, ref: ChannelRef, args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress(done: int, total: int) -> None:
+    """A count on stderr while a long import runs, only for a person watching a terminal."""
+    if total < _PROGRESS_EVERY or not sys.stderr.isatty():
+        return
+    end = "\n" if done == total else ""
+    print(f"\rloracord: staged {done}/{total} quotes", end=end, file=sys.stderr, flush=True)
+
+
 def _import(store: QuoteStore, ref: ChannelRef, args: argparse.Namespace) -> int:
     from core.quotes_import import read_file
 
     items = read_file(args.file, args.format)
-    report = store.import_quotes(ref, items)
+    report = store.import_quotes(ref, items, progress=_progress)
     for notice in report.notices:
         _notice(notice)
     print(f"imported {report.added} quotes into {ref} ({report.duplicates} duplicates skipped)")
@@ -167,7 +200,12 @@ def _list(store: QuoteStore, ref: ChannelRef, args: argparse.Namespace) -> int:
 
 def _forget(store: QuoteStore, ref: ChannelRef, args: argparse.Namespace) -> int:
     if args.id is not None:
-        result = store.forget_quote(args.id, server=ref.server)
+        try:
+            result = store.forget_quote(args.id, server=ref.server)
+        except QuoteNotFound as e:
+            raise QuoteNotFound(
+                f"{e}; `loracord quotes list --channel {ref.channel}` shows ids"
+            ) from e
     else:
         result = store.forget_member(ref.server, args.member)
     print(f"removed {result.removed} quotes")

@@ -1,36 +1,58 @@
 """The local console: the bot's commands in a terminal, with simulated channels.
 
 For trying loracord without a Discord token: `/ask ...` or plain text asks, `#name` moves to
-another channel (the local server is called `console`), `/help` lists commands, `/quit` leaves.
+another channel of the local server `console`, `/quote ...` keeps that channel's quotes in the
+same store the bot and `loracord quotes` use, `/help` lists commands, `/quit` leaves.
 Answers stream as they are generated.
+
+Input has line editing and a history (readline, kept in data_dir) when it is a terminal.
+Ctrl-C during an answer cancels the request, so the model stops at once, and returns to the
+prompt; Ctrl-C at the prompt, or end of input, leaves.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
+import shlex
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import TextIO
 
 from core.app import App
-from core.errors import LoracordError
-from core.model.requests import GenerationRequest
+from core.errors import LoracordError, QuoteNotFound
+from core.model.requests import GenerationRequest, ResponseStream
+from core.names import CONSOLE_SERVER, channel_name
+from core.store import ChannelRef, Quote
 
 log = logging.getLogger(__name__)
 
-CONSOLE_SERVER = "console"
-_CHANNEL = re.compile(r"^#([\w\-]{1,100})$")
+HISTORY_FILE = "console_history"
+HISTORY_LENGTH = 1000
+LIST_LIMIT = 20
 _OPTION = re.compile(r"\s(temperature|max_tokens):(\S+)")
 
-HELP = """\
+HELP = f"""\
 commands:
   /ask PROMPT [temperature:T] [max_tokens:N]   ask the model (plain text works too)
   #NAME                                         move to channel NAME
+  /quote add TEXT [-- AUTHOR]                   save a quote in this channel
+  /quote list [N]                               the newest N quotes here (default {LIST_LIMIT})
+  /quote random                                 a random quote of this channel
+  /quote forget ID                              remove one quote
+  /quote import PATH                            import a JSON, JSONL, CSV or fortune file
+  /quote enable | /quote disable                turn collecting quotes here on or off
   /model                                        what model is loaded, and how
   /help                                         this list
-  /quit                                         leave (Ctrl-D too)"""
+  /quit                                         leave (Ctrl-D or Ctrl-C at the prompt too)
+Ctrl-C during an answer stops it."""
+
+QUOTE_USAGE = "usage: /quote add TEXT [-- AUTHOR] | list [N] | random | forget ID | import PATH"
 
 
 class Console:
@@ -39,81 +61,275 @@ class Console:
     def __init__(self, app: App, out: TextIO = sys.stdout, channel: str = "general") -> None:
         self.app = app
         self.out = out
-        self.channel = channel
+        self.channel = channel_name(channel)
+        self.last_stream: ResponseStream | None = None
+        self._answering: ResponseStream | None = None
+        self._prompt: asyncio.Future[str | None] | None = None
+
+    @property
+    def ref(self) -> ChannelRef:
+        """The current channel, as the store keys it."""
+        return ChannelRef(CONSOLE_SERVER, self.channel)
 
     def _write(self, text: str) -> None:
         self.out.write(text)
         self.out.flush()
 
     async def run(self, read_line: Callable[[str], str] | None = None) -> None:
-        """Serve until /quit or end of input."""
-        read = read_line or input
+        """Serve until /quit, end of input or Ctrl-C at the prompt."""
         info = self.app.engine.info
         if info:
             banner = f"loracord console: {info.name}, {info.kernel} on {info.device}."
             self._write(banner + " /help for commands.\n")
-        while True:
+        history = self.app.settings.data_dir / HISTORY_FILE
+        with _terminal_kept(), _history(history, read_line), self._interrupts():
+            while (line := await self._read(read_line or input)) is not None:
+                if not await self.handle(line):
+                    return
+
+    def interrupt(self) -> None:
+        """Ctrl-C: stop the answer being written; at the prompt, leave."""
+        if self._answering is not None:
+            self._answering.cancel()
+        elif self._prompt is not None and not self._prompt.done():
+            self._write("\n")
+            self._prompt.set_result(None)
+
+    @contextlib.contextmanager
+    def _interrupts(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        previous = signal.getsignal(signal.SIGINT)
+        try:
+            loop.add_signal_handler(signal.SIGINT, self.interrupt)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+            yield
+            return
+        try:
+            yield
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+            signal.signal(signal.SIGINT, previous)  # asyncio.run's own handler, for shutdown
+
+    async def _read(self, read: Callable[[str], str]) -> str | None:
+        """One line, or None at end of input. The blocking read runs on a daemon thread: one
+        abandoned by Ctrl-C must not keep the process alive, as an executor's thread would."""
+        loop = asyncio.get_running_loop()
+        self._prompt = future = loop.create_future()
+
+        def settle(line: str | None) -> None:
+            if not future.done():
+                future.set_result(line)
+
+        def work() -> None:
             try:
-                line = await asyncio.to_thread(read, f"#{self.channel}> ")
-            except (EOFError, KeyboardInterrupt):
+                line: str | None = read(f"#{self.channel}> ")
+            except EOFError:
+                line = None
                 self._write("\n")
-                return
-            if not await self.handle(line):
-                return
+            except Exception:  # an unreadable input (bad encoding, closed): leave, never hang
+                log.debug("console input failed", exc_info=True)
+                line = None
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                loop.call_soon_threadsafe(settle, line)
+
+        threading.Thread(target=work, name="loracord-console-input", daemon=True).start()
+        try:
+            return await future
+        finally:
+            self._prompt = None
 
     async def handle(self, line: str) -> bool:
-        """Run one input line; False means quit."""
+        """Run one input line; False means quit. Errors are one line, then the prompt again."""
         line = line.strip()
         if not line:
             return True
+        try:
+            return await self._dispatch(line)
+        except LoracordError as e:
+            self._write(f"error: {' '.join(str(e).split())}\n")
+        except Exception as e:  # a bug: say so in one line, keep the console alive
+            log.debug("console command failed", exc_info=True)
+            self._write(f"internal error: {type(e).__name__} (run with -v for details)\n")
+        return True
+
+    async def _dispatch(self, line: str) -> bool:
         if line in ("/quit", "/exit"):
             return False
-        if line == "/help":
-            self._write(HELP + "\n")
-            return True
-        if line == "/model":
-            info = self.app.engine.info
-            self._write(
-                "\n".join(f"  {k}: {v}" for k, v in (info.as_dict() if info else {}).items()) + "\n"
-            )
-            return True
-        channel = _CHANNEL.match(line)
-        if channel:
-            self.channel = channel.group(1).lower()
+        if line.startswith("#"):  # never a question: a bad name is an error, not a prompt
+            self.channel = channel_name(line)
             self._write(f"now in #{self.channel}\n")
             return True
-        if line.startswith("/ask"):
-            line = line[4:].strip()
-        elif line.startswith("/"):
-            self._write(f"unknown command {line.split()[0]}; /help lists them\n")
-            return True
-        try:
+        command, _, rest = line.partition(" ")
+        commands: dict[str, Callable[[str], Awaitable[object]]] = {
+            "/ask": self.ask,
+            "/quote": self.quote,
+            "/help": self._help,
+            "/model": self._model,
+        }
+        if not command.startswith("/"):
             await self.ask(line)
-        except LoracordError as e:
-            self._write(f"error: {e}\n")
+        elif command in commands:
+            await commands[command](rest.strip())
+        else:
+            self._write(f"unknown command {command}; /help lists them\n")
         return True
+
+    async def _help(self, _: str) -> None:
+        self._write(HELP + "\n")
+
+    async def _model(self, _: str) -> None:
+        info = self.app.engine.info
+        items = info.as_dict().items() if info else ()
+        self._write("".join(f"  {k}: {v}\n" for k, v in items))
 
     async def ask(self, text: str) -> str:
         """Ask with `/ask`-style options and print the answer as it streams."""
         options = dict(_OPTION.findall(" " + text))
         prompt = _OPTION.sub("", " " + text).strip()
-        settings = self.app.settings
         try:
             max_tokens = options.get("max_tokens")
             temperature = options.get("temperature")
-            params = settings.generation_params(
+            params = self.app.settings.generation_params(
                 max_new_tokens=None if max_tokens is None else int(max_tokens),
                 temperature=None if temperature is None else float(temperature),
             )
         except ValueError as e:
             raise LoracordError(f"bad option value: {e}") from e
-        request = GenerationRequest.from_prompt(prompt, params)
-        stream = await self.app.engine.submit(request)
-        if position := stream.queue_position:
-            self._write(f"(queued, place {position})\n")
-        async for piece in stream:
-            self._write(piece)
-        self._write("\n")
+        stream = await self.app.engine.submit(GenerationRequest.from_prompt(prompt, params))
+        self.last_stream = self._answering = stream
+        try:
+            if (position := stream.queue_position) and position > 1:  # only when others wait
+                self._write(f"(queued, place {position})\n")
+            async for piece in stream:
+                self._write(piece)
+        finally:
+            self._answering = None
+            if stream.finish_reason is None:  # left early (an error, a cancelled task)
+                stream.cancel()
+        self._write("\n[stopped]\n" if stream.finish_reason == "cancelled" else "\n")
         for notice in stream.notices:
             self._write(f"[{notice}]\n")
         return stream.received
+
+    async def quote(self, text: str) -> None:
+        """`/quote ACTION ...` on the current channel."""
+        action, _, rest = text.partition(" ")
+        rest = rest.strip()
+        store = self.app.store
+        if action == "add" and rest:
+            body, _, author = rest.partition(" -- ")
+            result = await store.add(
+                self.ref,
+                body,
+                source="command",
+                author_name=author.strip() or None,
+                added_by=CONSOLE_SERVER,
+            )
+            for notice in result.notices:
+                self._write(f"[{notice}]\n")
+            verb = "saved as" if result.created else "already saved as"
+            self._write(f"{verb} quote #{result.quote.id} in #{self.channel}\n")
+        elif action == "list":
+            await self._list(rest)
+        elif action == "random" and not rest:
+            found = await store.random(self.ref)
+            self._write(_quote_line(found) + "\n" if found else f"no quotes in #{self.channel}\n")
+        elif action == "forget" and rest:
+            await self._forget(rest)
+        elif action == "import" and rest:
+            await self._import(rest)
+        elif action in ("enable", "disable") and not rest:
+            state = await store.set_collecting(self.ref, action == "enable")
+            self._write(f"quote collection is {'on' if state.collecting else 'off'} here\n")
+        else:
+            raise LoracordError(QUOTE_USAGE)
+
+    async def _list(self, rest: str) -> None:
+        if rest and not (rest.isdigit() and int(rest) > 0):
+            raise LoracordError(f"/quote list takes a number of quotes above 0, not {rest!r}")
+        wanted = int(rest) if rest else LIST_LIMIT
+        total = await self.app.store.count(self.ref)
+        if not total:
+            self._write(f"no quotes in #{self.channel}\n")
+            return
+        found = await self.app.store.list_quotes(
+            self.ref, limit=wanted, offset=max(0, total - wanted)
+        )
+        if total > len(found):
+            self._write(f"{total} quotes; the newest {len(found)}:\n")
+        self._write("".join(_quote_line(q) + "\n" for q in found))
+
+    async def _forget(self, rest: str) -> None:
+        number = rest.removeprefix("#")
+        if not number.isdigit():
+            raise LoracordError(f"/quote forget takes a quote id (a number), not {rest!r}")
+        try:
+            result = await self.app.store.forget_quote(int(number), server=CONSOLE_SERVER)
+        except QuoteNotFound as e:
+            raise QuoteNotFound(f"{e}; /quote list shows ids") from None
+        self._write(f"removed {result.removed} quote{'s' if result.removed != 1 else ''}\n")
+
+    async def _import(self, rest: str) -> None:
+        from core.quotes_import import read_file
+
+        try:
+            (name,) = shlex.split(rest)
+        except ValueError:
+            raise LoracordError(
+                "/quote import takes one file path (quote it if it has spaces)"
+            ) from None
+        path = Path(name).expanduser()
+        # Parsing a large file takes a while: off the event loop.
+        items = await asyncio.to_thread(read_file, path)
+        report = await self.app.store.import_quotes(self.ref, items, added_by=CONSOLE_SERVER)
+        self._write(
+            f"imported {report.added} quotes into #{self.channel} "
+            f"({report.duplicates} duplicates skipped)\n"
+        )
+
+
+def _quote_line(quote: Quote) -> str:
+    author = f" — {quote.author_name}" if quote.author_name else ""
+    return f"#{quote.id}  {quote.text.replace(chr(10), ' / ')}{author}"
+
+
+@contextlib.contextmanager
+def _terminal_kept() -> Iterator[None]:
+    """Restore the terminal's mode on the way out: leaving from the prompt (Ctrl-C) abandons a
+    readline call that has the terminal in its own mode."""
+    try:
+        import termios
+
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd)
+    except (ImportError, OSError, ValueError, AttributeError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(termios.error, OSError):
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+@contextlib.contextmanager
+def _history(path: Path, read_line: Callable[[str], str] | None) -> Iterator[None]:
+    """Line editing and a history kept across sessions, for `input()` on a terminal."""
+    if read_line is not None or not sys.stdin.isatty():
+        yield
+        return
+    try:
+        import readline
+    except ImportError:  # no readline on this platform: plain input
+        yield
+        return
+    readline.set_history_length(HISTORY_LENGTH)
+    with contextlib.suppress(OSError):
+        readline.read_history_file(path)
+    try:
+        yield
+    finally:
+        try:
+            readline.write_history_file(path)
+        except OSError as e:
+            log.warning("console history not saved to %s: %s", path, e.strerror)

@@ -48,6 +48,10 @@ class StoreError(LoracordError):
     """The database could not be opened, reached or upgraded."""
 
 
+class InvalidName(LoracordError):
+    """A channel or server name is not one loracord accepts (see `core.names`)."""
+
+
 class QuoteError(LoracordError):
     """A quote operation was refused; the message says why and what to do."""
 

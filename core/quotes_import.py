@@ -1,14 +1,19 @@
-"""Reading quote files for import: JSON, JSONL, CSV and fortune files, all or nothing.
+"""Reading quote files for import: JSON, JSONL, CSV, plain text and fortune files, all or nothing.
 
 Formats (chosen by extension unless given):
 - `.json`: an array of objects `{"quote", "author", "tags"}` (the seed's english_quotes columns)
   or `{"text", "from"}` (inspirational-quotes), or plain strings.
 - `.jsonl` / `.ndjson`: one such object per line.
-- `.csv`: a header with `quote` (or `text`) and optionally `author` (or `from`) and `tags`.
-- anything else: a fortune file, quotes separated by lines holding only `%`; a last line
-  `-- Name` is taken as the author.
+- `.csv`: a header (any case) with `quote` (or `text`) and optionally `author` (or `from`) and
+  `tags`.
+- `.txt`: one quote per line. A `.txt` that holds JSON or a fortune file is refused with a hint
+  rather than stored as it is.
+- `.fortune`, `.dat`-less fortune files (no extension): quotes separated by lines holding only
+  `%`; a last line `-- Name` is taken as the author. Backspace overstrike (`_\bX` underline,
+  `X\bX` bold) from old fortune files is resolved to the plain letters.
+- any other extension is refused: guessing would store a whole file as one quote.
 The first problem stops the parse with a `QuoteImportError` naming the line; the store then adds
-everything in one transaction, so a bad file adds nothing. This module does not touch the store.
+everything or nothing. Parsing is linear in the file's size. This module does not touch the store.
 """
 
 from __future__ import annotations
@@ -24,13 +29,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 from core.errors import QuoteImportError
-from core.store.records import NewQuote
+from core.store.records import NewQuote, normalize
 
 log = logging.getLogger(__name__)
 
-Format = Literal["json", "jsonl", "csv", "fortune"]
-FORMATS: tuple[str, ...] = ("json", "jsonl", "csv", "fortune")
-_EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
+Format = Literal["json", "jsonl", "csv", "txt", "fortune"]
+FORMATS: tuple[str, ...] = ("json", "jsonl", "csv", "txt", "fortune")
+_EXTENSIONS = {
+    ".json": "json",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".txt": "txt",
+    ".fortune": "fortune",
+    "": "fortune",
+}
+KNOWN = ".json, .jsonl, .csv, .txt (one quote per line) or .fortune"
 _TEXT_KEYS = ("quote", "text")
 _AUTHOR_KEYS = ("author", "from")
 _ATTRIBUTION = re.compile(r"^\s*(?:--|—|―)\s*(\S.*)$")
@@ -50,8 +64,34 @@ class _LineBad(Exception):
 
 
 def detect_format(name: str) -> Format:
-    """The format a file name implies (fortune when the extension says nothing else)."""
-    return _EXTENSIONS.get(Path(name).suffix.lower(), "fortune")  # type: ignore[return-value]
+    """The format a file name implies; an unknown extension is refused (`QuoteImportError`)."""
+    suffix = Path(name).suffix.lower()
+    if suffix not in _EXTENSIONS:
+        raise QuoteImportError(
+            name, None, f"cannot tell what a {suffix!r} file holds: name it {KNOWN}"
+        )
+    return _EXTENSIONS[suffix]  # type: ignore[return-value]
+
+
+def overstrike(text: str) -> str:
+    """Text as a terminal would show it: `X\bY` prints Y over X (an underscore never wins)."""
+    if "\b" not in text:
+        return text
+    lines = []
+    for line in text.split("\n"):
+        shown: list[str] = []
+        at = 0
+        for char in line:
+            if char == "\b":
+                at = max(at - 1, 0)
+                continue
+            if at < len(shown):
+                shown[at] = shown[at] if char == "_" else char
+            else:
+                shown.append(char)
+            at += 1
+        lines.append("".join(shown))
+    return "\n".join(lines)
 
 
 def _decode(data: bytes, source: str) -> str:
@@ -91,11 +131,13 @@ def _record(obj: Any) -> NewQuote:
     text = obj[text_key]
     if not isinstance(text, str):
         raise _Bad(f"'{text_key}' must be text")
-    if not text.strip():
-        raise _Bad(f"'{text_key}' is empty")
+    text = overstrike(text)
+    if not normalize(text):
+        raise _Bad(f"'{text_key}' is empty or only invisible characters")
     author = next((obj[k] for k in _AUTHOR_KEYS if obj.get(k) is not None), None)
     if author is not None and not isinstance(author, str):
         raise _Bad("'author' must be text")
+    author = overstrike(author) if author is not None else None
     return NewQuote(
         text=text, author_name=(author or "").strip() or None, tags=_tags(obj.get("tags"))
     )
@@ -116,9 +158,13 @@ def _json_items(text: str) -> Iterator[tuple[int, Any]]:
     pos = _skip_space(text, pos + 1)
     if text.startswith("]", pos):
         return
+    line, counted = 1, 0
     while True:
         value, end = decoder.raw_decode(text, pos)
-        yield text.count("\n", 0, pos) + 1, value
+        # Count only the newlines since the last item: counting from the start is quadratic.
+        line += text.count("\n", counted, pos)
+        counted = pos
+        yield line, value
         pos = _skip_space(text, end)
         if text.startswith("]", pos):
             break
@@ -149,7 +195,9 @@ def _parse_jsonl(text: str) -> Iterator[tuple[int, Any]]:
 def _parse_csv(text: str) -> Iterator[tuple[int, Any]]:
     reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
     try:
-        header = reader.fieldnames or []
+        # `Quote,Author` is as good a header as `quote,author`.
+        reader.fieldnames = [h.strip().lower() for h in reader.fieldnames or []]
+        header = reader.fieldnames
         if not any(k in header for k in _TEXT_KEYS):
             raise _LineBad(1, f"the header needs a 'quote' or 'text' column (found {header})")
         start = reader.line_num + 1
@@ -183,10 +231,39 @@ def _fortune_record(body: str) -> dict[str, Any]:
     return {"quote": body}
 
 
+def _looks_like(text: str) -> str | None:
+    """What a `.txt` file really holds when it is not one quote per line, else None."""
+    body = text.strip()
+    if body[:1] in ("[", "{"):
+        try:
+            json.loads(body)
+            return "JSON: name it .json or pass --format json"
+        except json.JSONDecodeError:
+            pass
+        try:
+            json.loads(body.splitlines()[0])
+            return "JSON Lines: name it .jsonl or pass --format jsonl"
+        except json.JSONDecodeError:
+            pass
+    if any(line.strip() == "%" for line in body.splitlines()):
+        return "a fortune file ('%' lines): name it .fortune or pass --format fortune"
+    return None
+
+
+def _parse_txt(text: str) -> Iterator[tuple[int, Any]]:
+    found = _looks_like(text)
+    if found is not None:
+        raise _LineBad(1, f"this .txt file holds {found}")
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            yield number, line.strip()
+
+
 _PARSERS: dict[str, Callable[[str], Iterator[tuple[int, Any]]]] = {
     "json": _parse_json,
     "jsonl": _parse_jsonl,
     "csv": _parse_csv,
+    "txt": _parse_txt,
     "fortune": _parse_fortune,
 }
 
@@ -214,8 +291,9 @@ def parse(data: bytes, source: str, fmt: Format | None = None) -> list[NewQuote]
 
 def read_file(path: Path, fmt: Format | None = None) -> list[NewQuote]:
     """Every quote in the file at `path` (see `parse`)."""
+    fmt = fmt or detect_format(str(path))
     try:
         data = path.read_bytes()
     except OSError as e:
         raise QuoteImportError(str(path), None, f"cannot read it ({e.strerror})") from e
-    return parse(data, str(path), fmt or detect_format(path.name))
+    return parse(data, str(path), fmt)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -23,6 +24,17 @@ if TYPE_CHECKING:
 ENV_PREFIX = "LORACORD_"
 DEFAULT_FILE = "loracord.toml"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+TOKEN_VARIABLE = "DISCORD_TOKEN"
+
+# A key named like this holds (or was meant to hold) a secret: its value is never echoed back.
+# "tokens" is excluded so that max_new_tokens and friends still show what was given.
+_SECRET_NAME = re.compile(r"token(?!s)|secret|passw|credential|key", re.IGNORECASE)
+# Settings whose value may embed a secret (a password in a database URL): never echoed either.
+_NEVER_ECHOED = frozenset({"database_url", "token"})
+_TOKEN_HINT = (
+    f"it looks like a secret: the Discord token belongs in the {TOKEN_VARIABLE} environment "
+    "variable, never in a file or another variable (the value is not shown)"
+)
 
 
 def _default_data_dir() -> Path:
@@ -96,10 +108,23 @@ class Settings(_Section):
     discord: DiscordSettings = DiscordSettings()
     quotes: QuoteSettings = QuoteSettings()
 
+    @field_validator("data_dir", "adapters_dir", "cache_dir", mode="before")
+    @classmethod
+    def _path_not_empty(cls, value: Any) -> Any:
+        # Path("") is the current directory: an empty value is a mistake, not a choice.
+        if isinstance(value, str | Path) and not str(value).strip():
+            raise ValueError("must not be empty; leave it unset for the default")
+        return value
+
     @field_validator("data_dir", "adapters_dir", "cache_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @field_validator("database_url")
+    @classmethod
+    def _valid_database_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_database_url(value)
 
     @field_validator("model")
     @classmethod
@@ -146,38 +171,84 @@ class Settings(_Section):
         return self
 
 
-def _env_overrides(environ: dict[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
-    """Map `LORACORD_X` / `LORACORD_DISCORD_X` and `DISCORD_TOKEN` onto settings keys."""
-    values: dict[str, Any] = {}
-    origin: dict[tuple[str, ...], str] = {}
-    sections = {
+def check_database_url(value: str) -> str:
+    """A SQLAlchemy URL with a usable port, or `ValueError` with a message that never repeats
+    the URL (it may hold a password)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    text = value.strip()
+    if not text:
+        raise ValueError("must not be empty; leave it unset for the SQLite file in data_dir")
+    try:
+        port = make_url(text).port
+    except ArgumentError:
+        raise ValueError(
+            "is not a database URL (e.g. postgresql+psycopg://user@host:5432/loracord)"
+        ) from None
+    except ValueError:
+        raise ValueError("has a port that is not a number from 1 to 65535") from None
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"has port {port}; a port is a number from 1 to 65535")
+    return text
+
+
+def _looks_secret(name: str) -> bool:
+    return bool(_SECRET_NAME.search(name)) or name in _NEVER_ECHOED
+
+
+def _looks_like_token(value: Any) -> bool:
+    # A Discord bot token has three dot-separated base64 parts; hide it whatever its key.
+    return isinstance(value, str) and bool(re.search(r"[\w-]{20,}\.[\w-]{5,}\.[\w-]{20,}", value))
+
+
+def _sections() -> dict[str, type[_Section]]:
+    return {
         name: field.annotation
         for name, field in Settings.model_fields.items()
         if isinstance(field.annotation, type) and issubclass(field.annotation, _Section)
     }
-    for var, raw in environ.items():
+
+
+def _env_key(key: str) -> tuple[str, ...] | None:
+    """Where `LORACORD_<KEY>` goes in the settings, or None when it is no setting."""
+    sections = _sections()
+    for section, model in sections.items():
+        sub = key.removeprefix(section + "_")
+        if sub != key and sub in model.model_fields and (section, sub) != ("discord", "token"):
+            return (section, sub)
+    return (key,) if key in Settings.model_fields and key not in sections else None
+
+
+def _env_overrides(
+    environ: dict[str, str],
+) -> tuple[dict[str, Any], dict[tuple[str, ...], str], list[str]]:
+    """Map `LORACORD_X` / `LORACORD_DISCORD_X` and `DISCORD_TOKEN` onto settings keys.
+
+    Returns the values, which variable each came from, and the problems (unknown variables).
+    """
+    values: dict[str, Any] = {}
+    origin: dict[tuple[str, ...], str] = {}
+    problems: list[str] = []
+    for var, raw in sorted(environ.items()):
         if not var.startswith(ENV_PREFIX) or var == f"{ENV_PREFIX}CONFIG":
             continue
         if var.startswith(f"{ENV_PREFIX}TEST_"):  # reserved for the test suite, never a setting
             continue
         key = var[len(ENV_PREFIX) :].lower()
-        placed = False
-        for section, model in sections.items():
-            prefix = section + "_"
-            if key.startswith(prefix) and key[len(prefix) :] in model.model_fields:
-                sub = key[len(prefix) :]
-                values.setdefault(section, {})[sub] = _parse_env(raw, model.model_fields[sub])
-                origin[(section, sub)] = var
-                placed = True
-        if not placed and key in Settings.model_fields and key not in sections:
-            values[key] = _parse_env(raw, Settings.model_fields[key])
-            origin[(key,)] = var
-        elif not placed:
-            values.setdefault("__unknown_env__", []).append(var)
-    token = environ.get("DISCORD_TOKEN", "").strip()
+        loc = _env_key(key)
+        if loc is None:
+            hint = _TOKEN_HINT if _looks_secret(key) else "no such setting"
+            problems.append(f"environment variable {var}: {hint}")
+            continue
+        model: type[_Section] = _sections()[loc[0]] if len(loc) == 2 else Settings
+        target = values.setdefault(loc[0], {}) if len(loc) == 2 else values
+        target[loc[-1]] = _parse_env(raw, model.model_fields[loc[-1]])
+        origin[loc] = var
+    token = environ.get(TOKEN_VARIABLE, "").strip()
     if token:
         values.setdefault("discord", {})["token"] = token
-    return values, origin
+    return values, origin, problems
 
 
 def _is_list_field(field: Any) -> bool:
@@ -219,18 +290,71 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read_file(path: Path) -> dict[str, Any]:
+    """The parsed TOML file; anything that stops reading it is one `SettingsError` line."""
     try:
         with path.open("rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError as e:
-        raise SettingsError([f"settings file {path} does not exist"]) from e
+            return tomllib.load(f)
+    except FileNotFoundError:
+        problem = "does not exist"
+    except IsADirectoryError:
+        problem = "is a directory, not a file"
+    except PermissionError:
+        problem = "cannot be read: permission denied"
+    except OSError as e:
+        problem = f"cannot be read: {e.strerror or type(e).__name__}"
+    except UnicodeDecodeError as e:
+        problem = f"is not UTF-8 text (bad byte at offset {e.start})"
     except tomllib.TOMLDecodeError as e:
-        raise SettingsError([f"{path} is not valid TOML: {e}"]) from e
-    if "token" in data.get("discord", {}):
-        raise SettingsError(
-            [f"{path}: discord.token must not be in the file; set DISCORD_TOKEN in the environment"]
-        )
-    return data
+        problem = f"is not valid TOML: {e}"
+    raise SettingsError([f"settings file {path} {problem}"])
+
+
+def _drop_secrets(data: dict[str, Any], where: str, prefix: str = "") -> list[str]:
+    """Remove keys that look like secrets from the file's data; one problem for each.
+
+    They are never valid in the file (the token comes from the environment), and removing them
+    keeps their values out of the validation errors.
+    """
+    problems: list[str] = []
+    for key in list(data):
+        dotted = prefix + key
+        model = _sections().get(prefix[:-1]) if prefix else Settings
+        known = model is not None and key in model.model_fields
+        if _SECRET_NAME.search(key) and (not known or dotted == "discord.token"):
+            problems.append(f"{where}: {dotted}: {_TOKEN_HINT}")
+            del data[key]
+        elif isinstance(data[key], dict):
+            problems += _drop_secrets(data[key], where, dotted + ".")
+    return problems
+
+
+def _has(data: dict[str, Any], loc: tuple[str, ...]) -> bool:
+    for part in loc:
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+def _describe(
+    err: Any, origin: dict[tuple[str, ...], str], file_data: dict[str, Any], file_name: str
+) -> str:
+    """One validation error as `where: what (got value)`, never showing a secret."""
+    loc = tuple(str(p) for p in err["loc"])
+    dotted = ".".join(loc)
+    if loc in origin:
+        where = f"environment variable {origin[loc]}"
+    elif loc and _has(file_data, loc):
+        where = f"{file_name}: {dotted}"
+    else:
+        where = dotted or "settings"
+    unknown = err["type"] == "extra_forbidden"
+    msg = "not a setting" if unknown else err["msg"].removeprefix("Value error, ")
+    value = err.get("input")
+    shown = loc and not unknown and "input" in err
+    if shown and not any(_looks_secret(part) for part in loc) and not _looks_like_token(value):
+        msg += f" (got {value!r})"
+    return f"{where}: {msg}"
 
 
 def _resolve_path(path: str | Path | None, environ: dict[str, str]) -> Path | None:
@@ -245,25 +369,27 @@ def _resolve_path(path: str | Path | None, environ: dict[str, str]) -> Path | No
 def load(
     path: str | Path | None = None, *, environ: dict[str, str] | None = None, **overrides: Any
 ) -> Settings:
-    """Read the settings file (or defaults), apply environment and keyword overrides, validate."""
+    """Read the settings file (or defaults), apply environment and keyword overrides, validate.
+
+    Every problem is collected, each naming where it came from (the file, an environment
+    variable, or a keyword), and raised together as one `SettingsError`.
+    """
     env = dict(os.environ if environ is None else environ)
     file_path = _resolve_path(path, env)
-    source = str(file_path) if file_path else "settings"
     data = _read_file(file_path) if file_path else {}
-    env_values, origin = _env_overrides(env)
-    unknown_env = env_values.pop("__unknown_env__", [])
+    problems = _drop_secrets(data, str(file_path)) if file_path else []
+    env_values, origin, env_problems = _env_overrides(env)
+    problems += env_problems
     merged = _merge(_merge(data, env_values), overrides)
-    problems = [f"{var}: no such setting" for var in sorted(unknown_env)]
+    for loc in list(origin):  # a keyword override wins over the variable it replaces
+        if _has(overrides, loc):
+            del origin[loc]
     try:
         settings = Settings.model_validate(merged)
     except ValidationError as e:
-        for err in e.errors():
-            loc = tuple(str(p) for p in err["loc"])
-            where = origin.get(loc, ".".join(loc) or source)
-            got = f" (got {err['input']!r})" if "input" in err and loc else ""
-            msg = err["msg"].removeprefix("Value error, ")
-            problems.append(f"{where}: {msg}{got}")
-        raise SettingsError(problems, source) from e
+        problems += [_describe(err, origin, data, str(file_path)) for err in e.errors()]
+        # `from None`: the pydantic error holds the raw values, secrets included.
+        raise SettingsError(problems) from None
     if problems:
-        raise SettingsError(problems, source)
+        raise SettingsError(problems)
     return settings

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from core.app import App, build
-from core.errors import EngineBusy, EngineClosed, PromptError
+from core.errors import EngineBusy, EngineClosed, ModelError, PromptError
 from core.model.decoding import render
+from core.model.engine import LocalEngine
+from core.model.kernels import choose_runtime
 from core.model.requests import ChatMessage, GenerationParams, GenerationRequest
+from core.model.source import ResolvedModel
 from tests.conftest import make_settings
 
 PROMPT = "Give me a short quote about courage."
@@ -120,6 +125,9 @@ async def test_long_prompt_is_cut_from_the_front_with_a_notice(
             GenerationRequest.from_prompt(prompt, GenerationParams(max_new_tokens=8, temperature=0))
         )
         await stream.text()
+        info = app.engine.info
+        assert info is not None  # what `model info` reports: the window served, not the model's
+        assert info.context_tokens == 128 < app.engine.model.config.max_position_embeddings
         assert stream.prompt_tokens <= 128 - 8
         assert any("too long" in n for n in stream.notices)
         assert stream.completion_tokens >= 1
@@ -189,3 +197,69 @@ async def test_close_tells_waiting_requests(tmp_path: Path, embedded_model_dir: 
     await app.close()
     with pytest.raises(EngineClosed, match="shutting down"):
         await waiting.text()
+
+
+def _locate_after(gate: threading.Event, error: Exception) -> Callable[[], ResolvedModel]:
+    """A model location that takes as long as the test wants (a first build), then fails."""
+
+    def locate() -> ResolvedModel:
+        gate.wait()
+        raise error
+
+    return locate
+
+
+def _engine(locate: Callable[[], ResolvedModel]) -> LocalEngine:
+    return LocalEngine(locate, choose_runtime("cpu", "auto", "auto"), threads=1)
+
+
+async def test_submit_to_an_engine_never_started_is_refused() -> None:
+    engine = _engine(_locate_after(threading.Event(), OSError("unused")))
+    with pytest.raises(EngineClosed, match="the model was never started"):
+        await engine.submit(GenerationRequest.from_prompt("hi"))
+    with pytest.raises(EngineClosed, match="the model was never started"):
+        await engine.call(lambda: 1)
+
+
+async def test_a_failed_load_answers_every_request_with_its_error() -> None:
+    gate = threading.Event()
+    engine = _engine(_locate_after(gate, OSError("no space left on device")))
+    starting = asyncio.ensure_future(engine.start())
+    await asyncio.sleep(0)  # let start() hand the load to the worker
+    waiting = await engine.submit(GenerationRequest.from_prompt("asked while loading"))
+    call = asyncio.ensure_future(engine.call(lambda: 1))
+    await asyncio.sleep(0)
+    gate.set()
+
+    load_error = "could not load the model: no space left on device"
+    with pytest.raises(ModelError, match=load_error):
+        await starting
+    with pytest.raises(ModelError, match=load_error):  # not accepted-and-never-answered
+        await asyncio.wait_for(waiting.text(), 30)
+    assert waiting.finish_reason == "error"
+    with pytest.raises(ModelError, match=load_error):
+        await asyncio.wait_for(call, 30)
+    for _ in range(engine.queue_size + 1):  # later requests: the load error, never "busy"
+        with pytest.raises(ModelError, match=load_error):
+            await engine.submit(GenerationRequest.from_prompt("and now?"))
+    await asyncio.wait_for(engine.close(), 30)
+
+
+async def test_close_while_the_model_loads_does_not_wait_for_the_load() -> None:
+    gate = threading.Event()  # never set before close: a build that takes minutes
+    engine = _engine(_locate_after(gate, OSError("interrupted")))
+    starting = asyncio.ensure_future(engine.start())
+    await asyncio.sleep(0)
+    waiting = await engine.submit(GenerationRequest.from_prompt("asked while loading"))
+    try:
+        await asyncio.wait_for(engine.close(), 10)
+        assert engine._thread is not None and engine._thread.is_alive()  # left to finish alone
+        assert engine._thread.daemon
+        with pytest.raises(EngineClosed, match="shutting down"):
+            await starting
+        with pytest.raises(EngineClosed, match="shutting down"):
+            await asyncio.wait_for(waiting.text(), 10)
+        with pytest.raises(EngineClosed, match="shutting down"):
+            await engine.submit(GenerationRequest.from_prompt("still there?"))
+    finally:
+        gate.set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,139 @@ def test_default_answer_length_must_fit_the_cap() -> None:
         load(None, environ={}, max_new_tokens=300, max_new_tokens_cap=100)
     with pytest.raises(SettingsError, match="model"):
         load(None, environ={}, model="  ")
+
+
+TOKEN = "MTA5ODc2NTQzMjEwOTg3NjU0.GhIjKl.abcdefghijklmnopqrstuvwxyz0123456789AB"
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        (f'token = "{TOKEN}"', "token"),
+        (f'discord_token = "{TOKEN}"', "discord_token"),
+        (f'[discord]\ntoken = "{TOKEN}"', "discord.token"),
+        (f'[discord]\nbot_secret = "{TOKEN}"', "discord.bot_secret"),
+        (f'api_key = "{TOKEN}"', "api_key"),
+        (f'[credentials]\npassword = "{TOKEN}"', "credentials"),
+    ],
+)
+def test_a_secret_in_the_file_is_named_never_echoed(tmp_path: Path, text: str, key: str) -> None:
+    cfg = tmp_path / "loracord.toml"
+    cfg.write_text(text + "\n")
+    with pytest.raises(SettingsError) as caught:
+        load(cfg, environ={})
+    message = str(caught.value)
+    assert caught.value.problems == [
+        f"{cfg}: {key}: it looks like a secret: the Discord token belongs in the DISCORD_TOKEN "
+        "environment variable, never in a file or another variable (the value is not shown)"
+    ]
+    assert TOKEN not in message and "GhIjKl" not in message
+
+
+def test_a_token_shaped_value_under_any_key_is_not_echoed(tmp_path: Path) -> None:
+    cfg = tmp_path / "loracord.toml"
+    cfg.write_text(f'[discord]\ndev_guild = "{TOKEN}"\n')
+    with pytest.raises(SettingsError) as caught:
+        load(cfg, environ={})
+    assert caught.value.problems == [
+        f"{cfg}: discord.dev_guild: Input should be a valid integer, unable to parse string as an "
+        "integer"
+    ]
+
+
+def test_only_discord_token_is_read_from_the_environment() -> None:
+    env = {"LORACORD_CONFIG": "/dev/null", "LORACORD_DISCORD_TOKEN": TOKEN}
+    with pytest.raises(SettingsError) as caught:
+        load(None, environ=env)
+    assert caught.value.problems == [
+        "environment variable LORACORD_DISCORD_TOKEN: it looks like a secret: the Discord token "
+        "belongs in the DISCORD_TOKEN environment variable, never in a file or another variable "
+        "(the value is not shown)"
+    ]
+    assert TOKEN not in str(caught.value)
+    settings = load(None, environ={"LORACORD_CONFIG": "/dev/null", "DISCORD_TOKEN": TOKEN})
+    assert settings.discord.token == TOKEN
+
+
+def test_an_unknown_variable_is_reported_in_the_environment_not_the_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "loracord.toml"
+    cfg.write_text('model = "embedded"\n')
+    with pytest.raises(SettingsError) as caught:
+        load(cfg, environ={"LORACORD_MODLE": "x"})
+    assert str(caught.value) == (
+        "invalid settings: environment variable LORACORD_MODLE: no such setting"
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("postgresql+psycopg://bot:hunter2@db:abc/loracord", "not a number from 1 to 65535"),
+        ("postgresql+psycopg://bot:hunter2@db:0/loracord", "has port 0; a port is a number"),
+        ("postgresql+psycopg://bot:hunter2@db:70000/loracord", "has port 70000"),
+        ("hunter2 is no url", "is not a database URL"),
+        ("  ", "must not be empty"),
+    ],
+)
+def test_a_bad_database_url_is_refused_without_its_password(url: str, problem: str) -> None:
+    env = {"LORACORD_CONFIG": "/dev/null", "LORACORD_DATABASE_URL": url}
+    with pytest.raises(SettingsError) as caught:
+        load(None, environ=env)
+    (line,) = caught.value.problems
+    assert line.startswith("environment variable LORACORD_DATABASE_URL: ") and problem in line
+    assert "hunter2" not in str(caught.value)
+
+
+def test_a_good_database_url_passes() -> None:
+    url = "postgresql+psycopg://bot:pw@db:5432/loracord"
+    env = {"LORACORD_CONFIG": "/dev/null", "LORACORD_DATABASE_URL": url}
+    assert load(None, environ=env).database_url == url
+
+
+@pytest.mark.parametrize(
+    "var", ["LORACORD_DATA_DIR", "LORACORD_CACHE_DIR", "LORACORD_ADAPTERS_DIR"]
+)
+def test_an_empty_path_is_an_error_not_the_current_directory(var: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load(None, environ={"LORACORD_CONFIG": "/dev/null", var: ""})
+    assert caught.value.problems == [
+        f"environment variable {var}: must not be empty; leave it unset for the default (got '')"
+    ]
+
+
+def test_a_config_that_is_a_directory_or_not_utf8_is_one_clear_line(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load(tmp_path, environ={})
+    assert (
+        str(caught.value)
+        == f"invalid settings: settings file {tmp_path} is a directory, not a file"
+    )
+    latin = tmp_path / "latin1.toml"
+    latin.write_bytes('system_prompt = "café"\n'.encode("latin-1"))
+    with pytest.raises(SettingsError) as caught:
+        load(latin, environ={})
+    assert str(caught.value) == (
+        f"invalid settings: settings file {latin} is not UTF-8 text (bad byte at offset 20)"
+    )
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_an_unreadable_config_is_one_clear_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "secret.toml"
+    cfg.write_text('model = "embedded"\n')
+    cfg.chmod(0)
+    with pytest.raises(SettingsError) as caught:
+        load(cfg, environ={})
+    assert str(caught.value) == (
+        f"invalid settings: settings file {cfg} cannot be read: permission denied"
+    )
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux /proc")
+def test_a_config_that_fails_to_read_is_one_clear_line_even_for_root() -> None:
+    # Reading /proc/self/mem at offset 0 fails with EIO for every user, root included.
+    with pytest.raises(SettingsError) as caught:
+        load("/proc/self/mem", environ={})
+    assert str(caught.value) == (
+        "invalid settings: settings file /proc/self/mem cannot be read: Input/output error"
+    )

@@ -72,8 +72,11 @@ class Answer:
 
     stream: ResponseStream
     reply: StreamedReply
+    view: discord.ui.View | None = None
     shutdown: bool = False
     shown_position: int | None = -1
+    # Why the answer could not be shown to the end (its message deleted, Discord failing).
+    lost: discord.HTTPException | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -86,11 +89,18 @@ class AnswerBoard:
 
     @contextmanager
     def track(self, stream: ResponseStream, reply: StreamedReply) -> Iterator[Answer]:
-        answer = Answer(stream, reply)
+        """Register an answer; whichever way it ends, its generation and Stop button end too."""
+        answer = Answer(stream, reply, view=reply.view)
         self.answers.add(answer)
         try:
             yield answer
         finally:
+            # Nobody will read the rest: a model left generating would write to its token cap
+            # for no one, holding the queue, and a live Stop view would keep its callbacks.
+            if stream.finish_reason is None:
+                stream.cancel()
+            if answer.view is not None:
+                answer.view.stop()
             self.answers.discard(answer)
             answer.done.set()
 
@@ -105,6 +115,9 @@ class AnswerBoard:
             answer.shown_position = position
             try:
                 await answer.reply.status(queue_status(position))
+            except discord.NotFound:  # deleted while waiting, or its token expired: drop it
+                log.info("a waiting answer's message is gone; its question is dropped")
+                answer.stream.cancel()
             except discord.HTTPException:
                 log.warning("could not update a queue place", exc_info=True)
 
@@ -124,22 +137,36 @@ class AnswerBoard:
                 log.warning("%d answers did not finish before shutdown", len(pending))
 
     async def run(self, stream: ResponseStream, reply: StreamedReply) -> Answer:
-        """Stream an answer into its reply until it ends; returns the finished `Answer`."""
+        """Stream an answer into its reply until it ends; returns the finished `Answer`.
+
+        An answer Discord no longer lets us show (deleted, expired token, a server error) ends
+        with `Answer.lost` set instead of an error: nobody is left to tell. On every exit,
+        cancellation of the calling task included, the generation stops and so does the view.
+        """
         with self.track(stream, reply) as answer:
-            await self.refresh()
-            failure: LoracordError | None = None
             try:
-                async for _piece in stream:
-                    if not reply.started:
-                        await reply.update(stream.received)
-                        await self.refresh()
-                    else:
-                        await reply.update(stream.received)
-            except LoracordError as e:
-                failure = e
-            await reply.finish(stream.received, self._footer(answer, failure))
+                await self._stream(answer)
+            except discord.HTTPException as e:
+                answer.lost = e
+                level = logging.INFO if isinstance(e, discord.NotFound) else logging.WARNING
+                log.log(level, "stopped an answer that can no longer be shown: %s", _brief(e))
         await self.refresh()
         return answer
+
+    async def _stream(self, answer: Answer) -> None:
+        stream, reply = answer.stream, answer.reply
+        await self.refresh()
+        failure: LoracordError | None = None
+        try:
+            async for _piece in stream:
+                if not reply.started:
+                    await reply.update(stream.received)
+                    await self.refresh()
+                else:
+                    await reply.update(stream.received)
+        except LoracordError as e:
+            failure = e
+        await reply.finish(stream.received, self._footer(answer, failure))
 
     @staticmethod
     def _footer(answer: Answer, failure: LoracordError | None) -> str:
@@ -153,6 +180,11 @@ class AnswerBoard:
         if not answer.stream.received.strip() and failure is None:
             lines.insert(0, "-# (no answer)")
         return "\n".join(lines)
+
+
+def _brief(error: discord.HTTPException) -> str:
+    """`404 Unknown Message`: status and Discord's text, without the request it came from."""
+    return f"{error.status} {error.text or type(error).__name__}"[:200]
 
 
 __all__ = ["NO_MENTIONS", "Answer", "AnswerBoard", "StopView", "queue_status"]

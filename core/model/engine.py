@@ -19,7 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Protocol, TypeVar
 
-from core.errors import EngineBusy, EngineClosed, ModelError, PromptError
+from core.errors import EngineBusy, EngineClosed, LoracordError, ModelError, PromptError
 from core.model.kernels import Runtime
 from core.model.loader import ModelInfo, describe, load_for_serving
 from core.model.requests import ChatMessage, GenerationRequest, ResponseStream
@@ -28,6 +28,8 @@ from core.model.source import ResolvedModel
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+_CLOSED = "the bot is shutting down; ask again when it is back"
 
 
 class Engine(Protocol):
@@ -69,30 +71,77 @@ class LocalEngine:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._ready: Future[ModelInfo] = Future()
+        self._load_error: ModelError | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> ModelInfo:
         """Start the worker and load the model on it; returns what was loaded."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="loracord-engine", daemon=True)
-            self._thread.start()
+        with self._cond:
+            if self._closing:
+                raise EngineClosed(_CLOSED)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="loracord-engine", daemon=True
+                )
+                self._thread.start()
         return await asyncio.wrap_future(self._ready)
 
     async def close(self) -> None:
-        """Cancel what is queued, let the running request end, stop the worker."""
+        """Cancel what is queued, let the running request end, stop the worker.
+
+        While the model is still being located, built or loaded (minutes on a first start) the
+        worker is not waited for: it is a daemon thread, and a build publishes its folder only
+        once complete, so leaving it behind loses nothing and shutdown stays prompt.
+        """
         with self._cond:
             self._closing = True
-            for stream in self._waiting:
-                stream._fail(EngineClosed("the bot is shutting down; ask again when it is back"))
-            self._waiting.clear()
+            self._fail_waiting(lambda: EngineClosed(_CLOSED))
             self._cond.notify_all()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+            loaded = self._ready.done()
+            self._settle(EngineClosed(_CLOSED))
+        if self._thread is None:
+            return
+        if not loaded:
+            log.info("engine closed while the model was loading; not waiting for the load")
+            return
+        await asyncio.to_thread(self._thread.join)
+
+    def _settle(self, outcome: ModelInfo | BaseException) -> None:
+        """Resolve `_ready` once: the loaded model, or why there is none (call under `_cond`)."""
+        if self._ready.done():
+            return
+        if isinstance(outcome, BaseException):
+            self._ready.set_exception(outcome)
+        else:
+            self._ready.set_result(outcome)
+
+    def _fail_waiting(self, error: Callable[[], LoracordError]) -> None:
+        """Tell every queued request why it will not be answered (call under `_cond`)."""
+        for stream in self._waiting:
+            stream._fail(error())  # one exception each: each is raised in its own task
+        self._waiting.clear()
+
+    def _refusal(self) -> LoracordError | None:
+        """Why no request can be taken now, or None (call under `_cond`)."""
+        if self._load_error is not None:
+            return self._load_error_copy()
+        if self._closing:
+            return EngineClosed(_CLOSED)
+        if self._thread is None:
+            return EngineClosed("the model was never started, so no question can be answered")
+        return None
+
+    def _load_error_copy(self) -> ModelError:
+        """The load error, as a fresh exception per caller (one raise does not grow another's
+        traceback)."""
+        assert self._load_error is not None
+        error = ModelError(str(self._load_error))
+        error.__cause__ = self._load_error.__cause__
+        return error
 
     @property
     def context_tokens(self) -> int:
-        limit = self.info.context_tokens if self.info else self.max_context_tokens
-        return min(limit, self.max_context_tokens)
+        return self.info.context_tokens if self.info else self.max_context_tokens
 
     # -- requests ----------------------------------------------------------------------------
     async def submit(self, request: GenerationRequest) -> ResponseStream:
@@ -103,8 +152,8 @@ class LocalEngine:
         if request.params.max_new_tokens < asked:
             stream._notice(f"max_tokens was capped at {request.params.max_new_tokens}.")
         with self._cond:
-            if self._closing:
-                raise EngineClosed("the bot is shutting down; ask again when it is back")
+            if refusal := self._refusal():
+                raise refusal
             if len(self._waiting) >= self.queue_size:
                 raise EngineBusy(
                     f"the model is busy ({len(self._waiting)} questions waiting); "
@@ -138,8 +187,8 @@ class LocalEngine:
         """Run `fn` on the worker between generation steps (adapter loads go through here)."""
         future: Future[T] = Future()
         with self._cond:
-            if self._closing:
-                raise EngineClosed("the engine is closed")
+            if refusal := self._refusal():
+                raise refusal
             self._calls.append((fn, future))
             self._cond.notify_all()
         return await asyncio.wrap_future(future)
@@ -149,13 +198,11 @@ class LocalEngine:
         try:
             self._load()
         except BaseException as e:
-            error = e if isinstance(e, ModelError) else ModelError(f"could not load the model: {e}")
-            if error is not e:
-                error.__cause__ = e
-            self._ready.set_exception(error)
+            self._load_failed(e)
             return
         assert self.info is not None
-        self._ready.set_result(self.info)
+        with self._cond:
+            self._settle(self.info)
         while True:
             batch = self._next_batch()
             if batch is None:
@@ -164,6 +211,20 @@ class LocalEngine:
                 self._serve(stream)
         log.info("engine worker stopped")
 
+    def _load_failed(self, e: BaseException) -> None:
+        """Keep the load error: `start()`, every queued request and every later submit get it."""
+        error = e if isinstance(e, ModelError) else ModelError(f"could not load the model: {e}")
+        if error is not e:
+            error.__cause__ = e
+        with self._cond:
+            self._load_error = error
+            self._fail_waiting(self._load_error_copy)
+            for _fn, future in self._calls:
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(self._load_error_copy())
+            self._calls.clear()
+            self._settle(error)
+
     def _load(self) -> None:
         import torch
 
@@ -171,7 +232,9 @@ class LocalEngine:
             torch.set_num_threads(self.threads or max(1, os.cpu_count() or 1))
         self.source = source = self.locate()  # may build the embedded model: minutes, once
         self.model, self.tokenizer, seconds = load_for_serving(source.path, self.runtime)
-        self.info = describe(source.name, source.path, self.model, self.runtime, seconds)
+        self.info = describe(
+            source.name, source.path, self.model, self.runtime, seconds, self.max_context_tokens
+        )
         log.info(
             "model ready in %.1f s: %s, %d-bit g%d, %s, %s on %s",
             seconds,

@@ -97,8 +97,21 @@ def _load_with_kernel(path: Path, runtime: Runtime, kernel: str, bits: int) -> A
     )
 
 
-def describe(name: str, path: Path, model: Any, runtime: Runtime, seconds: float) -> ModelInfo:
-    """Facts about a loaded model, read from the model itself rather than the settings."""
+def describe(
+    name: str,
+    path: Path,
+    model: Any,
+    runtime: Runtime,
+    seconds: float,
+    max_context_tokens: int | None = None,
+) -> ModelInfo:
+    """Facts about a loaded model, read from the model itself rather than the settings.
+
+    `context_tokens` is what is served: the model's own window, lowered to the
+    `max_context_tokens` setting when that is smaller (prompts are fitted to it).
+    """
+    window = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 2048
+    served = min(window, max_context_tokens) if max_context_tokens else window
     quant = json.loads((path / "config.json").read_text(encoding="utf-8"))["quantization_config"]
     layers = quant_layers(model)
     kernel = type(layers[0]).__name__ if layers else "none"
@@ -111,6 +124,6 @@ def describe(name: str, path: Path, model: Any, runtime: Runtime, seconds: float
         dtype=str(model.dtype).removeprefix("torch."),
         device=str(runtime.device),
         size_bytes=folder_size(path),
-        context_tokens=int(getattr(model.config, "max_position_embeddings", 2048)),
+        context_tokens=served,
         load_seconds=round(seconds, 2),
     )

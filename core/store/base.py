@@ -1,23 +1,29 @@
 """The store's foundation: settings, opening and closing the database, and channel flags.
 
 `QuoteStore` (in `quotes.py`) builds on this. Synchronous SQLAlchemy: call it from worker threads
-(`AsyncQuoteStore` does) or from the CLI, never directly from the event loop.
+(`AsyncQuoteStore` does) or from the CLI, never directly from the event loop. Every public method
+runs through `_read` or `_write`: writers wait out a busy database for `busy_seconds` with
+backoff, and any database failure leaves as one `StoreError` line (`guard.py`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy.exc import SQLAlchemyError
 
-from core.errors import EmptyQuote
+from core.errors import EmptyQuote, InvalidName, StoreError
+from core.names import channel_name, server_name, shown
 from core.store import db
-from core.store.records import ChannelRef, ChannelState, Quote, clean
+from core.store.guard import describe, retry_busy
+from core.store.records import ChannelRef, ChannelState, Quote, clean, normalize
 from core.store.schema import channels, quotes
 
 if TYPE_CHECKING:
@@ -25,6 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 Clock = Callable[[], datetime]
 QUOTE_COLUMNS = (*quotes.c, channels.c.server, channels.c.channel)
 
@@ -51,6 +58,21 @@ def to_quote(row: Row[Any]) -> Quote:
     )
 
 
+def checked(ref: ChannelRef) -> ChannelRef:
+    """`ref` if both names are valid and as stored (`core.names`); defence in depth."""
+    for value, canonical in ((ref.server, server_name), (ref.channel, channel_name)):
+        if canonical(value) != value:
+            raise InvalidName(f"{shown(value)} is not a name as stored (lowercase, without '#')")
+    return ref
+
+
+def insert_ignoring(conn: Connection, table: sa.Table, keys: Iterable[str]) -> Any:
+    """`INSERT ... ON CONFLICT (keys) DO NOTHING` on either backend (build it with `.values`)."""
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing(index_elements=list(keys))
+    return sqlite.insert(table).on_conflict_do_nothing(index_elements=list(keys))
+
+
 class StoreBase:
     """The database connection and the per-channel flags (collection, training)."""
 
@@ -62,12 +84,14 @@ class StoreBase:
         daily_cap: int = 50,
         eval_percent: int = 10,
         clock: Clock = _now,
+        busy_seconds: float = 5.0,
     ) -> None:
         self.url = url
         self.max_chars = max_chars
         self.daily_cap = daily_cap
         self.eval_percent = eval_percent
         self.clock = clock
+        self.busy_seconds = busy_seconds
         self._engine: Engine | None = None
 
     @classmethod
@@ -87,8 +111,12 @@ class StoreBase:
     def open(self) -> Self:
         """Connect and upgrade the schema to the newest revision."""
         if self._engine is None:
-            engine = db.open_engine(self.url)
-            db.migrate(engine)
+            engine = db.open_engine(self.url, busy_seconds=self.busy_seconds)
+            try:
+                db.migrate(engine)
+            except BaseException:
+                engine.dispose()
+                raise
             self._engine = engine
         return self
 
@@ -111,6 +139,48 @@ class StoreBase:
             raise RuntimeError("the store was used before open()")
         return self._engine
 
+    # -- transactions ----------------------------------------------------------------------
+
+    def _failed(self, error: SQLAlchemyError, consequence: str | None) -> StoreError:
+        # The full error (SQL, parameters) goes to the debug log only, never to the user.
+        log.debug("database operation failed", exc_info=error)
+        return describe(error, db.where(self.engine.url), consequence)
+
+    def _read(self, work: Callable[[Connection], T]) -> T:
+        """`work(conn)` in a read transaction."""
+
+        def attempt() -> T:
+            with self.engine.connect() as conn:
+                return work(conn)
+
+        try:
+            return retry_busy(attempt, seconds=self.busy_seconds)
+        except SQLAlchemyError as e:
+            raise self._failed(e, None) from e
+
+    def _write(
+        self,
+        work: Callable[[Connection], T],
+        consequence: str,
+        passthrough: type[SQLAlchemyError] | None = None,
+    ) -> T:
+        """`work(conn)` in one write transaction, run again while the database is busy.
+
+        `consequence` ends the error line when it fails for good ("the quote was not saved");
+        errors of type `passthrough` are left to the caller.
+        """
+
+        def attempt() -> T:
+            with db.writer(self.engine).begin() as conn:
+                return work(conn)
+
+        try:
+            return retry_busy(attempt, seconds=self.busy_seconds)
+        except SQLAlchemyError as e:
+            if passthrough is not None and isinstance(e, passthrough):
+                raise
+            raise self._failed(e, consequence) from e
+
     # -- channels --------------------------------------------------------------------------
 
     def _channel_row(self, conn: Connection, ref: ChannelRef) -> Row[Any] | None:
@@ -118,10 +188,11 @@ class StoreBase:
         return conn.execute(sa.select(channels).where(where)).first()
 
     def _channel_id(self, conn: Connection, ref: ChannelRef) -> int:
-        """The channel's row id, creating the row (collection off) on first sight."""
-        row = self._channel_row(conn, ref)
-        if row is not None:
-            return int(row.id)
+        """The channel's row id, creating the row (collection off) on first sight.
+
+        Insert-or-ignore, then read: two processes creating the same channel both get its row.
+        """
+        ref = checked(ref)
         values = {
             "server": ref.server,
             "channel": ref.channel,
@@ -130,13 +201,13 @@ class StoreBase:
             "needs_retrain": False,
             "created_at": self.clock(),
         }
-        inserted = sa.insert(channels).values(values).returning(channels.c.id)
-        return int(conn.execute(inserted).scalar_one())
+        conn.execute(insert_ignoring(conn, channels, ("server", "channel")).values(values))
+        row = self._channel_row(conn, ref)
+        assert row is not None, "inserted or already there"
+        return int(row.id)
 
-    def channel_state(self, ref: ChannelRef) -> ChannelState:
-        """The channel's flags (defaults for a channel never seen)."""
-        with self.engine.connect() as conn:
-            row = self._channel_row(conn, ref)
+    def _state(self, conn: Connection, ref: ChannelRef) -> ChannelState:
+        row = self._channel_row(conn, ref)
         if row is None:
             return ChannelState(ref.server, ref.channel, False, False, False, None)
         return ChannelState(
@@ -148,11 +219,17 @@ class StoreBase:
             row.last_trained_at,
         )
 
+    def channel_state(self, ref: ChannelRef) -> ChannelState:
+        """The channel's flags (defaults for a channel never seen)."""
+        return self._read(lambda conn: self._state(conn, ref))
+
     def _set_flags(self, ref: ChannelRef, **values: Any) -> ChannelState:
-        with self.engine.begin() as conn:
+        def work(conn: Connection) -> ChannelState:
             channel_id = self._channel_id(conn, ref)
             conn.execute(sa.update(channels).where(channels.c.id == channel_id).values(values))
-        return self.channel_state(ref)
+            return self._state(conn, ref)
+
+        return self._write(work, f"the settings of {ref} were not changed")
 
     def set_collecting(self, ref: ChannelRef, on: bool) -> ChannelState:
         """Turn quote collection on or off in a channel (off by default)."""
@@ -168,28 +245,25 @@ class StoreBase:
 
     def find_channel(self, channel: str) -> list[ChannelRef]:
         """Every known (server, channel) whose channel part is `channel` (a Discord id)."""
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(channels.c.server, channels.c.channel).where(
-                    channels.c.channel == channel
-                )
-            ).all()
+        query = sa.select(channels.c.server, channels.c.channel).where(
+            channels.c.channel == channel
+        )
+        rows = self._read(lambda conn: conn.execute(query).all())
         return [ChannelRef(r.server, r.channel) for r in rows]
 
     def retrain_needed(self) -> list[ChannelRef]:
         """Channels marked for retraining (a quote they were trained on is gone or changed)."""
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(channels.c.server, channels.c.channel).where(channels.c.needs_retrain)
-            ).all()
+        query = sa.select(channels.c.server, channels.c.channel).where(channels.c.needs_retrain)
+        rows = self._read(lambda conn: conn.execute(query).all())
         return [ChannelRef(r.server, r.channel) for r in rows]
 
     def _prepare(self, text: str) -> tuple[str, tuple[str, ...]]:
-        """Clean and cut the text; refuse it when empty."""
+        """Clean and cut the text; refuse it when nothing visible is left."""
         cleaned = clean(text)
-        if not cleaned:
+        if not normalize(cleaned):
             raise EmptyQuote(
-                "a quote needs text: this one is empty (images, embeds and stickers are not saved)"
+                "a quote needs text: this one is empty or only invisible characters "
+                "(images, embeds and stickers are not saved)"
             )
         if len(cleaned) <= self.max_chars:
             return cleaned, ()

@@ -1,7 +1,8 @@
-"""The quote store: saving quotes (merging duplicates), imports, listing, and training data.
+"""The quote store: saving quotes (merging duplicates), listing, and training data.
 
 `QuoteStore` is the public class; its parts live beside it: `base.py` (database, channel flags),
-`removal.py` (consent: deletes, edits, forget). Every public method is one transaction.
+`removal.py` (consent: deletes, edits, forget), `imports.py` (imports in batches). Every public
+method is one transaction, or (imports) batches published by one transaction.
 Synchronous: from the event loop, use `AsyncQuoteStore`.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from random import Random
 from typing import TYPE_CHECKING, Literal
@@ -21,16 +22,8 @@ from sqlalchemy.exc import IntegrityError
 from core.errors import CollectionDisabled, QuoteCapReached
 from core.store import dataset
 from core.store.base import QUOTE_COLUMNS, to_quote
-from core.store.records import (
-    SOURCES,
-    ChannelRef,
-    ImportReport,
-    NewQuote,
-    Quote,
-    SaveResult,
-    text_key,
-)
-from core.store.removal import QuoteRemoval
+from core.store.imports import QuoteImport
+from core.store.records import SOURCES, ChannelRef, NewQuote, Quote, SaveResult, text_key
 from core.store.schema import channels, quotes
 
 if TYPE_CHECKING:
@@ -38,8 +31,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_CLASH_RETRIES = 3
+NOT_SAVED = "the quote was NOT saved"
 
-class QuoteStore(QuoteRemoval):
+
+class QuoteStore(QuoteImport):
     """Quotes and channel flags in one database (a SQLite file or PostgreSQL)."""
 
     def _existing(
@@ -112,18 +108,18 @@ class QuoteStore(QuoteRemoval):
             raise ValueError(f"unknown quote source {source!r}")
         body, notices = self._prepare(text)
         item = NewQuote(body, author_name, author_id, message_id, tuple(tags))
-        try:
-            with self.engine.begin() as conn:
-                return self._add_in(conn, ref, item, source, added_by, operator, notices)
-        except IntegrityError:
-            # Two saves of the same quote raced (two stars at once): the other one won.
-            log.debug("concurrent save of the same quote in %s; merging", ref, exc_info=True)
-            with self.engine.begin() as conn:
-                channel_id = self._channel_id(conn, ref)
-                existing = self._existing(conn, channel_id, text_key(body), message_id)
-            if existing is None:
-                raise
-            return SaveResult(existing, False, notices)
+
+        def work(conn: Connection) -> SaveResult:
+            return self._add_in(conn, ref, item, source, added_by, operator, notices)
+
+        for _ in range(_CLASH_RETRIES):
+            try:
+                return self._write(work, NOT_SAVED, IntegrityError)
+            except IntegrityError:
+                # Another writer committed a row this save clashed with (on PostgreSQL two saves
+                # of one message can race): the whole save runs again and now sees that row.
+                log.debug("save in %s clashed with a concurrent one; again", ref, exc_info=True)
+        return self._write(work, NOT_SAVED)
 
     def _add_in(
         self,
@@ -151,30 +147,6 @@ class QuoteStore(QuoteRemoval):
             self._check_cap(conn, channel_id, added_by)
         return SaveResult(self._insert(conn, channel_id, item, source, added_by), True, notices)
 
-    def import_quotes(
-        self, ref: ChannelRef, items: Iterable[NewQuote], *, added_by: str | None = None
-    ) -> ImportReport:
-        """Add many quotes in one transaction (all or nothing); duplicates are counted, not added.
-
-        An item with empty text fails the whole import: parse files with `core.quotes_import`,
-        which names the line.
-        """
-        added = duplicates = 0
-        notices: list[str] = []
-        with self.engine.begin() as conn:
-            channel_id = self._channel_id(conn, ref)
-            for n, item in enumerate(items, 1):
-                body, cut = self._prepare(item.text)
-                notices.extend(f"quote {n}: {c}" for c in cut)
-                prepared = NewQuote(body, item.author_name, item.author_id, None, item.tags)
-                if self._existing(conn, channel_id, text_key(body), None) is not None:
-                    duplicates += 1
-                    continue
-                self._insert(conn, channel_id, prepared, "import", added_by)
-                added += 1
-        log.info("imported %d quotes into %s (%d duplicates)", added, ref, duplicates)
-        return ImportReport(added, duplicates, tuple(notices))
-
     def _channel_where(self, ref: ChannelRef) -> sa.ColumnElement[bool]:
         return (channels.c.server == ref.server) & (channels.c.channel == ref.channel)
 
@@ -187,30 +159,30 @@ class QuoteStore(QuoteRemoval):
         offset: int = 0,
     ) -> list[Quote]:
         """The channel's quotes, oldest first (one member's when `author_id` is given)."""
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
         where = self._channel_where(ref)
         if author_id is not None:
             where = where & (quotes.c.author_id == str(author_id))
         query = sa.select(*QUOTE_COLUMNS).join(channels).where(where).order_by(quotes.c.id)
-        with self.engine.connect() as conn:
-            rows = conn.execute(query.limit(limit).offset(offset)).all()
+        rows = self._read(lambda conn: conn.execute(query.limit(limit).offset(offset)).all())
         return [to_quote(r) for r in rows]
 
     def count(self, ref: ChannelRef) -> int:
         """How many quotes the channel has."""
         query = sa.select(sa.func.count()).select_from(quotes.join(channels))
-        with self.engine.connect() as conn:
-            return int(conn.execute(query.where(self._channel_where(ref))).scalar_one())
+        query = query.where(self._channel_where(ref))
+        return int(self._read(lambda conn: conn.execute(query).scalar_one()))
 
     def get(self, quote_id: int) -> Quote | None:
         """One quote by id."""
-        with self.engine.connect() as conn:
-            found = self._select(conn, quotes.c.id == quote_id)
+        found = self._read(lambda conn: self._select(conn, quotes.c.id == quote_id))
         return found[0] if found else None
 
     def by_message(self, message_id: str | int) -> Quote | None:
         """The quote saved from a Discord message, if any."""
-        with self.engine.connect() as conn:
-            found = self._select(conn, quotes.c.message_id == str(message_id))
+        where = quotes.c.message_id == str(message_id)
+        found = self._read(lambda conn: self._select(conn, where))
         return found[0] if found else None
 
     def random(self, ref: ChannelRef, rng: Random | None = None) -> Quote | None:
@@ -224,16 +196,15 @@ class QuoteStore(QuoteRemoval):
 
     def export_member(self, author_id: str | int) -> list[Quote]:
         """Every quote by one member, in every server and channel (for `quotes export`)."""
-        with self.engine.connect() as conn:
-            return self._select(conn, quotes.c.author_id == str(author_id))
+        where = quotes.c.author_id == str(author_id)
+        return self._read(lambda conn: self._select(conn, where))
 
     def new_since(self, ref: ChannelRef, since: datetime | None) -> list[Quote]:
         """The channel's quotes added after `since` (all of them for None), oldest first."""
         where = self._channel_where(ref)
         if since is not None:
             where = where & (quotes.c.added_at > since)
-        with self.engine.connect() as conn:
-            return self._select(conn, where)
+        return self._read(lambda conn: self._select(conn, where))
 
     def to_dataset(
         self, ref: ChannelRef, split: Literal["train", "eval"] | None = None

@@ -8,22 +8,28 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
+from core.names import CONSOLE_SERVER, channel_name
+
 QuoteSource = Literal["reaction", "menu", "command", "import"]
 SOURCES: tuple[str, ...] = ("reaction", "menu", "command", "import")
-
-CONSOLE_SERVER = "console"
-"""The local server of the console and the CLI; its channels are plain names."""
 
 _SPACE = re.compile(r"\s+")
 
 
 def normalize(text: str) -> str:
-    """Text as compared for duplicates: whitespace runs collapsed, trimmed, case-folded."""
-    return _SPACE.sub(" ", text).strip().casefold()
+    """Text as compared for duplicates: NFKC, invisible format characters (zero-width spaces and
+    joiners, direction marks) dropped, whitespace runs collapsed, trimmed, case-folded.
+
+    Empty when the text has nothing visible: such a quote is refused.
+    """
+    folded = unicodedata.normalize("NFKC", text)
+    visible = "".join(c for c in folded if unicodedata.category(c) != "Cf")
+    return _SPACE.sub(" ", visible).strip().casefold()
 
 
 def text_key(text: str) -> str:
@@ -45,8 +51,8 @@ class ChannelRef:
 
     @classmethod
     def console(cls, name: str) -> ChannelRef:
-        """A channel of the local `console` server (the CLI and the console)."""
-        return cls(CONSOLE_SERVER, name.lstrip("#"))
+        """A channel of the local `console` server; `name` is checked (`core.names`)."""
+        return cls(CONSOLE_SERVER, channel_name(name))
 
     @classmethod
     def discord(cls, guild_id: int | str, channel_id: int | str) -> ChannelRef:

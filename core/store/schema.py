@@ -73,3 +73,19 @@ quotes = sa.Table(
 )
 sa.Index("ix_quotes_author", quotes.c.author_id)
 sa.Index("ix_quotes_added", quotes.c.channel_id, quotes.c.added_by, quotes.c.added_at)
+
+# migration 0003: imports are written here in batches, then moved to `quotes` in one transaction
+import_rows = sa.Table(
+    "import_rows",
+    metadata,
+    sa.Column("import_id", sa.String(32), primary_key=True),
+    sa.Column("n", sa.Integer, primary_key=True),
+    sa.Column("channel_id", sa.Integer, nullable=False),
+    sa.Column("author_id", sa.String(32), nullable=True),
+    sa.Column("author_name", sa.String(200), nullable=True),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("text_key", sa.String(64), nullable=False),
+    sa.Column("added_at", UTCDateTime, nullable=False),
+    sa.Column("added_by", sa.String(32), nullable=True),
+    sa.Column("tags", sa.Text, nullable=False, server_default=""),
+)

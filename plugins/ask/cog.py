@@ -73,11 +73,10 @@ class AskCog(commands.Cog):
         turns = (ChatMessage("user", prompt),)
         view = StopView(interaction.user.id)
         reply = self._reply_for_interaction(interaction, view)
-        try:
-            await self._answer(turns, channel, view, reply, temperature, max_tokens)
-        except LoracordError:
-            await interaction.delete_original_response()
-            raise
+        # A refusal after the deferral (busy, no model) propagates to the error handler, whose
+        # follow-up replaces the "thinking" message: Discord does not post a follow-up once
+        # that message is deleted, so deleting it first would leave the asker with nothing.
+        await self._answer(turns, channel, view, reply, temperature, max_tokens)
 
     def _reply_for_interaction(
         self, interaction: discord.Interaction, view: StopView
@@ -141,9 +140,8 @@ class AskCog(commands.Cog):
         if max_tokens is not None and params.max_new_tokens < max_tokens:
             stream.notices.append(f"max_tokens was capped at {params.max_new_tokens}.")
         view.stream = stream
-        answer = await self.bot.answers.run(stream, reply)
-        view.stop()
-        if answer.stream.received.strip():
+        answer = await self.bot.answers.run(stream, reply)  # stops the view however it ends
+        if answer.lost is None and answer.stream.received.strip():
             history = (*turns, ChatMessage("assistant", answer.stream.received.strip()))
             self.bot.conversations.remember([m.id for m in reply.messages], history)
 

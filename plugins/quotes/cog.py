@@ -6,6 +6,7 @@ daily cap, empty text, a malformed import) reach the user through the host's err
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import discord
@@ -13,7 +14,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from core.discord import NO_MENTIONS, LoracordBot, NotAdmin, admin_only, is_admin
-from core.errors import QuoteError
+from core.errors import QuoteError, QuoteNotFound
 from core.quotes_import import parse
 from core.store import ChannelRef, Quote, RemoveResult
 
@@ -126,7 +127,10 @@ class QuoteCog(commands.GroupCog, group_name="quote", group_description="Quotes 
             raise NotAdmin()
         store = self.bot.app.store
         if quote_id is not None:
-            result = await store.forget_quote(quote_id, server=server)
+            try:
+                result = await store.forget_quote(quote_id, server=server)
+            except QuoteNotFound as e:
+                raise QuoteNotFound(f"{e}; `/quote list` shows ids") from e
         else:
             result = await store.forget_member(server, (member or interaction.user).id)
         await interaction.response.send_message(_removed(result), ephemeral=True)
@@ -163,7 +167,8 @@ class QuoteCog(commands.GroupCog, group_name="quote", group_description="Quotes 
         if file.size > IMPORT_MAX_BYTES:
             raise QuoteError(f"{file.filename} is over {IMPORT_MAX_BYTES // 2**20} MB.")
         await interaction.response.defer(ephemeral=True, thinking=True)
-        items = parse(await file.read(), file.filename)
+        # Parsing an 8 MB file takes a while: never on the event loop (the gateway heartbeat).
+        items = await asyncio.to_thread(parse, await file.read(), file.filename)
         report = await self.bot.app.store.import_quotes(
             _ref(interaction), items, added_by=str(interaction.user.id)
         )

@@ -85,12 +85,18 @@ class QuoteCollector(commands.Cog):
         channel = self.bot.get_channel(payload.channel_id)
         if not isinstance(channel, discord.abc.Messageable):
             return
-        message = await channel.fetch_message(payload.message_id)
+        ref = channel_ref(payload.guild_id, channel)
+        # A star anywhere is common; a fetch is an API call. Only channels that collect pay it.
+        if ref is None or not (await self.bot.app.store.channel_state(ref)).collecting:
+            return
+        try:
+            message = await channel.fetch_message(payload.message_id)
+        except (discord.NotFound, discord.Forbidden) as e:
+            # Deleted before we looked, or a channel the bot cannot read history in.
+            log.info("starred message %s in %s not read: %s", payload.message_id, ref, e.text)
+            return
         stars = next((r.count for r in message.reactions if str(r.emoji) == settings.star_emoji), 0)
         if stars < settings.star_threshold or message.author.bot:
-            return
-        ref = channel_ref(payload.guild_id, channel)
-        if ref is None:
             return
         try:
             result = await self._save(ref, message, "reaction", payload.user_id)

@@ -9,9 +9,10 @@ read what the bot sent with `h.response_text(result)`, and check logs with `h.lo
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import discord
@@ -60,6 +61,19 @@ class ErrorLog(logging.Handler):
 
 
 @dataclass
+class WatchedAnswer:
+    """One run of the bot's `AnswerBoard.run`: its Stop view, and when (and how) it ended."""
+
+    view: Any
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    answer: Any = None
+    error: BaseException | None = None
+
+    async def wait(self, timeout: float = 120.0) -> None:
+        await asyncio.wait_for(self.ended.wait(), timeout)
+
+
+@dataclass
 class DiscordHarness:
     """A running bot in a simulated Discord server."""
 
@@ -94,6 +108,27 @@ class DiscordHarness:
         self.bot = type(self.bot)(self.bot.app, clock=self.clock)
         await self.env.restart_bot(self.bot)
         return self.bot
+
+    def watch_answers(self) -> list[WatchedAnswer]:
+        """Record every answer the bot streams from now on (its view, its end), in order."""
+        board = self.bot.answers
+        original = board.run
+        watched: list[WatchedAnswer] = []
+
+        async def run(stream: Any, reply: Any) -> Any:
+            entry = WatchedAnswer(reply.view)
+            watched.append(entry)
+            try:
+                entry.answer = await original(stream, reply)
+                return entry.answer
+            except BaseException as e:
+                entry.error = e
+                raise
+            finally:
+                entry.ended.set()
+
+        board.run = run  # type: ignore[method-assign]
+        return watched
 
     def thread(self, name: str = "thread") -> simcord.ChannelHandle:
         """A public thread under #general."""

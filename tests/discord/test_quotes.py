@@ -8,10 +8,17 @@ caller; a malformed import names its line and adds nothing.
 from __future__ import annotations
 
 import json
+import logging
+import threading
+from types import SimpleNamespace
 
+import discord
 import pytest
 from fake_engines import ScriptedEngine
 
+import plugins.quotes.cog
+from core.discord import NotAdmin
+from core.errors import CollectionDisabled, QuoteImportError
 from core.store import ChannelRef
 
 QUOTES = {"plugins": ["quotes"], "message_content_intent": True}
@@ -70,7 +77,8 @@ async def test_the_message_menu_saves_once_and_refuses_when_disabled(h) -> None:
     assert "Already saved" in again.response.content
     (quote,) = await _quotes(h)
     assert (quote.source, quote.message_id) == ("menu", str(message.id))
-    h.command_errors()  # the refusal went through the error handler, as it should
+    # the refusal went through the error handler, as it should
+    assert [type(e) for e in h.command_errors()] == [CollectionDisabled]
 
 
 async def test_deleting_or_editing_the_message_follows_the_quote(h) -> None:
@@ -106,7 +114,7 @@ async def test_forget_removes_only_the_callers_quotes(h) -> None:
         await h.admin.context_menu(h.channel, "Save as quote", message)
     refused = await h.slash(h.bob, "quote forget", member=h.alice)
     assert refused.ephemeral and "for admins" in refused.response.content
-    h.command_errors()
+    assert [type(e) for e in h.command_errors()] == [NotAdmin]
     done = await h.slash(h.alice, "quote forget")
     assert "Removed 2 quotes" in done.response.content
     assert [q.text for q in await _quotes(h)] == ["bob's"]
@@ -123,4 +131,64 @@ async def test_import_is_all_or_nothing_and_admin_only(h) -> None:
     done = await h.slash(h.admin, "quote import", file=("q.json", good))
     assert "Imported 2 quotes (0 duplicates skipped)" in h.response_text(done)
     assert [q.source for q in await _quotes(h)] == ["import", "import"]
-    h.command_errors()
+    errors = h.command_errors()
+    assert [type(e) for e in errors] == [NotAdmin, QuoteImportError]
+    assert str(errors[1]).startswith("cannot import q.jsonl, line 2: invalid JSON")
+
+
+async def test_import_parses_off_the_event_loop(h, monkeypatch) -> None:
+    threads: list[threading.Thread] = []
+    parse = plugins.quotes.cog.parse
+
+    def spy(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return parse(*args, **kwargs)
+
+    monkeypatch.setattr(plugins.quotes.cog, "parse", spy)
+    done = await h.slash(h.admin, "quote import", file=("q.txt", b"one\ntwo\n"))
+    assert "Imported 2 quotes" in h.response_text(done)
+    assert threads and threads[0] is not threading.main_thread()
+
+
+def _spy_fetches(monkeypatch, fails: Exception | None = None) -> list[int]:
+    fetched: list[int] = []
+    fetch = discord.abc.Messageable.fetch_message
+
+    async def spy(self, message_id: int):
+        fetched.append(message_id)
+        if fails is not None:
+            raise fails
+        return await fetch(self, message_id)
+
+    monkeypatch.setattr(discord.abc.Messageable, "fetch_message", spy)
+    return fetched
+
+
+async def test_a_star_where_quotes_are_off_fetches_nothing(h, monkeypatch) -> None:
+    message = await h.alice.send(h.channel, "not collected here")
+    fetched = _spy_fetches(monkeypatch)
+    await h.bob.react(message, "⭐")
+    await h.env.settle()
+    assert fetched == [] and await _quotes(h) == []
+    await _enable(h)
+    await h.admin.react(message, "⭐")
+    await h.env.settle()
+    assert fetched == [message.id] and len(await _quotes(h)) == 1
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "reason"),
+    [(discord.NotFound, 404, "Unknown Message"), (discord.Forbidden, 403, "Missing Access")],
+)
+async def test_a_starred_message_that_cannot_be_read_is_skipped(
+    h, monkeypatch, caplog, error, status: int, reason: str
+) -> None:
+    await _enable(h)
+    message = await h.alice.send(h.channel, "gone before the bot looks")
+    response = SimpleNamespace(status=status, reason=reason)
+    fetched = _spy_fetches(monkeypatch, error(response, {"message": reason, "code": 0}))
+    with caplog.at_level(logging.INFO, logger="plugins.quotes.collect"):
+        await h.bob.react(message, "⭐")
+        await h.env.settle()
+    assert fetched == [message.id] and await _quotes(h) == []
+    assert f"starred message {message.id} in " in caplog.text and reason in caplog.text

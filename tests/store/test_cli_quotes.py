@@ -125,3 +125,99 @@ def test_quotes_commands_never_load_the_model(tmp_path: Path, db_url: str) -> No
     )
     assert done.returncode == 0, done.stderr
     assert "no model needed" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ("add", "--server", "42", "--channel", "../../etc/passwd", "hi"),
+            "loracord: error: '../../etc/passwd' is not a channel name: use 1-64 lowercase "
+            "letters, digits, '-' and '_' (starting with a letter or digit), or a Discord "
+            "channel id",
+        ),
+        (
+            ("add", "--server", "../x", "--channel", "123456789012345678", "hi"),
+            "loracord: error: '../x' is not a server: use a Discord server id (digits) or "
+            "'console'",
+        ),
+        (
+            ("list", "--channel", "gen\u200beral"),
+            "loracord: error: 'gen\\u200beral' is not a channel name: use 1-64 lowercase "
+            "letters, digits, '-' and '_' (starting with a letter or digit), or a Discord "
+            "channel id",
+        ),
+    ],
+)
+def test_hostile_names_are_refused_on_every_path(cli, args, expected: str) -> None:
+    assert _one_error_line(cli(*args)) == expected
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ("list", "--channel", "general", "--limit", "0"),
+            "argument --limit: must be at least 1, not 0",
+        ),
+        (
+            ("list", "--channel", "general", "--limit", "-1"),
+            "argument --limit: must be at least 1, not -1",
+        ),
+        (
+            ("forget", "--channel", "general", "--id", "99999999999999999999999"),
+            "argument --id: 99999999999999999999999 is larger than any quote id",
+        ),
+    ],
+)
+def test_bad_numbers_are_usage_errors(cli, args, expected: str) -> None:
+    done = cli(*args)
+    assert done.returncode == 2 and done.stderr.strip().endswith(expected), done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_cli_errors_point_to_cli_commands(cli) -> None:
+    line = _one_error_line(cli("forget", "--channel", "general", "--id", "999"))
+    assert line == (
+        "loracord: error: there is no quote #999 in server console; "
+        "`loracord quotes list --channel general` shows ids"
+    )
+
+
+def test_invisible_quotes_are_refused_and_do_not_dodge_duplicates(cli) -> None:
+    line = _one_error_line(cli("add", "--channel", "general", "\u200b\u200d\u2060"))
+    assert line.startswith("loracord: error: a quote needs text: this one is empty or only")
+    assert cli("add", "--channel", "general", "hello world").returncode == 0
+    again = cli("add", "--channel", "general", "hel\u200blo\u00a0WORLD")
+    assert again.returncode == 0 and "already saved as quote #1" in again.stdout
+
+
+def test_unknown_extensions_and_json_saved_as_txt_are_refused(cli, tmp_path: Path) -> None:
+    odd = tmp_path / "quotes.xyz"
+    odd.write_text("one\n", encoding="utf-8")
+    assert _one_error_line(cli("import", "--channel", "general", str(odd))) == (
+        f"loracord: error: cannot import {odd}: cannot tell what a '.xyz' file holds: name it "
+        ".json, .jsonl, .csv, .txt (one quote per line) or .fortune; nothing was imported"
+    )
+    disguised = tmp_path / "quotes.txt"
+    disguised.write_text('[{"quote": "one"}, {"quote": "two"}]', encoding="utf-8")
+    assert _one_error_line(cli("import", "--channel", "general", str(disguised))) == (
+        f"loracord: error: cannot import {disguised}, line 1: this .txt file holds JSON: name "
+        "it .json or pass --format json; nothing was imported"
+    )
+    plain = tmp_path / "lines.txt"
+    plain.write_text("first quote\n\nsecond quote\n", encoding="utf-8")
+    done = cli("import", "--channel", "general", str(plain))
+    assert "imported 2 quotes into #general" in done.stdout, done.stderr
+
+
+def test_a_damaged_database_is_one_line(cli, tmp_path: Path, db_url: str) -> None:
+    if not db_url.startswith("sqlite"):
+        pytest.skip("a damaged file is SQLite's")
+    (tmp_path / "data").mkdir()
+    path = tmp_path / "data" / "loracord.db"
+    path.write_bytes(b"not a database at all\n" * 100)
+    assert _one_error_line(cli("list", "--channel", "general")) == (
+        f"loracord: error: the database {path} is damaged (file is not a database): restore it "
+        "from a backup, or move it away to start an empty one"
+    )

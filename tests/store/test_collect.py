@@ -3,6 +3,7 @@ the daily cap, and the text rules (unicode, long, empty)."""
 
 from __future__ import annotations
 
+import re
 import threading
 
 import pytest
@@ -164,3 +165,31 @@ def test_concurrent_saves_of_one_message_store_one_row(enabled: QuoteStore) -> N
     assert errors == []
     assert sorted(created) == [False] * 5 + [True]
     assert enabled.count(GENERAL) == 1
+
+
+def test_invisible_characters_neither_make_a_quote_nor_dodge_duplicates(
+    enabled: QuoteStore,
+) -> None:
+    with pytest.raises(EmptyQuote, match=r"^a quote needs text: this one is empty or only"):
+        enabled.add(GENERAL, "\u200b\u200c\u200d\u2060\ufeff", source="command")
+    first = enabled.add(GENERAL, "Hello world", source="command")
+    for twin in ("Hel\u200blo world", "ＨＥＬＬＯ\u00a0world", "hello\u2060 \u200d world"):
+        again = enabled.add(GENERAL, twin, source="command")
+        assert (again.created, again.quote.id) == (False, first.quote.id), twin
+    emoji = "family: 👨\u200d👩\u200d👧"
+    assert enabled.add(GENERAL, emoji, source="command").quote.text == emoji, "stored as written"
+
+
+def test_the_store_refuses_names_that_are_not_valid(store: QuoteStore) -> None:
+    from core.errors import InvalidName
+
+    for ref, shown in (
+        (ChannelRef("console", "../../etc/passwd"), "'../../etc/passwd' is not a channel name"),
+        (ChannelRef("../x", "222"), "'../x' is not a server"),
+        (ChannelRef("console", "General"), "'General' is not a name as stored"),
+    ):
+        with pytest.raises(InvalidName, match=f"^{re.escape(shown)}"):
+            store.add(ref, "hi", source="command", operator=True)
+        with pytest.raises(InvalidName, match=f"^{re.escape(shown)}"):
+            store.set_collecting(ref, True)
+    assert store.find_channel("222") == []

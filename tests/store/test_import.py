@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import SupportsIndex
 
 import pytest
 
 from core.errors import QuoteImportError
-from core.quotes_import import parse, read_file
-from core.store import ChannelRef, QuoteStore
+from core.quotes_import import _json_items, parse, read_file
+from core.store import ChannelRef, NewQuote, QuoteStore
 
 GENERAL = ChannelRef.console("general")
 
@@ -99,3 +100,82 @@ def test_unreadable_files_are_clear_errors(tmp_path: Path) -> None:
     empty.write_text("[]")
     with pytest.raises(QuoteImportError, match="no quotes found"):
         read_file(empty)
+
+
+def test_csv_headers_are_case_insensitive() -> None:
+    items = parse(b"Quote,Author,TAGS\nHi,Me,x\n", "q.csv")
+    assert [(i.text, i.author_name, i.tags) for i in items] == [("Hi", "Me", ("x",))]
+
+
+def test_fortune_backspace_overstrike_is_resolved() -> None:
+    fortune = b"%\n*__\x08\x08UN*derlined and B\x08BO\x08OLD\x08D\n\t-- _\x08A_\x08n\n%\n"
+    (item,) = parse(fortune, "fortunes.fortune")
+    assert (item.text, item.author_name) == ("*UN*derlined and BOLD", "An")
+
+
+def test_txt_is_one_quote_per_line_and_refuses_what_it_is_not() -> None:
+    items = parse(b"first\n\n  second  \n", "q.txt")
+    assert [i.text for i in items] == ["first", "second"]
+    cases = {
+        b'{"quote": "a"}\n{"quote": "b"}\n': "JSON Lines: name it .jsonl or pass --format jsonl",
+        b"one\n%\ntwo\n": "a fortune file ('%' lines): name it .fortune or pass --format fortune",
+    }
+    for data, what in cases.items():
+        with pytest.raises(QuoteImportError) as caught:
+            parse(data, "q.txt")
+        assert str(caught.value) == (
+            f"cannot import q.txt, line 1: this .txt file holds {what}; nothing was imported"
+        )
+
+
+def test_unknown_extensions_are_refused() -> None:
+    with pytest.raises(QuoteImportError) as caught:
+        parse(b"one\n", "q.docx")
+    assert str(caught.value) == (
+        "cannot import q.docx: cannot tell what a '.docx' file holds: name it .json, .jsonl, "
+        ".csv, .txt (one quote per line) or .fortune; nothing was imported"
+    )
+    assert [i.text for i in parse(b"%\none\n%\n", "fortunes")] == ["one"]
+
+
+def test_invisible_only_quotes_name_their_line() -> None:
+    data = json.dumps(["fine", "\u200b\u2060 \u200d"]).encode()
+    with pytest.raises(QuoteImportError) as caught:
+        parse(data, "q.json")
+    assert str(caught.value) == (
+        "cannot import q.json, line 1: 'quote' is empty or only invisible characters; "
+        "nothing was imported"
+    )
+
+
+class _CountingText(str):
+    """A str that adds up how many characters its `count` calls scan."""
+
+    scanned = 0
+
+    def count(
+        self, sub: str, start: SupportsIndex | None = None, end: SupportsIndex | None = None
+    ) -> int:
+        first = 0 if start is None else int(start)
+        _CountingText.scanned += (len(self) if end is None else int(end)) - first
+        return super().count(sub, start, end)
+
+
+def test_json_lines_are_counted_in_linear_time() -> None:
+    data = json.dumps([{"quote": f"quote {n}"} for n in range(20000)], indent=1)
+    _CountingText.scanned = 0
+    assert len(list(_json_items(_CountingText(data)))) == 20000
+    # Counting from the start for every item scanned ~n^2/2 characters (7 s for 20,000 quotes).
+    assert _CountingText.scanned <= len(data)
+    broken = data[: data.rindex("}")] + "}, oops]"
+    with pytest.raises(QuoteImportError) as caught:
+        parse(broken.encode(), "big.json")
+    assert f"big.json, line {broken.count(chr(10)) + 1}: invalid JSON" in str(caught.value)
+
+
+def test_a_long_import_reports_progress_in_batches(store: QuoteStore) -> None:
+    seen: list[tuple[int, int]] = []
+    items = [NewQuote(f"quote {n}") for n in range(1201)]
+    report = store.import_quotes(GENERAL, items, progress=lambda *p: seen.append(p))
+    assert seen == [(500, 1201), (1000, 1201), (1201, 1201)]
+    assert (report.added, report.duplicates) == (1201, 0)
