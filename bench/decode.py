@@ -30,7 +30,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 PROMPT = "Give me a short quote about courage."
-LLAMA_CPP_TOK_S = 75.0  # llama.cpp, same GGUF, 2 threads, this machine kind (KNOWN.md: 72-77)
+LLAMA_CPP_TOK_S = 75.0  # llama.cpp, same GGUF, 2 threads, measured on this machine kind: 72-77
 
 
 def _summary(samples: list[tuple[float, float, int]]) -> dict[str, float]:

@@ -252,15 +252,18 @@ def _remove_leftovers(cache_dir: Path) -> None:
 
 
 def _calibration_dataset(fp_dir: Path, recipe: Recipe) -> list[dict[str, object]]:
+    from transformers import AutoTokenizer
+
     from core.model.calibration import as_dataset, chat_answers, pack
     from core.model.gate import load_reference
     from core.model.requests import GenerationParams
 
-    model, tokenizer = load_reference(fp_dir)
+    tokenizer = AutoTokenizer.from_pretrained(fp_dir)
     quotes = quote_corpus()[0][: recipe.calibration_quotes]
     eos = tokenizer.eos_token or ""
     sequences = [tokenizer(q + eos, add_special_tokens=False).input_ids for q in quotes]
     if recipe.calibration == "chat+quotes":
+        model, tokenizer = load_reference(fp_dir)
         sequences += chat_answers(
             fp_dir,
             model,

@@ -1,6 +1,6 @@
 """What goes into the engine and what comes back: requests, parameters and the response stream.
 
-These types are the engine's whole interface (DESIGN.md, "The engine's interface"); any backend,
+These types are the whole interface of the engine; any backend,
 in-process or a vLLM server, takes a `GenerationRequest` and hands back a `ResponseStream`.
 They know nothing about torch, tokenizers or Discord.
 """
