@@ -84,7 +84,9 @@ class LocalEngine:
                     target=self._run, name="loracord-engine", daemon=True
                 )
                 self._thread.start()
-        return await asyncio.wrap_future(self._ready)
+        # Shielded: a caller that gives up waiting (Ctrl-C during a build) must not cancel the
+        # load's outcome for everyone else.
+        return await asyncio.shield(asyncio.wrap_future(self._ready))
 
     async def close(self) -> None:
         """Cancel what is queued, let the running request end, stop the worker.
