@@ -86,7 +86,8 @@ def open_engine(url: str, *, busy_seconds: float = 5.0) -> Engine:
     kwargs: dict[str, Any] = {}
     sqlite = parsed.get_backend_name() == "sqlite"
     if sqlite:
-        if parsed.database and parsed.database != ":memory:":
+        # A `file:` URI (uri=true) names its file itself: no folder to make from it.
+        if parsed.database and parsed.database != ":memory:" and "uri" not in parsed.query:
             folder = Path(parsed.database).expanduser().parent
             try:
                 folder.mkdir(parents=True, exist_ok=True)
