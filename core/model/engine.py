@@ -33,7 +33,7 @@ _CLOSED = "the bot is shutting down; ask again when it is back"
 
 
 class Engine(Protocol):
-    """What every serving backend offers (DESIGN.md, "The engine's interface")."""
+    """What every serving backend offers: start, submit a request for a stream, close."""
 
     async def start(self) -> ModelInfo: ...
     async def submit(self, request: GenerationRequest) -> ResponseStream: ...
