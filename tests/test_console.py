@@ -272,3 +272,50 @@ def test_console_has_line_editing_and_history_on_a_terminal(
     assert "^[" not in console.seen
     history = (console.data_dir / HISTORY_FILE).read_text().split()
     assert history == ["#random", "#general", "#random"]
+
+
+_BLOCKED_LOAD = """
+import sys, threading
+
+import core.app
+
+
+def locate(settings):
+    print("test: the model is loading", flush=True)
+    threading.Event().wait()  # a first start's build takes minutes
+
+
+core.app.locate_model = locate
+import bot
+
+sys.exit(bot.run([]))
+"""
+
+
+def test_ctrl_c_while_the_model_loads_stops_the_console_promptly(tmp_path: Path) -> None:
+    script = tmp_path / "child.py"
+    script.write_text(_BLOCKED_LOAD)
+    env = {**_env(tmp_path), "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=tmp_path,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == "test: the model is loading\n"
+        interrupted = time.monotonic()
+        child.send_signal(signal.SIGINT)
+        stdout, stderr = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert time.monotonic() - interrupted < 10
+    assert child.returncode == 130
+    assert stdout == ""
+    assert stderr == (
+        "loracord: no DISCORD_TOKEN set: starting the local console (loading the model...)\n"
+    )
