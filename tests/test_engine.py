@@ -263,3 +263,25 @@ async def test_close_while_the_model_loads_does_not_wait_for_the_load() -> None:
             await engine.submit(GenerationRequest.from_prompt("still there?"))
     finally:
         gate.set()
+
+
+async def test_a_request_with_nothing_ahead_is_not_queued(session_app: App) -> None:
+    """Places count the requests ahead; none ahead means starting, even before the worker
+    picks it up (here it is busy elsewhere: a call on its thread)."""
+    engine = session_app.engine
+    gate = threading.Event()
+    busy = asyncio.ensure_future(engine.call(gate.wait))
+    await asyncio.sleep(0)  # the call reaches the worker before the questions do
+    params = GenerationParams(max_new_tokens=4, temperature=0)
+    try:
+        first = await engine.submit(GenerationRequest.from_prompt("Hi!", params))
+        second = await engine.submit(GenerationRequest.from_prompt("Hello!", params))
+        assert (first.queue_position, second.queue_position) == (0, 1)
+        first.cancel()  # a cancelled request is no longer ahead of anyone
+        assert second.queue_position == 0
+    finally:
+        gate.set()
+    await busy
+    assert await first.text() == "" and first.finish_reason == "cancelled"
+    assert await second.text() != ""
+    assert second.queue_position is None

@@ -72,6 +72,7 @@ class LocalEngine:
         self._thread: threading.Thread | None = None
         self._ready: Future[ModelInfo] = Future()
         self._load_error: ModelError | None = None
+        self._serving: ResponseStream | None = None  # the request generating now
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> ModelInfo:
@@ -179,10 +180,15 @@ class LocalEngine:
         return GenerationRequest(messages=messages, adapter=request.adapter, params=params)
 
     def _position_of(self, stream: ResponseStream) -> int | None:
+        """How many live requests are ahead of `stream` (the one generating included): 0 when
+        none is, so a request that is next while the worker idles is starting, not queued."""
         with self._cond:
-            for index, waiting in enumerate(self._waiting):
+            ahead = 1 if self._serving is not None else 0
+            for waiting in self._waiting:
                 if waiting is stream:
-                    return index + 1
+                    return ahead
+                if not waiting.cancelled:  # dropped when the worker reaches it
+                    ahead += 1
         return None
 
     async def call(self, fn: Callable[[], T]) -> T:
@@ -211,6 +217,8 @@ class LocalEngine:
                 break
             for stream in batch:
                 self._serve(stream)
+            with self._cond:
+                self._serving = None
         log.info("engine worker stopped")
 
     def _load_failed(self, e: BaseException) -> None:
@@ -265,7 +273,8 @@ class LocalEngine:
                 while self._waiting and self._waiting[0].cancelled:
                     self._waiting.popleft()._finish("cancelled")
                 if self._waiting:
-                    return [self._waiting.popleft()]
+                    self._serving = self._waiting.popleft()
+                    return [self._serving]
                 if self._closing:
                     return None
                 self._cond.wait()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 from simbot import FakeClock, answer_of
 
 from core.discord import ChannelKey
@@ -98,6 +101,24 @@ async def test_queue_place_is_shown_while_waiting(make_harness) -> None:
     await h.answers_done()
     assert "in line" not in waiting.response.content
     assert answer_of(waiting.response.content)
+
+
+async def test_no_queue_place_when_nothing_is_ahead(make_harness) -> None:
+    h = await make_harness()
+    gate = threading.Event()
+    busy = asyncio.ensure_future(h.probe.engine.call(gate.wait))  # the worker is not generating
+    await asyncio.sleep(0)
+    h.probe.hold = True
+    try:
+        result = await h.ask(h.alice, "Hi!", max_tokens=4)  # shown while the worker is away
+    finally:
+        gate.set()
+    await busy
+    await h.answers_done()
+    assert answer_of(result.response.content)
+    edits = h.original_edits()
+    assert edits[0] == "\N{THINKING FACE} Thinking\N{HORIZONTAL ELLIPSIS}"
+    assert not [e for e in edits if "in line" in e], edits
 
 
 async def test_max_tokens_is_capped_by_the_setting(make_harness) -> None:
