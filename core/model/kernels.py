@@ -26,9 +26,10 @@ KNOWN_KERNELS: tuple[str, ...] = (
     "gptq_torch_cpu_avx512",
 )
 
-# ExLlamaV2 first: on an H100 it decoded faster than Marlin at batch 1 and 8 on a 7B-wide model
-# (measured: 135 vs 126 tok/s at batch 1, 1057 vs 1013 at batch 8) and 1.6x faster on SmolLM2's 576-wide layers, which
-# Marlin pads to its tiles on every forward (BENCHMARKS.md). Marlin next, then GPTQModel's pick.
+# ExLlamaV2 first: on an H100 it decoded faster than Marlin on a 7B-wide model (measured: 135
+# vs 126 tok/s at batch 1, 1057 vs 1013 at batch 8) and 1.6x faster on SmolLM2's 576-wide
+# layers, which Marlin pads to its tiles on every forward (BENCHMARKS.md). Marlin next, then
+# GPTQModel's pick.
 _CUDA_SERVING_ORDER = ("exllama_v2", "marlin")
 
 
