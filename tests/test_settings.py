@@ -276,3 +276,12 @@ def test_the_committed_file_shows_every_setting_and_its_true_default(
     monkeypatch.chdir(PROJECT_ROOT)  # adapters_dir = "adapters" is taken from here
     home = {"HOME": str(Path.home())}
     assert load(cfg, environ=home) == load(None, environ={**home, "LORACORD_CONFIG": "/dev/null"})
+
+
+def test_an_empty_config_variable_is_an_error() -> None:
+    with pytest.raises(SettingsError) as caught:
+        load(None, environ={"LORACORD_CONFIG": " "})
+    assert str(caught.value) == (
+        "invalid settings: environment variable LORACORD_CONFIG: must not be empty; leave it "
+        "unset for ./loracord.toml"
+    )
