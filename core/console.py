@@ -215,8 +215,8 @@ class Console:
         stream = await self.app.engine.submit(GenerationRequest.from_prompt(prompt, params))
         self.last_stream = self._answering = stream
         try:
-            if (position := stream.queue_position) and position > 1:  # only when others wait
-                self._write(f"(queued, place {position})\n")
+            if ahead := stream.queue_position:  # requests ahead of this one; none: say nothing
+                self._write(f"(queued: {ahead} ahead)\n")
             async for piece in stream:
                 self._write(piece)
         finally:
