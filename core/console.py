@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import shlex
 import signal
@@ -65,6 +66,7 @@ class Console:
         self.last_stream: ResponseStream | None = None
         self._answering: ResponseStream | None = None
         self._prompt: asyncio.Future[str | None] | None = None
+        self._pending = b""  # piped input read but not yet used
 
     @property
     def ref(self) -> ChannelRef:
@@ -83,7 +85,8 @@ class Console:
             self._write(banner + " /help for commands.\n")
         history = self.app.settings.data_dir / HISTORY_FILE
         with _terminal_kept(), _history(history, read_line), self._interrupts():
-            while (line := await self._read(read_line or input)) is not None:
+            read = read_line or (input if sys.stdin.isatty() else self._read_pipe)
+            while (line := await self._read(read)) is not None:
                 if not await self.handle(line):
                     return
 
@@ -137,6 +140,20 @@ class Console:
             return await future
         finally:
             self._prompt = None
+
+    def _read_pipe(self, prompt: str) -> str:
+        """`input()` for piped input, reading the descriptor itself: a thread left blocked in
+        `sys.stdin` (Ctrl-C at the prompt) holds its lock and aborts the interpreter's exit."""
+        self._write(prompt)
+        while b"\n" not in self._pending:
+            chunk = os.read(0, 4096)
+            if not chunk:
+                if not self._pending:
+                    raise EOFError
+                break
+            self._pending += chunk
+        line, _, self._pending = self._pending.partition(b"\n")
+        return line.decode("utf-8", "replace")
 
     async def handle(self, line: str) -> bool:
         """Run one input line; False means quit. Errors are one line, then the prompt again."""
@@ -198,8 +215,8 @@ class Console:
         stream = await self.app.engine.submit(GenerationRequest.from_prompt(prompt, params))
         self.last_stream = self._answering = stream
         try:
-            if (position := stream.queue_position) and position > 1:  # only when others wait
-                self._write(f"(queued, place {position})\n")
+            if ahead := stream.queue_position:  # requests ahead of this one; none: say nothing
+                self._write(f"(queued: {ahead} ahead)\n")
             async for piece in stream:
                 self._write(piece)
         finally:
@@ -301,8 +318,10 @@ def _terminal_kept() -> Iterator[None]:
         import termios
 
         fd = sys.stdin.fileno()
-        saved = termios.tcgetattr(fd)
-    except (ImportError, OSError, ValueError, AttributeError):
+        saved = termios.tcgetattr(fd) if sys.stdin.isatty() else None
+    except (ImportError, OSError, ValueError, AttributeError):  # no terminal: nothing to keep
+        saved = None
+    if saved is None:
         yield
         return
     try:

@@ -360,8 +360,16 @@ def _describe(
 def _resolve_path(path: str | Path | None, environ: dict[str, str]) -> Path | None:
     if path is not None:
         return Path(path)
-    if environ.get(f"{ENV_PREFIX}CONFIG"):
-        return Path(environ[f"{ENV_PREFIX}CONFIG"])
+    variable = f"{ENV_PREFIX}CONFIG"
+    if variable in environ:
+        if not environ[variable].strip():  # not silently ./loracord.toml or the defaults
+            raise SettingsError(
+                [
+                    f"environment variable {variable}: must not be empty; leave it unset for "
+                    f"./{DEFAULT_FILE}"
+                ]
+            )
+        return Path(environ[variable])
     local = Path.cwd() / DEFAULT_FILE
     return local if local.is_file() else None
 

@@ -197,3 +197,10 @@ def test_help_says_what_vvv_shows(tmp_path: Path) -> None:
     assert "-vvv: also discord.py's HTTP debug log, which shows interaction" in " ".join(
         done.stdout.split()
     )
+
+
+def test_model_info_reports_the_context_served(embedded_model_dir: Path, tmp_path: Path) -> None:
+    done = _cli("model", "info", "--json", env=_env(tmp_path, LORACORD_MAX_CONTEXT_TOKENS="512"))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert json.loads(done.stdout)["context_tokens"] == 512

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import io
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import termios
+import time
 from pathlib import Path
 
 from core.app import App
-from core.console import QUOTE_USAGE, Console
+from core.console import HISTORY_FILE, QUOTE_USAGE, Console
 from core.names import CONSOLE_SERVER
 from core.store import ChannelRef
+from tests.test_model import ROOT, _env
 
 
 async def test_console_asks_moves_and_explains(session_app: App) -> None:
@@ -18,7 +27,8 @@ async def test_console_asks_moves_and_explains(session_app: App) -> None:
     assert console.channel == "random"
     before = len(out.getvalue())
     assert await console.handle("/ask What is the capital of France? temperature:0 max_tokens:30")
-    answer = out.getvalue()[before:].replace("(queued, place 1)", "").strip()
+    answer = out.getvalue()[before:].strip()
+    assert "queued" not in answer  # nothing else waits: no queue place
     assert len(answer.split()) >= 2, answer  # the streamed answer, whatever greedy bf16 says
     assert await console.handle("/nope")
     assert "unknown command /nope" in out.getvalue()
@@ -145,3 +155,168 @@ async def test_quote_commands_work_on_the_apps_store(session_app: App, tmp_path:
     assert await said("/quote disable") == "quote collection is off here\n"
     assert [q.text for q in await session_app.store.list_quotes(ref)] == ["Stay curious."]
     assert console.last_stream is None  # none of it went to the model
+
+
+class _ConsoleProcess:
+    """`loracord` in console mode as a user runs it: stdin a pipe, or a terminal (pty)."""
+
+    def __init__(self, tmp_path: Path, *, terminal: bool = False) -> None:
+        env = {**_env(tmp_path), "TERM": "xterm"}
+        self.data_dir = Path(env["LORACORD_DATA_DIR"])
+        self.master: int | None = None
+        if terminal:
+            self.master, slave = pty.openpty()
+            stdin: int = slave
+            stdout: int = slave
+        else:
+            stdin = stdout = subprocess.PIPE
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "bot.py")],
+            stdin=stdin,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=ROOT,
+        )
+        if terminal:
+            os.close(slave)
+        assert self.proc.stdout is not None or self.master is not None
+        self.fd = self.master if self.master is not None else self.proc.stdout.fileno()  # type: ignore[union-attr]
+        self.seen = ""
+        self.pos = 0
+
+    def expect(self, text: str, timeout: float = 120) -> str:
+        """Read until `text` appears after what was already matched; returns what came before."""
+        deadline = time.monotonic() + timeout
+        while text not in self.seen[self.pos :]:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {text!r} in {self.seen[self.pos :]!r}"
+            if select.select([self.fd], [], [], left)[0]:
+                try:
+                    chunk = os.read(self.fd, 4096)
+                except OSError:  # the terminal closed: the process has gone
+                    chunk = b""
+                assert chunk, f"output ended without {text!r}: {self.seen[self.pos :]!r}"
+                self.seen += chunk.decode("utf-8", "replace")
+        at = self.seen.index(text, self.pos)
+        before, self.pos = self.seen[self.pos : at], at + len(text)
+        return before
+
+    def wait_for_output(self, chars: int, timeout: float = 120) -> None:
+        """Read until at least `chars` visible characters came after the last match."""
+        deadline = time.monotonic() + timeout
+        while len(self.seen[self.pos :].strip()) < chars:
+            left = deadline - time.monotonic()
+            assert left > 0 and select.select([self.fd], [], [], left)[0], self.seen
+            self.seen += os.read(self.fd, 4096).decode("utf-8", "replace")
+
+    def send(self, text: str) -> None:
+        if self.master is not None:
+            os.write(self.master, text.encode())
+        else:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(text.encode())
+            self.proc.stdin.flush()
+
+    def finish(self, timeout: float = 60, keep_terminal: bool = False) -> tuple[int, str]:
+        code = self.proc.wait(timeout=timeout)
+        assert self.proc.stderr is not None
+        stderr = self.proc.stderr.read().decode()
+        if self.master is not None and not keep_terminal:
+            os.close(self.master)
+        return code, stderr
+
+
+def test_console_ctrl_c_stops_the_answer_then_leaves_at_the_prompt(
+    embedded_model_dir: Path, tmp_path: Path
+) -> None:
+    console = _ConsoleProcess(tmp_path)
+    banner = console.expect("#general> ")
+    assert banner.startswith("loracord console: ") and banner.count("\n") == 1, banner
+    console.send("/ask Tell me a very long story about a dragon. max_tokens:1000 temperature:0.8\n")
+    console.wait_for_output(10)  # the answer has begun streaming
+    interrupted = time.monotonic()
+    console.proc.send_signal(signal.SIGINT)
+    console.expect("\n[stopped]\n#general> ", timeout=60)
+    # The request was cancelled: the model stopped at once instead of writing 1,000 tokens.
+    assert time.monotonic() - interrupted < 30
+    console.proc.send_signal(signal.SIGINT)  # at the prompt: leave
+    code, stderr = console.finish()
+    assert code == 0, stderr
+    # Quiet by default: our one notice, no banner, torch warning or progress bar.
+    assert stderr == (
+        "loracord: no DISCORD_TOKEN set: starting the local console (loading the model...)\n"
+    )
+
+
+def test_console_has_line_editing_and_history_on_a_terminal(
+    embedded_model_dir: Path, tmp_path: Path
+) -> None:
+    console = _ConsoleProcess(tmp_path, terminal=True)
+    console.expect("#general> ")
+    console.send("#random\r")
+    console.expect("now in #random")
+    console.expect("#random> ")
+    console.send("#genral" + "\x1b[D" * 3 + "e\r")  # left arrows: the missing "e" put back
+    console.expect("now in #general")
+    console.expect("#general> ")
+    console.send("\x1b[A\x1b[A\r")  # up twice: "#random" again, from the history
+    console.expect("now in #random")
+    console.expect("#random> ")
+    console.proc.send_signal(signal.SIGINT)  # Ctrl-C at the prompt: leave
+    code, stderr = console.finish(keep_terminal=True)
+    assert code == 0, stderr
+    assert console.master is not None
+    mode = termios.tcgetattr(console.master)[3]
+    assert mode & termios.ECHO and mode & termios.ICANON  # the terminal was given back as found
+    os.close(console.master)
+    assert "^[" not in console.seen
+    history = (console.data_dir / HISTORY_FILE).read_text().split()
+    assert history == ["#random", "#general", "#random"]
+
+
+_BLOCKED_LOAD = """
+import sys, threading
+
+import core.app
+
+
+def locate(settings):
+    print("test: the model is loading", flush=True)
+    threading.Event().wait()  # a first start's build takes minutes
+
+
+core.app.locate_model = locate
+import bot
+
+sys.exit(bot.run([]))
+"""
+
+
+def test_ctrl_c_while_the_model_loads_stops_the_console_promptly(tmp_path: Path) -> None:
+    script = tmp_path / "child.py"
+    script.write_text(_BLOCKED_LOAD)
+    env = {**_env(tmp_path), "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=tmp_path,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == "test: the model is loading\n"
+        interrupted = time.monotonic()
+        child.send_signal(signal.SIGINT)
+        stdout, stderr = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert time.monotonic() - interrupted < 10
+    assert child.returncode == 130
+    assert stdout == ""
+    assert stderr == (
+        "loracord: no DISCORD_TOKEN set: starting the local console (loading the model...)\n"
+    )

@@ -74,14 +74,62 @@ async def test_answer_is_coherent_and_stops_at_eos(session_app: App) -> None:
     assert "<|im_end|>" not in answer
 
 
-async def test_sampling_is_seeded_and_respects_max_tokens(session_app: App) -> None:
-    params = GenerationParams(max_new_tokens=12, temperature=0.9, seed=7)
-    texts = []
-    for _ in range(2):
-        stream = await session_app.engine.submit(GenerationRequest.from_prompt(PROMPT, params))
-        texts.append(await stream.text())
-        assert stream.completion_tokens <= 12
-    assert texts[0] == texts[1]
+async def _answer(app: App, params: GenerationParams, prompt: str = PROMPT) -> str:
+    stream = await app.engine.submit(GenerationRequest.from_prompt(prompt, params))
+    text = await stream.text()
+    assert stream.completion_tokens <= params.max_new_tokens
+    return text
+
+
+async def test_sampling_is_seeded_temperature_matters_and_zero_is_greedy(
+    session_app: App,
+) -> None:
+    def sampled(seed: int | None) -> GenerationParams:
+        return GenerationParams(max_new_tokens=12, temperature=0.9, seed=seed)
+
+    seeded = [await _answer(session_app, sampled(7)) for _ in range(2)]
+    assert seeded[0] == seeded[1]  # the same seed: the same answer
+    others = {await _answer(session_app, sampled(seed)) for seed in (8, 9, 10)}
+    assert others - {seeded[0]}, "other seeds gave the same answer: is temperature ignored?"
+
+    greedy = GenerationParams(max_new_tokens=12, temperature=0.0)
+    at_zero = {
+        await _answer(session_app, GenerationParams(12, 0.0, seed=seed)) for seed in (7, 8, None)
+    }
+    assert at_zero == {await _answer(session_app, greedy)}  # temperature 0 ignores the seed
+
+
+def _rendered(app: App, prompt: str) -> list[int]:
+    """The prompt's token ids as the engine renders them (with the system prompt, if any)."""
+    system = app.settings.system_prompt
+    turns = [ChatMessage("system", system)] if system else []
+    return render(app.engine.tokenizer, [*turns, ChatMessage("user", prompt)])
+
+
+async def test_repetition_penalty_equals_transformers_generate_fp32(fp32_app: App) -> None:
+    engine = fp32_app.engine
+    prompt = "List the days of the week, then list them again."
+    prompt_ids = _rendered(fp32_app, prompt)
+    penalized = GenerationParams(max_new_tokens=40, temperature=0.0, repetition_penalty=1.3)
+    stream = await engine.submit(GenerationRequest.from_prompt(prompt, penalized))
+    answer = await stream.text()
+
+    def reference(penalty: float) -> list[int]:
+        with torch.inference_mode():
+            out = engine.model.generate(
+                torch.tensor([prompt_ids]),
+                max_new_tokens=penalized.max_new_tokens,
+                do_sample=False,
+                repetition_penalty=penalty,
+            )
+        ids = out[0, len(prompt_ids) :].tolist()
+        eos = engine.tokenizer.eos_token_id
+        return ids[: ids.index(eos)] if eos in ids else ids
+
+    expected = await engine.call(lambda: reference(1.3))  # the model belongs to the worker
+    assert stream.completion_tokens == len(expected)
+    assert answer == engine.tokenizer.decode(expected, skip_special_tokens=True)
+    assert expected != await engine.call(lambda: reference(1.0))  # the penalty changed it
 
 
 async def test_event_loop_keeps_running_between_pieces(session_app: App) -> None:
@@ -263,3 +311,25 @@ async def test_close_while_the_model_loads_does_not_wait_for_the_load() -> None:
             await engine.submit(GenerationRequest.from_prompt("still there?"))
     finally:
         gate.set()
+
+
+async def test_a_request_with_nothing_ahead_is_not_queued(session_app: App) -> None:
+    """Places count the requests ahead; none ahead means starting, even before the worker
+    picks it up (here it is busy elsewhere: a call on its thread)."""
+    engine = session_app.engine
+    gate = threading.Event()
+    busy = asyncio.ensure_future(engine.call(gate.wait))
+    await asyncio.sleep(0)  # the call reaches the worker before the questions do
+    params = GenerationParams(max_new_tokens=4, temperature=0)
+    try:
+        first = await engine.submit(GenerationRequest.from_prompt("Hi!", params))
+        second = await engine.submit(GenerationRequest.from_prompt("Hello!", params))
+        assert (first.queue_position, second.queue_position) == (0, 1)
+        first.cancel()  # a cancelled request is no longer ahead of anyone
+        assert second.queue_position == 0
+    finally:
+        gate.set()
+    await busy
+    assert await first.text() == "" and first.finish_reason == "cancelled"
+    assert await second.text() != ""
+    assert second.queue_position is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -244,4 +245,43 @@ def test_a_config_that_fails_to_read_is_one_clear_line_even_for_root() -> None:
         load("/proc/self/mem", environ={})
     assert str(caught.value) == (
         "invalid settings: settings file /proc/self/mem cannot be read: Input/output error"
+    )
+
+
+def test_the_committed_file_shows_every_setting_and_its_true_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.settings import PROJECT_ROOT, Settings
+
+    committed = (PROJECT_ROOT / "loracord.toml").read_text(encoding="utf-8")
+    setting = re.compile(r"^# (\w+) = ")
+    shown = [m.group(1) for line in committed.splitlines() if (m := setting.match(line))]
+    everything = [
+        name
+        for name, field in Settings.model_fields.items()
+        if name not in ("discord", "quotes") and not field.exclude
+    ]
+    for section in ("discord", "quotes"):
+        model = Settings.model_fields[section].annotation
+        assert model is not None
+        everything += [n for n, f in model.model_fields.items() if not f.exclude]
+    assert sorted(shown) == sorted(everything)
+    # Uncommenting every line not marked "example" must change nothing.
+    uncommented = "\n".join(
+        line[2:] if setting.match(line) and "# example" not in line else line
+        for line in committed.splitlines()
+    )
+    cfg = tmp_path / "uncommented.toml"
+    cfg.write_text(uncommented, encoding="utf-8")
+    monkeypatch.chdir(PROJECT_ROOT)  # adapters_dir = "adapters" is taken from here
+    home = {"HOME": str(Path.home())}
+    assert load(cfg, environ=home) == load(None, environ={**home, "LORACORD_CONFIG": "/dev/null"})
+
+
+def test_an_empty_config_variable_is_an_error() -> None:
+    with pytest.raises(SettingsError) as caught:
+        load(None, environ={"LORACORD_CONFIG": " "})
+    assert str(caught.value) == (
+        "invalid settings: environment variable LORACORD_CONFIG: must not be empty; leave it "
+        "unset for ./loracord.toml"
     )

@@ -2,7 +2,8 @@
 
 Importing this module starts nothing. `LoracordBot(app)` holds the services (settings, engine;
 later store, registry, trainer through `app`), loads each plugin in `settings.discord.plugins`
-as the extension `plugins.<name>` in `setup_hook` (a plugin that fails is logged and skipped),
+as the extension `plugins.<name>` in `setup_hook` (a plugin that fails is logged and skipped;
+only the plugins the settings list can ever be loaded, at start or by `/plugins reload`),
 syncs the command tree when it changed, and routes every app-command error through one handler.
 """
 
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 import discord
 from discord.ext import commands
 
+from core.errors import LoracordError
 from core.model.requests import AdapterRef
 from core.settings import DiscordSettings, Settings
 
@@ -44,6 +46,18 @@ def intents_for(settings: DiscordSettings) -> discord.Intents:
     intents.guild_reactions = True  # star reactions (quotes), read as raw events
     intents.message_content = settings.message_content_intent
     return intents
+
+
+class PluginNotAllowed(LoracordError):
+    """A plugin outside the `discord.plugins` setting: which plugins run is the operator's choice,
+    made in the settings, never from Discord."""
+
+    def __init__(self, name: str, allowed: tuple[str, ...]) -> None:
+        listed = ", ".join(allowed) or "none"
+        super().__init__(
+            f"`{name}` is not one of this bot's plugins (the discord.plugins setting lists: "
+            f"{listed}); the operator adds plugins there"
+        )
 
 
 class LoracordBot(commands.Bot):
@@ -84,8 +98,16 @@ class LoracordBot(commands.Bot):
             await self.load_plugin(name)
         await self.sync_commands()
 
+    def check_plugin_allowed(self, name: str) -> None:
+        """Raise `PluginNotAllowed` unless `name` is in the `discord.plugins` setting."""
+        allowed = self.settings.discord.plugins
+        if name not in allowed:
+            raise PluginNotAllowed(name, allowed)
+
     async def load_plugin(self, name: str) -> bool:
-        """Load (or reload, if loaded) one plugin; on failure log it, keep the old version."""
+        """Load (or reload, if loaded) one configured plugin; on failure log it, keep the old
+        version. A name the settings do not list raises `PluginNotAllowed`."""
+        self.check_plugin_allowed(name)
         module = self.plugin_module(name)
         try:
             if module in self.extensions:
@@ -127,5 +149,5 @@ class LoracordBot(commands.Bot):
 
 
 def create_bot(app: App, *, clock: Callable[[], float] | None = None) -> LoracordBot:
-    """The bot for `app`, not yet started (DESIGN.md's Python surface)."""
+    """The bot for `app`, not yet started."""
     return LoracordBot(app, clock=clock)

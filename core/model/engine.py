@@ -33,7 +33,7 @@ _CLOSED = "the bot is shutting down; ask again when it is back"
 
 
 class Engine(Protocol):
-    """What every serving backend offers (DESIGN.md, "The engine's interface")."""
+    """What every serving backend offers: start, submit a request for a stream, close."""
 
     async def start(self) -> ModelInfo: ...
     async def submit(self, request: GenerationRequest) -> ResponseStream: ...
@@ -72,6 +72,7 @@ class LocalEngine:
         self._thread: threading.Thread | None = None
         self._ready: Future[ModelInfo] = Future()
         self._load_error: ModelError | None = None
+        self._serving: ResponseStream | None = None  # the request generating now
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> ModelInfo:
@@ -84,7 +85,9 @@ class LocalEngine:
                     target=self._run, name="loracord-engine", daemon=True
                 )
                 self._thread.start()
-        return await asyncio.wrap_future(self._ready)
+        # Shielded: a caller that gives up waiting (Ctrl-C during a build) must not cancel the
+        # load's outcome for everyone else.
+        return await asyncio.shield(asyncio.wrap_future(self._ready))
 
     async def close(self) -> None:
         """Cancel what is queued, let the running request end, stop the worker.
@@ -177,10 +180,15 @@ class LocalEngine:
         return GenerationRequest(messages=messages, adapter=request.adapter, params=params)
 
     def _position_of(self, stream: ResponseStream) -> int | None:
+        """How many live requests are ahead of `stream` (the one generating included): 0 when
+        none is, so a request that is next while the worker idles is starting, not queued."""
         with self._cond:
-            for index, waiting in enumerate(self._waiting):
+            ahead = 1 if self._serving is not None else 0
+            for waiting in self._waiting:
                 if waiting is stream:
-                    return index + 1
+                    return ahead
+                if not waiting.cancelled:  # dropped when the worker reaches it
+                    ahead += 1
         return None
 
     async def call(self, fn: Callable[[], T]) -> T:
@@ -209,6 +217,8 @@ class LocalEngine:
                 break
             for stream in batch:
                 self._serve(stream)
+            with self._cond:
+                self._serving = None
         log.info("engine worker stopped")
 
     def _load_failed(self, e: BaseException) -> None:
@@ -263,7 +273,8 @@ class LocalEngine:
                 while self._waiting and self._waiting[0].cancelled:
                     self._waiting.popleft()._finish("cancelled")
                 if self._waiting:
-                    return [self._waiting.popleft()]
+                    self._serving = self._waiting.popleft()
+                    return [self._serving]
                 if self._closing:
                     return None
                 self._cond.wait()

@@ -1,6 +1,6 @@
 """Which GPTQ kernel, dtype and device serve a model here. Knows nothing about loading.
 
-Measured on CPU (KNOWN.md): transformers' default fp16 runs 2.8-3.5 tok/s; bf16 with the
+Measured on this project's 2-core CPU: transformers' default fp16 runs 2.8-3.5 tok/s; bf16 with the
 AVX512-BF16 kernel that GPTQModel's `auto` picks runs ~8x faster. On CUDA, ExLlamaV2 and
 Marlin are the fast serving kernels; only `torch` trains correctly there.
 """
@@ -26,9 +26,10 @@ KNOWN_KERNELS: tuple[str, ...] = (
     "gptq_torch_cpu_avx512",
 )
 
-# ExLlamaV2 first: on an H100 it decoded faster than Marlin at batch 1 and 8 on a 7B-wide model
-# (KNOWN.md: 135 vs 126, 1057 vs 1013 tok/s) and 1.6x faster on SmolLM2's 576-wide layers, which
-# Marlin pads to its tiles on every forward (BENCHMARKS.md). Marlin next, then GPTQModel's pick.
+# ExLlamaV2 first: on an H100 it decoded faster than Marlin on a 7B-wide model (measured: 135
+# vs 126 tok/s at batch 1, 1057 vs 1013 at batch 8) and 1.6x faster on SmolLM2's 576-wide
+# layers, which Marlin pads to its tiles on every forward (BENCHMARKS.md). Marlin next, then
+# GPTQModel's pick.
 _CUDA_SERVING_ORDER = ("exllama_v2", "marlin")
 
 

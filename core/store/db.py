@@ -26,7 +26,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from core.errors import StoreError
-from core.store.guard import describe
+from core.store.guard import describe, retry_busy
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DB_FILE = "loracord.db"
+BUSY_SECONDS = 5.0
 WRITE = "loracord_write"
 """Execution option that marks a connection as a writer (SQLite: `BEGIN IMMEDIATE`)."""
 # Any 64-bit constant works; it only has to be the same in every loracord process.
@@ -85,7 +86,8 @@ def open_engine(url: str, *, busy_seconds: float = 5.0) -> Engine:
     kwargs: dict[str, Any] = {}
     sqlite = parsed.get_backend_name() == "sqlite"
     if sqlite:
-        if parsed.database and parsed.database != ":memory:":
+        # A `file:` URI (uri=true) names its file itself: no folder to make from it.
+        if parsed.database and parsed.database != ":memory:" and "uri" not in parsed.query:
             folder = Path(parsed.database).expanduser().parent
             try:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -148,7 +150,10 @@ def _file_lock(engine: Engine) -> Iterator[None]:
     try:
         handle = path.open("a")
     except OSError as e:
-        raise StoreError(f"cannot create the lock file {path}: {e.strerror}") from e
+        # A read-only folder: nothing can be migrated there anyway; reading needs no lock.
+        log.debug("no lock file %s (%s); opening without it", path, e.strerror)
+        yield
+        return
     with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
         yield
@@ -158,19 +163,22 @@ def migrate(engine: Engine, revision: str = "head") -> None:
     """Upgrade the schema to `revision` (default: the newest) in one transaction."""
     from alembic import command
 
-    before = current_revision_safe(engine)
-    if revision == "head" and before == head_revision():
-        return  # the common case, and the only one that works on a read-only file
-    config = alembic_config()
-    try:
-        with _file_lock(engine), writer(engine).begin() as conn:
-            if conn.dialect.name == "postgresql":
-                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_MIGRATION_LOCK)))
-            config.attributes["connection"] = conn
-            command.upgrade(config, revision)
-    except SQLAlchemyError as e:
-        log.debug("migration failed", exc_info=True)
-        raise describe(e, where(engine.url), "its schema was not upgraded") from e
+    # The first connection to a new SQLite file switches it to WAL, which needs the file to
+    # itself: under the lock too, so openers queue instead of finding it busy.
+    with _file_lock(engine):
+        before = current_revision_safe(engine)
+        if revision == "head" and before == head_revision():
+            return  # the common case, and the only one that works on a read-only file
+        config = alembic_config()
+        try:
+            with writer(engine).begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_MIGRATION_LOCK)))
+                config.attributes["connection"] = conn
+                command.upgrade(config, revision)
+        except SQLAlchemyError as e:
+            log.debug("migration failed", exc_info=True)
+            raise describe(e, where(engine.url), "its schema was not upgraded") from e
     after = current_revision_safe(engine)
     if before != after:
         log.info("database schema upgraded from %s to %s", before or "empty", after)
@@ -179,7 +187,7 @@ def migrate(engine: Engine, revision: str = "head") -> None:
 def current_revision_safe(engine: Engine) -> str | None:
     """`current_revision`, with connection failures turned into a clear `StoreError`."""
     try:
-        return current_revision(engine)
+        return retry_busy(lambda: current_revision(engine), seconds=BUSY_SECONDS)
     except SQLAlchemyError as e:
         log.debug("cannot read the schema revision", exc_info=True)
         raise describe(e, where(engine.url), None) from e

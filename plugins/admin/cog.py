@@ -1,5 +1,7 @@
 """Plugin administration: list the plugins and reload one without restarting the bot.
 
+Bot-wide, so only for the bot's owner and the admins named in the settings (not for a server's
+Administrator), and only plugins the `discord.plugins` setting lists can be (re)loaded.
 A reload is atomic (discord.py keeps the old version when the new one fails to load), re-syncs
 the commands if they changed, and tells the admin what happened.
 """
@@ -12,12 +14,16 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from core.discord import LoracordBot, admin_only
+from core.discord import LoracordBot, bot_admin_only
 
 log = logging.getLogger(__name__)
 
 
-class AdminCog(commands.GroupCog, group_name="plugins", group_description="Bot plugins (admins)"):
+class AdminCog(
+    commands.GroupCog,
+    group_name="plugins",
+    group_description="Bot plugins (the bot's owner and admins)",
+):
     """`/plugins list` and `/plugins reload name`."""
 
     def __init__(self, bot: LoracordBot) -> None:
@@ -25,7 +31,7 @@ class AdminCog(commands.GroupCog, group_name="plugins", group_description="Bot p
         super().__init__()
 
     @app_commands.command(name="list", description="List the plugins and whether they loaded")
-    @admin_only()
+    @bot_admin_only()
     async def list_plugins(self, interaction: discord.Interaction) -> None:
         """Loaded plugins, and configured ones that failed."""
         loaded = self.bot.plugin_names()
@@ -37,9 +43,10 @@ class AdminCog(commands.GroupCog, group_name="plugins", group_description="Bot p
 
     @app_commands.command(name="reload", description="Reload a plugin and re-sync commands")
     @app_commands.describe(name="The plugin to reload (as in /plugins list)")
-    @admin_only()
+    @bot_admin_only()
     async def reload_plugin(self, interaction: discord.Interaction, name: str) -> None:
         """Reload `name`; on failure the old version keeps running."""
+        self.bot.check_plugin_allowed(name)  # before deferring: the refusal is one clean reply
         await interaction.response.defer(ephemeral=True, thinking=True)
         was_loaded = name in self.bot.plugin_names()
         if not await self.bot.load_plugin(name):
@@ -59,7 +66,7 @@ class AdminCog(commands.GroupCog, group_name="plugins", group_description="Bot p
     async def _plugin_names(
         self, _interaction: discord.Interaction, current: str
     ) -> list[app_commands.Choice[str]]:
-        names = set(self.bot.plugin_names()) | set(self.bot.settings.discord.plugins)
+        names = self.bot.settings.discord.plugins  # nothing else can be loaded
         return [
             app_commands.Choice(name=n, value=n) for n in sorted(names) if current.lower() in n
         ][:25]

@@ -105,7 +105,7 @@ def _world(env: simcord.Env, bot: Any, probe: EngineProbe, clock: FakeClock, log
     guild = env.create_guild("loracord test")
     channel = guild.create_text_channel("general")
     admins = guild.create_role("Admins", permissions=discord.Permissions(administrator=True))
-    return DiscordHarness(
+    harness = DiscordHarness(
         env=env,
         bot=bot,
         probe=probe,
@@ -116,7 +116,11 @@ def _world(env: simcord.Env, bot: Any, probe: EngineProbe, clock: FakeClock, log
         alice=guild.add_member(env.create_user("alice")),
         bob=guild.add_member(env.create_user("bob")),
         admin=guild.add_member(env.create_user("root"), roles=[admins]),
+        owner=guild.add_member(env.create_user("owner")),
     )
+    # What the application info says on Discord (SimCord's application is owned by the bot).
+    bot.owner_id = harness.owner.id
+    return harness
 
 
 @pytest.fixture

@@ -1,8 +1,8 @@
 """A small fake Discord on 127.0.0.1: REST API and gateway, for one real-socket smoke test.
 
 Only what a bot needs to log in, receive READY and GUILD_CREATE, sync its commands and answer
-one slash command. Payloads are complete enough for discord.py 2.7's parsers (KNOWN.md, "Discord
-offline"): JSON bodies with exactly `Content-Type: application/json`, the interaction callback
+one slash command. Payloads are complete enough for discord.py 2.7's parsers, which need:
+JSON bodies with exactly `Content-Type: application/json`, the interaction callback
 answered with JSON (discord.py asks `?with_response=1`), `attachment_size_limit`, member `flags`.
 Every REST request is recorded; tests wait on them with `wait_for`, never on the clock.
 """

@@ -1,7 +1,8 @@
 """The Discord test harness: the real bot, on SimCord, with the real (or a scripted) engine.
 
 `DiscordHarness` is what the fixtures hand a test: a running SimCord world with one server,
-a `#general` channel, a member `alice`, a member `bob` and an `admin` (Administrator role),
+a `#general` channel, members `alice` and `bob`, an `admin` (this server's Administrator role)
+and the application's `owner` (a plain member here: owning the bot gives no server rights),
 the bot built by `core.discord.create_bot`, the engine probe, and a clock the test drives.
 Later issues add their commands' tests on top of it: ask with `h.slash(member, "name", ...)`,
 read what the bot sent with `h.response_text(result)`, and check logs with `h.logs`.
@@ -86,7 +87,8 @@ class DiscordHarness:
     channel: simcord.ChannelHandle
     alice: simcord.MemberActor
     bob: simcord.MemberActor
-    admin: simcord.MemberActor
+    admin: simcord.MemberActor  # this server's Administrator (per-server commands)
+    owner: simcord.MemberActor  # the application's owner (bot-wide commands)
 
     async def slash(self, member: Any, name: str, /, channel: Any = None, **options: Any) -> Any:
         """Run a slash command as `member` in `channel` (default #general)."""
@@ -106,6 +108,7 @@ class DiscordHarness:
     async def restart(self) -> LoracordBot:
         """Restart the bot process (new bot, same settings, same simulated world)."""
         self.bot = type(self.bot)(self.bot.app, clock=self.clock)
+        self.bot.owner_id = self.owner.id
         await self.env.restart_bot(self.bot)
         return self.bot
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 from simbot import FakeClock, answer_of
 
 from core.discord import ChannelKey
 from core.discord.streaming import CURSOR
-from core.model.requests import ChatMessage, GenerationParams, GenerationRequest
+from core.errors import LoracordError
+from core.model.requests import AdapterRef, ChatMessage, GenerationParams, GenerationRequest
+from plugins.ask.cog import DM_REFUSED
 
 
 async def _direct(h, prompt: str, max_tokens: int) -> str:
@@ -100,6 +105,24 @@ async def test_queue_place_is_shown_while_waiting(make_harness) -> None:
     assert answer_of(waiting.response.content)
 
 
+async def test_no_queue_place_when_nothing_is_ahead(make_harness) -> None:
+    h = await make_harness()
+    gate = threading.Event()
+    busy = asyncio.ensure_future(h.probe.engine.call(gate.wait))  # the worker is not generating
+    await asyncio.sleep(0)
+    h.probe.hold = True
+    try:
+        result = await h.ask(h.alice, "Hi!", max_tokens=4)  # shown while the worker is away
+    finally:
+        gate.set()
+    await busy
+    await h.answers_done()
+    assert answer_of(result.response.content)
+    edits = h.original_edits()
+    assert edits[0] == "\N{THINKING FACE} Thinking\N{HORIZONTAL ELLIPSIS}"
+    assert not [e for e in edits if "in line" in e], edits
+
+
 async def test_max_tokens_is_capped_by_the_setting(make_harness) -> None:
     h = await make_harness(max_new_tokens=8, max_new_tokens_cap=8)
     result = await h.ask(h.alice, "Hello!", max_tokens=500)
@@ -135,14 +158,26 @@ async def test_dms_follow_the_dm_policy(make_harness) -> None:
     h = await make_harness(discord={"dm_policy": "refuse"})
     user = h.alice.user
     refused = await h.slash(user, "ask", prompt="Hi!", max_tokens=4)
-    assert refused.ephemeral and "only answer in servers" in refused.response.content
-    assert h.command_errors()
+    assert refused.ephemeral and refused.response.content == DM_REFUSED
+    assert [(type(e), str(e)) for e in h.command_errors()] == [(LoracordError, DM_REFUSED)]
     assert not h.probe.submitted
 
+    seen: list[ChannelKey | None] = []
+    channel_adapter = AdapterRef("general", "v1")
+
+    async def adapter_for(channel: ChannelKey | None) -> AdapterRef | None:
+        seen.append(channel)
+        return None if channel is None else channel_adapter
+
+    h.bot.adapter_for = adapter_for
     h.reconfigure(dm_policy="base")
     answered = await h.slash(user, "ask", prompt="Hi!", max_tokens=4)
     assert not answered.ephemeral and answer_of(answered.response.content)
+    assert seen == [None]  # a DM has no channel: the base model answers
     assert h.probe.last.request.adapter is None
+    await h.ask(h.alice, "Hi!", max_tokens=4)  # control: a server channel gets its adapter
+    assert seen[-1] == ChannelKey(h.guild.id, h.channel.id)
+    assert h.probe.last.request.adapter == channel_adapter
 
 
 async def test_shutdown_ends_answers_in_flight_with_a_message(make_harness) -> None:
@@ -155,8 +190,9 @@ async def test_shutdown_ends_answers_in_flight_with_a_message(make_harness) -> N
 
     assert h.messages_of(result)[-1].content.endswith("the bot is shutting down.")
     refused = await h.ask(h.bob, "Anyone there?", max_tokens=4)
-    assert refused.ephemeral and "shutting down" in refused.response.content
-    assert h.command_errors()
+    closing = "the bot is shutting down; ask again when it is back"
+    assert refused.ephemeral and refused.response.content == closing
+    assert [(type(e), str(e)) for e in h.command_errors()] == [(LoracordError, closing)]
 
 
 async def test_mentioning_the_bot_asks_when_enabled(make_harness) -> None:

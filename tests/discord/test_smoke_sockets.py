@@ -15,7 +15,7 @@ import signal
 import discord
 import pytest
 import yarl
-from fake_discord import APP_ID, FakeDiscord
+from fake_discord import APP_ID, CHANNEL_ID, GUILD_ID, FakeDiscord
 from fake_engines import EngineProbe
 from simbot import answer_of
 
@@ -48,7 +48,8 @@ async def test_real_bot_over_real_sockets(tmp_path, session_app, fake_discord, e
     try:
         await asyncio.wait_for(bot.wait_until_ready(), 60)
         assert bot.user is not None and bot.user.id == APP_ID
-        assert [g.id for g in bot.guilds] and bot.guilds[0].get_channel is not None
+        assert [g.id for g in bot.guilds] == [GUILD_ID]  # GUILD_CREATE arrived, with channels
+        assert bot.guilds[0].get_channel(CHANNEL_ID) is not None
 
         sync = next(r for r in fake_discord.requests if r.method == "PUT")
         assert sync.path == f"/applications/{APP_ID}/commands"

@@ -149,16 +149,25 @@ async def test_greedy_tokens_equal_plain_generate_cuda(cuda_app: App) -> None:
     assert answer == engine.tokenizer.decode(new_ids, skip_special_tokens=True)
 
 
-async def test_concurrent_requests_all_finish_on_cuda(cuda_app: App) -> None:
-    params = GenerationParams(max_new_tokens=16, temperature=0.7, seed=3)
-    streams = [
-        await cuda_app.engine.submit(GenerationRequest.from_prompt(f"{PROMPT} #{i}", params))
-        for i in range(4)
-    ]
-    texts = await asyncio.gather(*(s.text() for s in streams))
+async def test_queued_requests_answer_as_they_would_alone_on_cuda(cuda_app: App) -> None:
+    """Four seeded, sampled questions submitted at once (they queue: the engine serves one at a
+    time) get exactly the answers each gets alone; and sampling really samples."""
+    engine = cuda_app.engine
+    prompts = [f"{PROMPT} #{i}" for i in range(4)]
+
+    def request(i: int, temperature: float = 0.7) -> GenerationRequest:
+        params = GenerationParams(max_new_tokens=16, temperature=temperature, seed=100 + i)
+        return GenerationRequest.from_prompt(prompts[i], params)
+
+    alone = [await (await engine.submit(request(i))).text() for i in range(4)]
+    streams = [await engine.submit(request(i)) for i in range(4)]
+    together = await asyncio.gather(*(s.text() for s in streams))
+
+    assert together == alone
     assert all(s.finish_reason in ("stop", "length") for s in streams)
-    assert all(s.completion_tokens <= 16 for s in streams)
-    assert len(texts) == 4
+    assert all(1 <= s.completion_tokens <= 16 for s in streams)
+    greedy = [await (await engine.submit(request(i, temperature=0.0))).text() for i in range(4)]
+    assert greedy != alone, "sampled answers equal the greedy ones: is temperature ignored?"
 
 
 def test_auto_prefers_exllama_v2_then_marlin_on_cuda() -> None:
