@@ -209,7 +209,8 @@ def _model_build(settings: Any, args: argparse.Namespace) -> int:
     from core.app import locate_model
 
     _quiet_model_libraries(args.verbose)
-    source = locate_model(settings)
+    # An explicit build tries again even after a build that failed its quality gate.
+    source = locate_model(settings, retry_build=True)
     print(source.path)
     return 0
 

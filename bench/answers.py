@@ -23,8 +23,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.model import fidelity  # noqa: E402
-from core.model.requests import DEFAULT_SYSTEM_PROMPT  # noqa: E402
+from core.model import fidelity
+from core.model.requests import DEFAULT_SYSTEM_PROMPT
 
 CANDIDATES = {
     "loracord (old default)": (
@@ -38,7 +38,9 @@ CANDIDATES = {
 }
 
 
-def _sampled(model: Any, tokenizer: Any, prompts: list[list[int]], cap: int, rp: float) -> list[list[int]]:
+def _sampled(
+    model: Any, tokenizer: Any, prompts: list[list[int]], cap: int, rp: float
+) -> list[list[int]]:
     import torch
 
     torch.manual_seed(0)

@@ -12,14 +12,12 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.errors import SettingsError
-
-if TYPE_CHECKING:
-    from core.model.requests import GenerationParams
+from core.model.requests import DEFAULT_SYSTEM_PROMPT, GenerationParams
 
 ENV_PREFIX = "LORACORD_"
 DEFAULT_FILE = "loracord.toml"
@@ -84,7 +82,7 @@ class Settings(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     kernel: str = "auto"
-    embedded_group_size: Literal[32, 64] = 32
+    embedded_group_size: Literal[16, 32, 64] = 16
     threads: int | None = Field(default=None, ge=1)
 
     data_dir: Path = Field(default_factory=_default_data_dir)
@@ -94,9 +92,8 @@ class Settings(_Section):
     # postgresql+psycopg://user:password@host/db (keep passwords in LORACORD_DATABASE_URL).
     database_url: str | None = None
 
-    system_prompt: str = (
-        "You are loracord, a friendly assistant in a Discord server. Answer briefly and helpfully."
-    )
+    # "" = the model's own default system prompt (see DEFAULT_SYSTEM_PROMPT).
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
     temperature: float = Field(default=0.2, ge=0.0, le=2.0)
     top_p: float = Field(default=0.9, gt=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, ge=1.0, le=2.0)
@@ -151,8 +148,6 @@ class Settings(_Section):
         A token budget above `max_new_tokens_cap` is lowered to it; a bad value raises
         `PromptError` here, before any model work.
         """
-        from core.model.requests import GenerationParams
-
         wanted = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         return GenerationParams(
             max_new_tokens=wanted if wanted < 1 else min(wanted, self.max_new_tokens_cap),

@@ -74,7 +74,8 @@ def test_gate_refuses_a_quote_only_build(
     cache = tmp_path / "cache"
     (cache / "models").mkdir(parents=True)
     build.dequantized_dir(cache).symlink_to(dequantized_model_dir)
-    quotes_only = build.Recipe(calibration="quotes")
+    # The recipe loracord shipped before the gate: quotes only, symmetric, group size 32.
+    quotes_only = build.Recipe(calibration="quotes", sym=True, group_size=32, damp_percent=0.05)
     monkeypatch.setattr(build, "recipes", lambda group_size=32: (quotes_only,))
     with pytest.raises(ModelError) as refused:
         build.ensure_embedded(cache)
@@ -82,7 +83,11 @@ def test_gate_refuses_a_quote_only_build(
     assert "could not be built to quality" in message and "\n" not in message
     assert "top-1 agreement" in message
     left = sorted(p.name for p in (cache / "models").iterdir())
-    assert left == [".build.lock", build.dequantized_dir(cache).name, build._failure_file(cache, 32).name]
+    assert left == [
+        ".build.lock",
+        build.dequantized_dir(cache).name,
+        build._failure_file(cache, 32).name,
+    ]
     # A later start does not spend minutes failing again; it says the same at once.
     with pytest.raises(ModelError, match="could not be built to quality") as again:
         build.ensure_embedded(cache)

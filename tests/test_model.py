@@ -167,6 +167,18 @@ def test_model_info_json(embedded_model_dir: Path, tmp_path: Path) -> None:
     assert info["path"] == str(embedded_model_dir)
     assert info["device"] == "cpu" and info["bits"] == 4
     assert info["size_bytes"] == folder_size(embedded_model_dir)
+    manifest = json.loads((embedded_model_dir / "loracord-build.json").read_text())
+    assert info["weights_sha256"] == manifest["weights_sha256"]
+    assert info["weights_sha256"] == weights_sha256_of_files(embedded_model_dir)
+
+
+def weights_sha256_of_files(folder: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for file in sorted(folder.glob("*.safetensors")):
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
 
 
 def test_interrupted_build_leaves_nothing_visible(

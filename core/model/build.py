@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Literal
 
 from core.errors import ModelError
 from core.model.calibration import package_file, quote_corpus
+from core.model.loader import weights_sha256
 from core.model.requests import CUSTOM_SYSTEM_PROMPT_EXAMPLE, DEFAULT_SYSTEM_PROMPT
 
 if TYPE_CHECKING:
@@ -47,13 +48,18 @@ LLAMA_SEQUENTIAL_GROUPS = [
 
 @dataclass(frozen=True)
 class Recipe:
-    """How the embedded model is quantized; its hash names the cached folder."""
+    """How the embedded model is quantized; its hash names the cached folder.
+
+    The defaults are the recipe that measured best (BENCHMARKS.md, "Quality of the embedded
+    build"): asymmetric 4-bit in groups of 16 fits the GGUF's own Q4_1 blocks (each an offset
+    plus a step) far better than symmetric groups, and chat calibration keeps chat working.
+    """
 
     bits: int = 4
-    group_size: int = 32
+    group_size: int = 16
     desc_act: bool = False
-    sym: bool = True
-    damp_percent: float = 0.05
+    sym: bool = False
+    damp_percent: float = 0.01
     true_sequential: bool = True
     # "chat+quotes": the fp32 model's own answers to chat prompts, with system prompts, plus
     # quotes. "quotes": quotes alone (kept to show that the gate refuses it).
@@ -62,6 +68,8 @@ class Recipe:
     answer_tokens: int = 48
     chunk_tokens: int = 256
     batch_size: int = 8
+    # Leave the MLP's down projections in 16-bit (the most sensitive layers of a small model).
+    keep_down_proj: bool = False
     version: int = 2
 
     def fingerprint(self) -> str:
@@ -69,10 +77,10 @@ class Recipe:
         return hashlib.sha256(blob).hexdigest()[:10]
 
 
-def recipes(group_size: int = 32) -> tuple[Recipe, ...]:
+def recipes(group_size: int = 16) -> tuple[Recipe, ...]:
     """The short fixed list of recipes a build tries, in order, until one passes the gate."""
     first = Recipe(group_size=group_size)
-    return (first, replace(first, desc_act=True), replace(first, sym=False, damp_percent=0.01))
+    return (first, replace(first, keep_down_proj=True))
 
 
 def gguf_path() -> Path:
@@ -166,16 +174,6 @@ def _dequantize_into(final: Path) -> None:
     log.info("dequantized in %.0f s -> %s", time.monotonic() - started, final)
 
 
-def weights_sha256(folder: Path) -> str:
-    """sha256 over the checkpoint's safetensors files: builds differ between machines."""
-    digest = hashlib.sha256()
-    for path in sorted(folder.glob("*.safetensors")):
-        with open(path, "rb") as handle:
-            while block := handle.read(1 << 20):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_manifest(folder: Path, data: dict[str, object]) -> None:
     payload = {"built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **data}
     (folder / "loracord-build.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
@@ -185,7 +183,7 @@ def _failure_file(cache_dir: Path, group_size: int) -> Path:
     return cache_dir / "models" / f"{MODEL_SLUG}-g{group_size}-gate-failed.json"
 
 
-def find_embedded(cache_dir: Path, group_size: int = 32) -> Path | None:
+def find_embedded(cache_dir: Path, group_size: int = 16) -> Path | None:
     """The cached build that passed the gate, if any (the first recipe's first)."""
     for recipe in recipes(group_size):
         folder = embedded_dir(cache_dir, recipe)
@@ -194,7 +192,7 @@ def find_embedded(cache_dir: Path, group_size: int = 32) -> Path | None:
     return None
 
 
-def ensure_embedded(cache_dir: Path, group_size: int = 32, *, retry: bool = False) -> Path:
+def ensure_embedded(cache_dir: Path, group_size: int = 16, *, retry: bool = False) -> Path:
     """Return the folder of the GPTQ embedded model, building it on first use (minutes).
 
     A build that failed the gate on this machine before is not tried again unless `retry`
@@ -256,7 +254,6 @@ def _calibration_dataset(fp_dir: Path, recipe: Recipe) -> list[dict[str, object]
 
     from core.model.calibration import as_dataset, chat_answers, pack
     from core.model.gate import load_reference
-    from core.model.requests import GenerationParams
 
     tokenizer = AutoTokenizer.from_pretrained(fp_dir)
     quotes = quote_corpus()[0][: recipe.calibration_quotes]
@@ -270,7 +267,7 @@ def _calibration_dataset(fp_dir: Path, recipe: Recipe) -> list[dict[str, object]
             tokenizer,
             (DEFAULT_SYSTEM_PROMPT, CUSTOM_SYSTEM_PROMPT_EXAMPLE),
             recipe.answer_tokens,
-            GenerationParams().repetition_penalty,
+            1.0,  # plain greedy: the model's own most likely answers
         )
     # Interleave deterministically so every chunk mixes kinds of text.
     sequences.sort(key=lambda seq: hashlib.sha256(str(seq).encode()).hexdigest())
@@ -305,7 +302,9 @@ def _quantize_into(fp_dir: Path, final: Path, recipe: Recipe) -> GateResult:
         true_sequential=recipe.true_sequential,
         # Layers that read the same input are quantized together: 4 calibration passes per
         # block instead of 7, the grouping the GPTQ paper uses.
-        modules_in_block_to_quantize=LLAMA_SEQUENTIAL_GROUPS,
+        modules_in_block_to_quantize=(
+            LLAMA_SEQUENTIAL_GROUPS[:-1] if recipe.keep_down_proj else LLAMA_SEQUENTIAL_GROUPS
+        ),
         dataset=dataset,
         batch_size=recipe.batch_size,
         pad_token_id=tokenizer.pad_token_id,
@@ -335,12 +334,14 @@ def _quantize_into(fp_dir: Path, final: Path, recipe: Recipe) -> GateResult:
                     "calibration_chunks": len(dataset),
                     "quantize_seconds": round(quantized_seconds, 1),
                     "gate": result.as_dict(),
-                    "weights_sha256": weights_sha256(tmp),
+                    "weights_sha256": weights_sha256(tmp),  # before the manifest exists
                     "seconds": round(time.monotonic() - started, 1),
                 },
             )
             _publish(tmp, final)
-            log.info("built in %.0f s (%s) -> %s", time.monotonic() - started, result.summary(), final)
+            log.info(
+                "built in %.0f s (%s) -> %s", time.monotonic() - started, result.summary(), final
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already when published
     return result

@@ -85,7 +85,9 @@ def serving_messages(system_prompt: str | None, prompt: str) -> list[ChatMessage
     return [ChatMessage("system", system_prompt), turn] if system_prompt else [turn]
 
 
-def render_prompts(tokenizer: Any, system_prompt: str | None, prompts: Sequence[str]) -> list[list[int]]:
+def render_prompts(
+    tokenizer: Any, system_prompt: str | None, prompts: Sequence[str]
+) -> list[list[int]]:
     """Token ids of each prompt as served, ending with the assistant's turn."""
     return [render(tokenizer, serving_messages(system_prompt, p)) for p in prompts]
 

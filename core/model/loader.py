@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -30,9 +31,29 @@ class ModelInfo:
     size_bytes: int
     context_tokens: int
     load_seconds: float
+    weights_sha256: str
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def weights_sha256(folder: Path) -> str:
+    """sha256 over the checkpoint's safetensors files (builds differ between machines).
+
+    A loracord build records it in its manifest; other checkpoints are hashed here, once per
+    load (seconds for a 7B model).
+    """
+    manifest = folder / "loracord-build.json"
+    if manifest.is_file():
+        recorded = json.loads(manifest.read_text(encoding="utf-8")).get("weights_sha256")
+        if recorded:
+            return str(recorded)
+    digest = hashlib.sha256()
+    for file in sorted(folder.glob("*.safetensors")):
+        with open(file, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def folder_size(path: Path) -> int:
@@ -126,4 +147,5 @@ def describe(
         size_bytes=folder_size(path),
         context_tokens=served,
         load_seconds=round(seconds, 2),
+        weights_sha256=weights_sha256(path),
     )
