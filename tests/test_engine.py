@@ -69,8 +69,11 @@ async def test_answer_is_coherent_and_stops_at_eos(session_app: App) -> None:
         GenerationRequest.from_prompt("What is the capital of France? Answer in one word.", params)
     )
     answer = await stream.text()
-    assert "Paris" in answer
-    assert stream.finish_reason == "stop"
+    # Whether answers are right is measured over 64 prompts (tests/test_gate.py); here: the
+    # answer ends at the model's end-of-turn token, which never reaches the text.
+    assert answer.strip()
+    assert stream.finish_reason == "stop", answer
+    assert stream.completion_tokens < 120
     assert "<|im_end|>" not in answer
 
 

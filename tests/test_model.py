@@ -26,14 +26,17 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_layers_are_really_gptq_4bit(session_app: App, embedded_model_dir: Path) -> None:
     model = session_app.engine.model
     layers = quant_layers(model)
-    # 30 decoder blocks x (q, k, v, o, gate, up, down)
-    assert len(layers) == 30 * 7
+    config = json.loads((embedded_model_dir / "config.json").read_text())
+    recipe = json.loads((embedded_model_dir / "loracord-build.json").read_text())["recipe"]
+    # 30 decoder blocks x (q, k, v, o, gate, up, down); the fallback recipe keeps down in 16-bit.
+    per_block = 6 if recipe["keep_down_proj"] else 7
+    assert len(layers) == 30 * per_block
     first = model.model.layers[0].self_attn.q_proj
     assert first in layers
     assert not first.qweight.is_floating_point()  # packed 4-bit codes, not weights
     assert first.bits == 4
-    assert not any(isinstance(m, torch.nn.Linear) for m in model.model.layers.modules())
-    config = json.loads((embedded_model_dir / "config.json").read_text())
+    plain = [m for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(plain) == 30 * (7 - per_block)
     quant = config["quantization_config"]
     assert quant["quant_method"] == "gptq" and quant["bits"] == 4
     assert quant["group_size"] in (32, 64)

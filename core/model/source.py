@@ -53,7 +53,7 @@ def read_quantization(path: Path) -> dict[str, Any]:
 
 
 def resolve(
-    model: str, cache_dir: Path, embedded_group_size: int = 16, *, retry_build: bool = False
+    model: str, cache_dir: Path, embedded_group_size: int = 32, *, retry_build: bool = False
 ) -> ResolvedModel:
     """Turn the `model` setting into a local GPTQ checkpoint folder, building or fetching it."""
     if model == "embedded":
