@@ -19,7 +19,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -36,41 +35,6 @@ CANDIDATES = {
     "friendly short": "You are a friendly and helpful assistant. Answer in one or two sentences.",
     "current default": DEFAULT_SYSTEM_PROMPT,
 }
-
-
-def _sampled(
-    model: Any, tokenizer: Any, prompts: list[list[int]], cap: int, rp: float
-) -> list[list[int]]:
-    import torch
-
-    torch.manual_seed(0)
-    out = []
-    stops = fidelity._stop_ids(model, tokenizer)
-    for start in range(0, len(prompts), 32):
-        rows = prompts[start : start + 32]
-        width = max(map(len, rows))
-        pad = tokenizer.pad_token_id
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row) :] = torch.tensor(row)
-            mask[i, width - len(row) :] = 1
-        with torch.inference_mode():
-            gen = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=cap,
-                do_sample=True,
-                temperature=0.2,
-                top_p=0.9,
-                repetition_penalty=rp,
-                pad_token_id=pad,
-                eos_token_id=sorted(stops),
-            )
-        for row in gen[:, width:].tolist():
-            cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-            out.append(row[: cut + 1] if cut < len(row) else row)
-    return out
 
 
 def main() -> int:
@@ -114,12 +78,15 @@ def main() -> int:
                 # members get, greedy and with the default sampling.
                 for mode in ("greedy",) if label == "fp32" else ("greedy", "sampled"):
                     started = time.monotonic()
-                    if mode == "greedy":
-                        answers = fidelity.greedy_answers(
-                            model, tokenizer, rendered, args.cap, repetition_penalty=rp
-                        )
-                    else:
-                        answers = _sampled(model, tokenizer, rendered, args.cap, rp)
+                    torch.manual_seed(0)
+                    answers = fidelity.greedy_answers(
+                        model,
+                        tokenizer,
+                        rendered,
+                        args.cap,
+                        repetition_penalty=rp,
+                        sampling=None if mode == "greedy" else (0.2, 0.9),
+                    )
                     decoded = fidelity.answer_texts(tokenizer, answers)
                     q = fidelity.answer_quality(prompts, answers, decoded, args.cap)
                     row = {

@@ -15,6 +15,7 @@ from core.app import App, build
 from core.errors import EngineBusy, EngineClosed, ModelError, PromptError
 from core.model.decoding import render
 from core.model.engine import LocalEngine
+from core.model.fidelity import serving_messages
 from core.model.kernels import choose_runtime
 from core.model.requests import ChatMessage, GenerationParams, GenerationRequest
 from core.model.source import ResolvedModel
@@ -39,7 +40,7 @@ async def test_greedy_tokens_equal_plain_generate_fp32(fp32_app: App) -> None:
     stream = await engine.submit(GenerationRequest.from_prompt(PROMPT, GREEDY))
     answer = await stream.text()
 
-    messages = [ChatMessage("system", fp32_app.settings.system_prompt), ChatMessage("user", PROMPT)]
+    messages = serving_messages(fp32_app.settings.system_prompt, PROMPT)
     prompt_ids = render(engine.tokenizer, messages)
     assert stream.prompt_tokens == len(prompt_ids)
     with torch.inference_mode():

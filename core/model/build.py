@@ -181,8 +181,10 @@ def _write_manifest(folder: Path, data: dict[str, object]) -> None:
     (folder / "loracord-build.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
 
 
-def _failure_file(cache_dir: Path, group_size: int) -> Path:
-    return cache_dir / "models" / f"{MODEL_SLUG}-g{group_size}-gate-failed.json"
+def _failure_file(cache_dir: Path, candidates: tuple[Recipe, ...]) -> Path:
+    """Where a failed build is recorded; named by the recipes, so a new list tries again."""
+    key = hashlib.sha256("".join(r.fingerprint() for r in candidates).encode()).hexdigest()[:10]
+    return cache_dir / "models" / f"{MODEL_SLUG}-gate-failed-{key}.json"
 
 
 def find_embedded(cache_dir: Path, group_size: int = 32) -> Path | None:
@@ -208,11 +210,12 @@ def ensure_embedded(cache_dir: Path, group_size: int = 32, *, retry: bool = Fals
         found = find_embedded(cache_dir, group_size)
         if found is not None:
             return found
-        failure = _failure_file(cache_dir, group_size)
+        candidates = recipes(group_size)
+        failure = _failure_file(cache_dir, candidates)
         if failure.is_file() and not retry:
             raise ModelError(_read_failure(failure))
         _remove_leftovers(cache_dir)
-        return _build_first_passing(fp_dir, cache_dir, recipes(group_size), failure)
+        return _build_first_passing(fp_dir, cache_dir, candidates, failure)
 
 
 def _build_first_passing(
@@ -229,10 +232,9 @@ def _build_first_passing(
         log.warning("recipe %d failed the quality gate: %s", index, result.summary())
         tried.append(f"recipe {index}: {result.summary()}")
     message = (
-        f"the embedded model could not be built to quality on this machine ({len(tried)} "
-        f"recipes tried, best {tried[0] if len(tried) == 1 else '; '.join(tried)}); nothing "
-        "is served. Run `loracord model build -v` to try again, or set `model` to a GPTQ "
-        "checkpoint"
+        "the embedded model could not be built to quality on this machine "
+        f"({'; '.join(tried)}); nothing is served. Run `loracord model build -v` to try "
+        "again, or set `model` to a GPTQ checkpoint"
     )
     failure.write_text(json.dumps({"message": message}), encoding="utf-8")
     raise ModelError(message)

@@ -105,15 +105,22 @@ def greedy_answers(
     max_new_tokens: int,
     *,
     repetition_penalty: float = 1.0,
+    sampling: tuple[float, float] | None = None,
     batch_size: int = 32,
 ) -> list[list[int]]:
-    """Greedy answer token ids for each prompt (without the stop token), batched."""
+    """Answer token ids for each prompt (ending with the stop token when one came), batched.
+
+    Greedy unless `sampling` gives (temperature, top_p); seed torch first for repeatable samples.
+    """
     import torch
 
     stops = _stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops)
     answers: list[list[int]] = []
     device = next(model.parameters()).device
+    sample: dict[str, Any] = {"do_sample": False}
+    if sampling is not None:
+        sample = {"do_sample": True, "temperature": sampling[0], "top_p": sampling[1]}
     for start in range(0, len(prompts), batch_size):
         rows = prompts[start : start + batch_size]
         width = max(map(len, rows))
@@ -127,10 +134,10 @@ def greedy_answers(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
                 repetition_penalty=repetition_penalty,
                 pad_token_id=pad,
                 eos_token_id=sorted(stops),
+                **sample,
             )
         for row in out[:, width:].tolist():
             cut = next((i for i, t in enumerate(row) if t in stops), len(row))
