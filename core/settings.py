@@ -96,7 +96,8 @@ class Settings(_Section):
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     temperature: float = Field(default=0.2, ge=0.0, le=2.0)
     top_p: float = Field(default=0.9, gt=0.0, le=1.0)
-    repetition_penalty: float = Field(default=1.0, ge=1.0, le=2.0)
+    # 1.2 ended the loops of the embedded model (BENCHMARKS.md, "Answer defaults").
+    repetition_penalty: float = Field(default=1.2, ge=1.0, le=2.0)
     max_new_tokens: int = Field(default=200, ge=1)
     max_new_tokens_cap: int = Field(default=1024, ge=1)
     max_context_tokens: int = Field(default=2048, ge=64)

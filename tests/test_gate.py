@@ -105,3 +105,22 @@ def test_default_system_prompt_is_the_models_own() -> None:
     settings = make_settings(Path("/nonexistent"))
     assert settings.system_prompt == DEFAULT_SYSTEM_PROMPT
     assert fidelity.serving_messages(DEFAULT_SYSTEM_PROMPT, "hi")[0].role == "user"
+
+
+def test_the_fp32_serving_path_answers_like_fp32_too(
+    dequantized_model_dir: Path, embedded_model_dir: Path
+) -> None:
+    """CPUs without bf16 serve in fp32 through another kernel; it must agree as well (GPTQModel's
+    torch_fused ignores asymmetric zero points and agreed on 0% of tokens)."""
+    from core.model.kernels import choose_runtime
+    from core.model.loader import load_for_serving
+
+    reference, tokenizer = gate.load_reference(dequantized_model_dir)
+    candidate, _, _ = load_for_serving(embedded_model_dir, choose_runtime("cpu", "float32"))
+    prompts = fidelity.render_prompts(
+        tokenizer, DEFAULT_SYSTEM_PROMPT, [p.text for p in fidelity.eval_prompts()]
+    )
+    answers = gate.reference_answers(dequantized_model_dir, reference, tokenizer, "")
+    pad = tokenizer.pad_token_id
+    agreement, kl, _ = fidelity.teacher_forced(reference, candidate, prompts, answers, pad)
+    assert agreement >= gate.MIN_TOP1_AGREEMENT, (agreement, kl)
