@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.loracord-installed
-PIP := $(BIN)/python -m pip -q --disable-pip-version-check --no-input --root-user-action=ignore
+PIP := $(BIN)/python -m pip -q --disable-pip-version-check --no-input
 
 .PHONY: install run test lint bench clean
 
