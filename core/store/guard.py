@@ -108,6 +108,7 @@ def retry_busy(
             if not is_busy(e) or clock() + delay >= deadline:
                 raise
             log.debug("database busy, retrying in %.2f s", delay)
-        # Jitter keeps writers that met the same lock from retrying in lockstep.
-        sleep(delay * random.uniform(0.5, 1.5))
+        # Jitter keeps writers that met the same lock from retrying in lockstep; the pause
+        # never runs past the deadline.
+        sleep(min(delay * random.uniform(0.5, 1.5), max(0.0, deadline - clock())))
         delay = min(delay * 2, 0.5)

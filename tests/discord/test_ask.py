@@ -10,13 +10,14 @@ from simbot import FakeClock, answer_of
 from core.discord import ChannelKey
 from core.discord.streaming import CURSOR
 from core.errors import LoracordError
-from core.model.requests import AdapterRef, ChatMessage, GenerationParams, GenerationRequest
+from core.model.requests import AdapterRef, ChatMessage, GenerationRequest
 from plugins.ask.cog import DM_REFUSED
 
 
 async def _direct(h, prompt: str, max_tokens: int) -> str:
     """What the model says to `prompt`, asked directly (greedy, so the same as via Discord)."""
-    params = GenerationParams(max_tokens, 0.0, h.bot.settings.top_p)
+    # The settings' sampling (repetition penalty included), as every front uses it.
+    params = h.bot.settings.generation_params(max_new_tokens=max_tokens, temperature=0.0)
     stream = await h.probe.engine.submit(GenerationRequest.from_prompt(prompt, params))
     return (await stream.text()).strip()
 

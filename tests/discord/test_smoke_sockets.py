@@ -22,7 +22,7 @@ from simbot import answer_of
 from core.app import build
 from core.discord import create_bot, run_bot
 from core.discord.streaming import CURSOR
-from core.model.requests import GenerationParams, GenerationRequest
+from core.model.requests import GenerationRequest
 from tests.conftest import make_settings
 
 PROMPT = "Say hello to the server."
@@ -72,7 +72,7 @@ async def test_real_bot_over_real_sockets(tmp_path, session_app, fake_discord, e
         assert callback.query.get("with_response") in ("1", "true", "True")
         assert fake_discord.requests.index(callback) < fake_discord.requests.index(final)
 
-        params = GenerationParams(max_new_tokens=12, temperature=0.0, top_p=settings.top_p)
+        params = settings.generation_params(max_new_tokens=12, temperature=0.0)
         stream = await session_app.engine.submit(GenerationRequest.from_prompt(PROMPT, params))
         expected = (await stream.text()).strip()
         assert expected
