@@ -26,7 +26,8 @@ import torch
 from core.app import App, build
 from core.model.build import Recipe, dequantized_dir, quote_corpus
 from core.model.decoding import render
-from core.model.requests import ChatMessage, GenerationParams, GenerationRequest
+from core.model.fidelity import serving_messages
+from core.model.requests import GenerationParams, GenerationRequest
 from tests.conftest import CACHE_DIR, make_settings
 
 pytestmark = pytest.mark.gpu
@@ -129,7 +130,7 @@ async def test_greedy_tokens_equal_plain_generate_cuda(cuda_app: App) -> None:
     stream = await engine.submit(GenerationRequest.from_prompt(PROMPT, params))
     answer = await stream.text()
 
-    messages = [ChatMessage("system", cuda_app.settings.system_prompt), ChatMessage("user", PROMPT)]
+    messages = serving_messages(cuda_app.settings.system_prompt, PROMPT)
     prompt_ids = render(engine.tokenizer, messages)
 
     def reference() -> list[int]:
