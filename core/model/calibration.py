@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,25 +85,38 @@ def chat_answers(
     recipe does not generate them again.
     """
     prompts = calibration_prompts()
-    key = json.dumps(
-        [prompts, system_prompts, answer_tokens, repetition_penalty], ensure_ascii=False
-    )
-    cache_file = fp_dir / f"chat-answers-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
+
+    def conversations() -> list[list[int]]:
+        rendered: list[list[int]] = []
+        for index, system in enumerate(system_prompts):
+            share = list(prompts[index :: len(system_prompts)])
+            rendered.extend(render_prompts(tokenizer, system, share))
+        log.info("answering %d calibration prompts with the full-precision model", len(rendered))
+        answers = greedy_answers(
+            model, tokenizer, rendered, answer_tokens, repetition_penalty=repetition_penalty
+        )
+        return [p + a for p, a in zip(rendered, answers, strict=True)]
+
+    key = [prompts, system_prompts, answer_tokens, repetition_penalty]
+    return cached_token_lists(fp_dir, "chat-answers", key, conversations)
+
+
+def cached_token_lists(
+    folder: Path, prefix: str, key: object, compute: Callable[[], list[list[int]]]
+) -> list[list[int]]:
+    """Token lists kept as JSON in `folder`, named by a hash of `key`; computed when absent.
+
+    Written to a temporary file and renamed, so a killed process never leaves half a file.
+    """
+    digest = hashlib.sha256(json.dumps(key, ensure_ascii=False).encode()).hexdigest()[:12]
+    cache_file = folder / f"{prefix}-{digest}.json"
     if cache_file.is_file():
         return [list(map(int, row)) for row in json.loads(cache_file.read_text())]
-    rendered: list[list[int]] = []
-    for index, system in enumerate(system_prompts):
-        share = list(prompts[index :: len(system_prompts)])
-        rendered.extend(render_prompts(tokenizer, system, share))
-    log.info("answering %d calibration prompts with the full-precision model", len(rendered))
-    answers = greedy_answers(
-        model, tokenizer, rendered, answer_tokens, repetition_penalty=repetition_penalty
-    )
-    conversations = [p + a for p, a in zip(rendered, answers, strict=True)]
+    rows = compute()
     tmp = cache_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(conversations))
+    tmp.write_text(json.dumps(rows))
     tmp.replace(cache_file)
-    return conversations
+    return rows
 
 
 def pack(sequences: list[list[int]], chunk_tokens: int) -> list[list[int]]:

@@ -10,14 +10,12 @@ The candidate is loaded exactly as it will be served on this machine's CPU (kern
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.model.calibration import quote_corpus
+from core.model.calibration import cached_token_lists, quote_corpus
 from core.model.fidelity import (
     Fidelity,
     eval_prompts,
@@ -79,16 +77,13 @@ def reference_answers(
 ) -> list[list[int]]:
     """The full-precision model's greedy answers to the measurement prompts, cached beside it."""
     texts = [p.text for p in eval_prompts()]
-    key = json.dumps([texts, system_prompt, REFERENCE_ANSWER_TOKENS], ensure_ascii=False)
-    cache_file = fp_dir / f"eval-answers-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
-    if cache_file.is_file():
-        return [list(map(int, row)) for row in json.loads(cache_file.read_text())]
-    prompts = render_prompts(tokenizer, system_prompt, texts)
-    answers = greedy_answers(model, tokenizer, prompts, REFERENCE_ANSWER_TOKENS)
-    tmp = cache_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(answers))
-    tmp.replace(cache_file)
-    return answers
+
+    def answers() -> list[list[int]]:
+        prompts = render_prompts(tokenizer, system_prompt, texts)
+        return greedy_answers(model, tokenizer, prompts, REFERENCE_ANSWER_TOKENS)
+
+    key = [texts, system_prompt, REFERENCE_ANSWER_TOKENS]
+    return cached_token_lists(fp_dir, "eval-answers", key, answers)
 
 
 def load_reference(fp_dir: Path) -> tuple[Any, Any]:
