@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 from types import TracebackType
 
-from core.model.engine import LocalEngine
+from core.model.engine import Engine, LocalEngine
 from core.model.kernels import choose_runtime
 from core.model.loader import ModelInfo
 from core.model.source import ResolvedModel, resolve
@@ -25,7 +25,7 @@ class App:
     """The services of one loracord process."""
 
     settings: Settings
-    engine: LocalEngine
+    engine: Engine
     store: AsyncQuoteStore
 
     async def start(self) -> ModelInfo:
@@ -70,6 +70,8 @@ def build(settings: Settings) -> App:
         queue_size=settings.queue_size,
         max_new_tokens_cap=settings.max_new_tokens_cap,
         max_context_tokens=settings.max_context_tokens,
+        batch_rows=settings.batch_rows,
+        prefill_tokens_per_step=settings.prefill_tokens_per_step,
         system_prompt=settings.system_prompt,
         threads=settings.threads,
     )

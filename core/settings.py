@@ -101,6 +101,10 @@ class Settings(_Section):
     max_new_tokens: int = Field(default=200, ge=1)
     max_new_tokens_cap: int = Field(default=1024, ge=1)
     max_context_tokens: int = Field(default=2048, ge=64)
+    # Requests answered together: each holds one row of max_context_tokens in the KV cache.
+    batch_rows: int = Field(default=8, ge=1, le=256)
+    # Prompt tokens read per engine step, so a long prompt does not stall the answers decoding.
+    prefill_tokens_per_step: int = Field(default=256, ge=16)
     queue_size: int = Field(default=16, ge=1)
 
     discord: DiscordSettings = DiscordSettings()

@@ -7,6 +7,7 @@ import itertools
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -41,23 +42,27 @@ async def test_greedy_tokens_equal_plain_generate_fp32(fp32_app: App) -> None:
     answer = await stream.text()
 
     messages = serving_messages(fp32_app.settings.system_prompt, PROMPT)
-    prompt_ids = render(engine.tokenizer, messages)
+    tokenizer = await engine.run_on_model(lambda _model, tokenizer: tokenizer)
+    prompt_ids = render(tokenizer, messages)
     assert stream.prompt_tokens == len(prompt_ids)
-    with torch.inference_mode():
-        out = engine.model.generate(
+
+    def reference(model: Any, tokenizer: Any) -> list[int]:
+        out = model.generate(
             torch.tensor([prompt_ids]), max_new_tokens=GREEDY.max_new_tokens, do_sample=False
         )
-    new_ids = out[0, len(prompt_ids) :].tolist()
-    eos = engine.tokenizer.eos_token_id
+        return list(out[0, len(prompt_ids) :].tolist())
+
+    new_ids = await engine.run_on_model(reference)
+    eos = tokenizer.eos_token_id
     if eos in new_ids:
         new_ids = new_ids[: new_ids.index(eos)]
     assert stream.completion_tokens == len(new_ids)
-    assert answer == engine.tokenizer.decode(new_ids, skip_special_tokens=True)
+    assert answer == tokenizer.decode(new_ids, skip_special_tokens=True)
     assert len(answer.split()) >= 3, answer
 
 
-def test_chat_template_is_applied(session_app: App) -> None:
-    tokenizer = session_app.engine.tokenizer
+async def test_chat_template_is_applied(session_app: App) -> None:
+    tokenizer = await session_app.engine.run_on_model(lambda _model, tokenizer: tokenizer)
     text = tokenizer.decode(render(tokenizer, [ChatMessage("user", "hello there")]))
     assert text.startswith("<|im_start|>system\n")
     assert "<|im_start|>user\nhello there<|im_end|>" in text
@@ -103,37 +108,41 @@ async def test_sampling_is_seeded_temperature_matters_and_zero_is_greedy(
     assert at_zero == {await _answer(session_app, greedy)}  # temperature 0 ignores the seed
 
 
-def _rendered(app: App, prompt: str) -> list[int]:
+async def _rendered(app: App, prompt: str) -> list[int]:
     """The prompt's token ids as the engine renders them (with the system prompt, if any)."""
     system = app.settings.system_prompt
     turns = [ChatMessage("system", system)] if system else []
-    return render(app.engine.tokenizer, [*turns, ChatMessage("user", prompt)])
+    tokenizer = await app.engine.run_on_model(lambda _model, tokenizer: tokenizer)
+    return render(tokenizer, [*turns, ChatMessage("user", prompt)])
 
 
 async def test_repetition_penalty_equals_transformers_generate_fp32(fp32_app: App) -> None:
     engine = fp32_app.engine
     prompt = "List the days of the week, then list them again."
-    prompt_ids = _rendered(fp32_app, prompt)
+    prompt_ids = await _rendered(fp32_app, prompt)
     penalized = GenerationParams(max_new_tokens=40, temperature=0.0, repetition_penalty=1.3)
     stream = await engine.submit(GenerationRequest.from_prompt(prompt, penalized))
     answer = await stream.text()
 
-    def reference(penalty: float) -> list[int]:
-        with torch.inference_mode():
-            out = engine.model.generate(
+    def reference(penalty: float) -> Callable[[Any, Any], list[int]]:
+        def run(model: Any, tokenizer: Any) -> list[int]:
+            out = model.generate(
                 torch.tensor([prompt_ids]),
                 max_new_tokens=penalized.max_new_tokens,
                 do_sample=False,
                 repetition_penalty=penalty,
             )
-        ids = out[0, len(prompt_ids) :].tolist()
-        eos = engine.tokenizer.eos_token_id
-        return ids[: ids.index(eos)] if eos in ids else ids
+            ids: list[int] = out[0, len(prompt_ids) :].tolist()
+            eos = tokenizer.eos_token_id
+            return ids[: ids.index(eos)] if eos in ids else ids
 
-    expected = await engine.call(lambda: reference(1.3))  # the model belongs to the worker
+        return run
+
+    expected = await engine.run_on_model(reference(1.3))  # the model belongs to the worker
+    tokenizer = await engine.run_on_model(lambda _model, tokenizer: tokenizer)
     assert stream.completion_tokens == len(expected)
-    assert answer == engine.tokenizer.decode(expected, skip_special_tokens=True)
-    assert expected != await engine.call(lambda: reference(1.0))  # the penalty changed it
+    assert answer == tokenizer.decode(expected, skip_special_tokens=True)
+    assert expected != await engine.run_on_model(reference(1.0))  # the penalty changed it
 
 
 async def test_event_loop_keeps_running_between_pieces(session_app: App) -> None:
@@ -179,7 +188,12 @@ async def test_long_prompt_is_cut_from_the_front_with_a_notice(
         await stream.text()
         info = app.engine.info
         assert info is not None  # what `model info` reports: the window served, not the model's
-        assert info.context_tokens == 128 < app.engine.model.config.max_position_embeddings
+        window = await app.engine.run_on_model(
+            lambda model, _tokenizer: model.config.max_position_embeddings
+        )
+        assert info.context_tokens == 128 < window
+        assert app.engine.capacity is not None
+        assert app.engine.capacity.context_tokens == 128
         assert stream.prompt_tokens <= 128 - 8
         assert any("too long" in n for n in stream.notices)
         assert stream.completion_tokens >= 1
@@ -208,7 +222,7 @@ async def test_max_tokens_is_capped(tmp_path: Path, embedded_model_dir: Path) ->
 async def test_queue_positions_busy_error_and_cancel(
     tmp_path: Path, embedded_model_dir: Path
 ) -> None:
-    app = build(make_settings(tmp_path, queue_size=2))
+    app = build(make_settings(tmp_path, queue_size=2, batch_rows=1))
     await app.start()
     try:
         long = GenerationParams(max_new_tokens=200, temperature=0)
@@ -239,7 +253,7 @@ async def test_queue_positions_busy_error_and_cancel(
 
 
 async def test_close_tells_waiting_requests(tmp_path: Path, embedded_model_dir: Path) -> None:
-    app = build(make_settings(tmp_path))
+    app = build(make_settings(tmp_path, batch_rows=1))
     await app.start()
     long = GenerationParams(max_new_tokens=60, temperature=0)
     running = await app.engine.submit(GenerationRequest.from_prompt("Tell me a story.", long))
@@ -317,10 +331,14 @@ async def test_close_while_the_model_loads_does_not_wait_for_the_load() -> None:
         gate.set()
 
 
-async def test_a_request_with_nothing_ahead_is_not_queued(session_app: App) -> None:
-    """Places count the requests ahead; none ahead means starting, even before the worker
-    picks it up (here it is busy elsewhere: a call on its thread)."""
-    engine = session_app.engine
+async def test_a_request_with_nothing_ahead_is_not_queued(
+    tmp_path: Path, embedded_model_dir: Path
+) -> None:
+    """Places count the requests ahead of the free rows; none means starting, even before the
+    worker picks it up (here it is busy elsewhere: a call on its thread)."""
+    app = build(make_settings(tmp_path, batch_rows=1))
+    await app.start()
+    engine = app.engine
     gate = threading.Event()
     busy = asyncio.ensure_future(engine.call(gate.wait))
     await asyncio.sleep(0)  # the call reaches the worker before the questions do
@@ -337,3 +355,4 @@ async def test_a_request_with_nothing_ahead_is_not_queued(session_app: App) -> N
     assert await first.text() == "" and first.finish_reason == "cancelled"
     assert await second.text() != ""
     assert second.queue_position is None
+    await app.close()

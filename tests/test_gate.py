@@ -38,14 +38,15 @@ def test_pack_makes_equal_chunks_without_padding() -> None:
     assert calibration.pack([[1, 2]], 4) == [[1, 2]]
 
 
-def test_served_build_answers_like_fp32(
+async def test_served_build_answers_like_fp32(
     session_app: App, dequantized_model_dir: Path, record_property: pytest.RecordProperty
 ) -> None:
     """The measure on the model as this machine serves it, not one lucky answer."""
     reference, tokenizer = gate.load_reference(dequantized_model_dir)
+    served = await session_app.engine.run_on_model(lambda model, _tokenizer: model)
     result = gate.check(
         dequantized_model_dir,
-        session_app.engine.model,
+        served,
         reference,
         tokenizer,
         session_app.settings.system_prompt,

@@ -23,8 +23,8 @@ from core.model.source import resolve
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_layers_are_really_gptq_4bit(session_app: App, embedded_model_dir: Path) -> None:
-    model = session_app.engine.model
+async def test_layers_are_really_gptq_4bit(session_app: App, embedded_model_dir: Path) -> None:
+    model = await session_app.engine.run_on_model(lambda model, _tokenizer: model)
     layers = quant_layers(model)
     config = json.loads((embedded_model_dir / "config.json").read_text())
     recipe = json.loads((embedded_model_dir / "loracord-build.json").read_text())["recipe"]
@@ -60,18 +60,18 @@ def test_heldout_quotes_never_reach_calibration() -> None:
     assert again == (calibration, heldout)
 
 
-def test_perplexity_within_20_percent_of_dequantized(
+async def test_perplexity_within_20_percent_of_dequantized(
     session_app: App, dequantized_model_dir: Path, record_property: pytest.RecordProperty
 ) -> None:
     from transformers import AutoModelForCausalLM
 
     _, heldout = build.quote_corpus()
-    tokenizer = session_app.engine.tokenizer
+    served, tokenizer = await session_app.engine.run_on_model(lambda *loaded: loaded)
     fp_model = AutoModelForCausalLM.from_pretrained(dequantized_model_dir, dtype=torch.float32)
     reference = perplexity(fp_model, tokenizer, heldout)
     del fp_model
     # The quantized model as it is served (bf16 on this CPU, AVX512-BF16 kernel).
-    measured = perplexity(session_app.engine.model, tokenizer, heldout)
+    measured = perplexity(served, tokenizer, heldout)
     ratio = measured / reference
     record_property("perplexity", {"fp32": reference, "gptq": measured, "ratio": ratio})
     print(f"held-out perplexity: fp32 {reference:.2f}, GPTQ {measured:.2f} (+{ratio - 1:.1%})")

@@ -30,7 +30,7 @@ from .sync import CommandSync
 
 if TYPE_CHECKING:
     from core.app import App
-    from core.model.engine import LocalEngine
+    from core.model.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class LoracordBot(commands.Bot):
         return self.app.settings
 
     @property
-    def engine(self) -> LocalEngine:
+    def engine(self) -> Engine:
         return self.app.engine
 
     @staticmethod

@@ -9,8 +9,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from core.errors import PromptError
 from core.model.requests import ChatMessage
 
@@ -77,46 +75,46 @@ def fit_prompt(tokenizer: Any, messages: Sequence[ChatMessage], budget: int) -> 
     return FittedPrompt(ids, notices)
 
 
-def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL's repetition penalty, as transformers applies it: logits of tokens already in the
-    prompt or answer (`seen`, ids [batch, n]) are divided by `penalty` when positive and
-    multiplied when negative, so a repeated token always loses probability."""
-    if penalty == 1.0 or seen.numel() == 0:
-        return logits
-    picked = logits.gather(-1, seen)
-    picked = torch.where(picked > 0, picked / penalty, picked * penalty)
-    return logits.scatter(-1, seen, picked)
-
-
-def pick_next(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
-) -> torch.Tensor:
-    """Next token ids (one per row) from last-position logits [batch, vocab]."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        cumulative = sorted_probs.cumsum(dim=-1)
-        sorted_probs[(cumulative - sorted_probs) > top_p] = 0.0
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
 class IncrementalDetokenizer:
-    """Turns a growing list of token ids into new text pieces, never splitting a character."""
+    """Turns a growing list of token ids into new text pieces, never splitting a character.
+
+    Each token decodes a short window (the tokens since the last emitted piece and a few before
+    them, for context such as a leading space), not the whole answer again: the work per token
+    stays constant however long the answer grows. The pieces joined equal decoding the answer
+    at once.
+    """
+
+    _CONTEXT = 4  # tokens of already-emitted text kept for context
 
     def __init__(self, tokenizer: Any):
         self._tokenizer = tokenizer
         self._ids: list[int] = []
-        self._emitted = 0
+        self._prefix = 0  # start of the window
+        self._read = 0  # tokens before this are already emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self._tokenizer.decode(ids, skip_special_tokens=True))
 
     def add(self, token_id: int) -> str:
         """Append one token; return the text it completes (may be empty)."""
         self._ids.append(token_id)
-        text = self._tokenizer.decode(self._ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            return ""
-        piece = text[self._emitted :]
-        self._emitted = len(text)
-        return piece
+        before = self._decode(self._ids[self._prefix : self._read])
+        now = self._decode(self._ids[self._prefix :])
+        if len(now) <= len(before) or now.endswith("\ufffd"):
+            return ""  # nothing new, or an incomplete UTF-8 sequence: wait for the next token
+        self._read = len(self._ids)
+        self._prefix = max(0, self._read - self._CONTEXT)
+        return now[len(before) :]
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """End-of-sequence ids from the generation config and the tokenizer."""
+    ids: set[int] = set()
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(int(i) for i in configured)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids

@@ -1,10 +1,16 @@
-"""Serving: one worker thread owns the model; the event loop only submits and reads streams.
+"""Serving: the `Engine` protocol, and `LocalEngine`, a step loop on one worker thread.
 
-`LocalEngine.submit()` never blocks the event loop: it validates the request, puts it on a
-bounded queue (a full queue raises `EngineBusy` at once) and returns a `ResponseStream` that the
-worker feeds token by token. Requests run one after another today; the worker takes work through
-`_next_batch()` so that batching rows with different adapters (the adapters issue) slots in
-there without changing the interface. The engine knows nothing about Discord or channels.
+`Engine` is the seam between the model and everything else (the app, the Discord bot, the
+console, the CLI): start, submit a request for a stream, info, capacity, close. `LocalEngine`
+serves a GPTQ model in this process; a remote engine (a vLLM server) would offer the same.
+
+`LocalEngine.submit()` never blocks the event loop: the prompt is rendered and fitted in a
+thread (a prompt that cannot be served is refused before it queues), then the request joins a
+bounded waiting set (a full one raises `EngineBusy` at once) and a `ResponseStream` comes back.
+The worker thread owns the model. Each iteration of its loop runs control operations, drops
+cancelled requests, admits waiting ones into free rows of the KV cache, and runs one step: a
+token for every decoding row plus prompt chunks within a token budget (continuous batching).
+The engine knows nothing about Discord or channels.
 """
 
 from __future__ import annotations
@@ -14,29 +20,45 @@ import dataclasses
 import logging
 import os
 import threading
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from core.errors import EngineBusy, EngineClosed, LoracordError, ModelError, PromptError
+from core.model.decoding import IncrementalDetokenizer, fit_prompt, stop_token_ids
 from core.model.kernels import Runtime
-from core.model.loader import ModelInfo, describe, load_for_serving
-from core.model.requests import ChatMessage, GenerationRequest, ResponseStream
+from core.model.loader import Capacity, ModelInfo, describe, load_for_serving
+from core.model.requests import (
+    ChatMessage,
+    GenerationRequest,
+    ResponseStream,
+    open_stream,
+)
+from core.model.scheduler import Prepared, Scheduler, Sequence
 from core.model.source import ResolvedModel
+
+if TYPE_CHECKING:  # torch is imported when the model loads, not with this module
+    from core.model.batch import BatchModel
+    from core.model.sampling import SeenTokens
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 _CLOSED = "the bot is shutting down; ask again when it is back"
+# Tokens kept free for the answer when a prompt is fitted to a small context window.
+_MIN_ANSWER_ROOM = 32
 
 
 class Engine(Protocol):
-    """What every serving backend offers: start, submit a request for a stream, close."""
+    """What every serving backend offers. `info` and `capacity` are None until `start()`."""
 
     async def start(self) -> ModelInfo: ...
     async def submit(self, request: GenerationRequest) -> ResponseStream: ...
+    @property
+    def info(self) -> ModelInfo | None: ...
+    @property
+    def capacity(self) -> Capacity | None: ...
     async def close(self) -> None: ...
 
 
@@ -51,6 +73,8 @@ class LocalEngine:
         queue_size: int = 16,
         max_new_tokens_cap: int = 1024,
         max_context_tokens: int = 2048,
+        batch_rows: int = 8,
+        prefill_tokens_per_step: int = 256,
         system_prompt: str | None = None,
         threads: int | None = None,
     ) -> None:
@@ -60,19 +84,37 @@ class LocalEngine:
         self.queue_size = queue_size
         self.max_new_tokens_cap = max_new_tokens_cap
         self.max_context_tokens = max_context_tokens
+        self.batch_rows = batch_rows
+        self.prefill_tokens_per_step = prefill_tokens_per_step
         self.system_prompt = system_prompt
         self.threads = threads
-        self.info: ModelInfo | None = None
-        self.model: Any = None
-        self.tokenizer: Any = None
-        self._waiting: deque[ResponseStream] = deque()
-        self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        self._info: ModelInfo | None = None
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._batch: BatchModel | None = None
+        self._seen: SeenTokens | None = None
+        self._stops: set[int] = set()
+        self._scheduler = Scheduler(batch_rows)
+        self._calls: list[tuple[Callable[[], Any], Future[Any]]] = []
         self._cond = threading.Condition()
+        self._prepare_lock = threading.Lock()  # one tokenizer user at a time off the worker
         self._closing = False
         self._thread: threading.Thread | None = None
         self._ready: Future[ModelInfo] = Future()
         self._load_error: ModelError | None = None
-        self._serving: ResponseStream | None = None  # the request generating now
+
+    # -- what callers may read ---------------------------------------------------------------
+    @property
+    def info(self) -> ModelInfo | None:
+        return self._info
+
+    @property
+    def capacity(self) -> Capacity | None:
+        return self._batch.capacity if self._batch else None
+
+    @property
+    def context_tokens(self) -> int:
+        return self._info.context_tokens if self._info else self.max_context_tokens
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> ModelInfo:
@@ -90,7 +132,7 @@ class LocalEngine:
         return await asyncio.shield(asyncio.wrap_future(self._ready))
 
     async def close(self) -> None:
-        """Cancel what is queued, let the running request end, stop the worker.
+        """Tell queued requests the bot is shutting down, let running ones end, stop the worker.
 
         While the model is still being located, built or loaded (minutes on a first start) the
         worker is not waited for: it is a daemon thread, and a build publishes its folder only
@@ -120,9 +162,9 @@ class LocalEngine:
 
     def _fail_waiting(self, error: Callable[[], LoracordError]) -> None:
         """Tell every queued request why it will not be answered (call under `_cond`)."""
-        for stream in self._waiting:
-            stream._fail(error())  # one exception each: each is raised in its own task
-        self._waiting.clear()
+        for sequence in self._scheduler.waiting:
+            sequence.sink.fail(error())  # one exception each: each is raised in its own task
+        self._scheduler.waiting.clear()
 
     def _refusal(self) -> LoracordError | None:
         """Why no request can be taken now, or None (call under `_cond`)."""
@@ -142,57 +184,81 @@ class LocalEngine:
         error.__cause__ = self._load_error.__cause__
         return error
 
-    @property
-    def context_tokens(self) -> int:
-        return self.info.context_tokens if self.info else self.max_context_tokens
-
     # -- requests ----------------------------------------------------------------------------
     async def submit(self, request: GenerationRequest) -> ResponseStream:
-        """Queue a request; returns its stream at once. Raises EngineBusy when the queue is full."""
-        asked = request.params.max_new_tokens
-        request = self._validated(request)
-        stream = ResponseStream(request, self._position_of)
-        if request.params.max_new_tokens < asked:
-            stream._notice(f"max_tokens was capped at {request.params.max_new_tokens}.")
+        """Prepare and queue a request; returns its stream. Raises `PromptError` for a prompt
+        that cannot be served and `EngineBusy` when the queue is full, before queueing."""
+        request = self._with_system_prompt(request)
         with self._cond:
-            if refusal := self._refusal():
-                raise refusal
-            if len(self._waiting) >= self.queue_size:
-                raise EngineBusy(
-                    f"the model is busy ({len(self._waiting)} questions waiting); "
-                    "try again in a minute"
-                )
-            self._waiting.append(stream)
+            self._check_room()
+        prepared = None
+        if self._tokenizer is not None:  # before the load, the worker prepares it on admission
+            prepared = await asyncio.to_thread(self._prepare, request)
+        sequence: Sequence
+        stream, sink = open_stream(request, lambda: self._position_of(sequence))
+        sequence = Sequence(sink, prepared)
+        if prepared:
+            for notice in prepared.notices:
+                sink.notice(notice)
+        with self._cond:
+            self._check_room()
+            self._scheduler.waiting.append(sequence)
             self._cond.notify_all()
         return stream
 
-    def _validated(self, request: GenerationRequest) -> GenerationRequest:
+    def _check_room(self) -> None:
+        """Raise why a new request cannot queue now (call under `_cond`)."""
+        if refusal := self._refusal():
+            raise refusal
+        waiting = self._scheduler.waiting
+        for sequence in [s for s in waiting if s.sink.cancelled]:  # they hold no place
+            waiting.remove(sequence)
+            sequence.sink.finish("cancelled")
+        if len(waiting) >= self.queue_size:
+            raise EngineBusy(
+                f"the model is busy ({len(waiting)} questions waiting); try again in a minute"
+            )
+
+    def _with_system_prompt(self, request: GenerationRequest) -> GenerationRequest:
         if not request.messages or not any(
             m.content.strip() for m in request.messages if m.role == "user"
         ):
             raise PromptError("the prompt is empty; ask a question")
-        p = request.params  # checked when it was built
         messages = tuple(request.messages)
         if self.system_prompt and not any(m.role == "system" for m in messages):
             messages = (ChatMessage("system", self.system_prompt), *messages)
-        capped = min(p.max_new_tokens, self.max_new_tokens_cap)
-        params = dataclasses.replace(p, max_new_tokens=capped)
-        return GenerationRequest(messages=messages, adapter=request.adapter, params=params)
+        return dataclasses.replace(request, messages=messages)
 
-    def _position_of(self, stream: ResponseStream) -> int | None:
-        """How many live requests are ahead of `stream` (the one generating included): 0 when
-        none is, so a request that is next while the worker idles is starting, not queued."""
+    def _prepare(self, request: GenerationRequest) -> Prepared:
+        """Render and fit the prompt, and settle the answer's token budget (the one place the
+        cap and its notices are applied). Raises `PromptError` when it cannot be served."""
+        notices = []
+        asked = request.params.max_new_tokens
+        budget = min(asked, self.max_new_tokens_cap)
+        if budget < asked:
+            notices.append(f"max_tokens was capped at {budget}.")
+        context = self.context_tokens
+        room = min(budget, max(1, context - _MIN_ANSWER_ROOM))
+        if room < budget:
+            notices.append(f"max_tokens was lowered to {room} to fit the context window.")
+        with self._prepare_lock:
+            fitted = fit_prompt(self._tokenizer, request.messages, context - room)
+        return Prepared(fitted.input_ids, room, [*notices, *fitted.notices])
+
+    def _position_of(self, sequence: Sequence) -> int | None:
+        """The waiting sequence's place: 0 when a free row takes it at the next step, 1 when it
+        is next once a row frees, and so on. Cancelled requests ahead hold no place."""
         with self._cond:
-            ahead = 1 if self._serving is not None else 0
-            for waiting in self._waiting:
-                if waiting is stream:
-                    return ahead
-                if not waiting.cancelled:  # dropped when the worker reaches it
+            ahead = 0
+            for waiting in self._scheduler.waiting:
+                if waiting is sequence:
+                    return max(0, ahead - self._scheduler.free_rows + 1)
+                if not waiting.sink.cancelled:  # dropped at the next step
                     ahead += 1
         return None
 
     async def call(self, fn: Callable[[], T]) -> T:
-        """Run `fn` on the worker between generation steps (adapter loads go through here)."""
+        """Run `fn` on the worker between steps (adapter loads go through here)."""
         future: Future[T] = Future()
         with self._cond:
             if refusal := self._refusal():
@@ -208,17 +274,14 @@ class LocalEngine:
         except BaseException as e:
             self._load_failed(e)
             return
-        assert self.info is not None
+        assert self._info is not None
         with self._cond:
-            self._settle(self.info)
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                break
-            for stream in batch:
-                self._serve(stream)
-            with self._cond:
-                self._serving = None
+            self._settle(self._info)
+        while self._next_step():
+            try:
+                self._step()
+            except BaseException as e:  # the step failed: its rows end with the error
+                self._fail_running(e)
         log.info("engine worker stopped")
 
     def _load_failed(self, e: BaseException) -> None:
@@ -238,30 +301,57 @@ class LocalEngine:
     def _load(self) -> None:
         import torch
 
+        from core.model.batch import BatchModel
+        from core.model.sampling import SeenTokens
+
         if self.runtime.device == "cpu":
             torch.set_num_threads(self.threads or max(1, os.cpu_count() or 1))
         self.source = source = self.locate()  # may build the embedded model: minutes, once
-        self.model, self.tokenizer, seconds = load_for_serving(source.path, self.runtime)
-        self.info = describe(
-            source.name, source.path, self.model, self.runtime, seconds, self.max_context_tokens
+        model, tokenizer, seconds = load_for_serving(source.path, self.runtime)
+        info = describe(
+            source.name, source.path, model, self.runtime, seconds, self.max_context_tokens
         )
+        try:
+            batch = BatchModel(model, self.batch_rows, info.context_tokens)
+        except torch.OutOfMemoryError as e:
+            raise ModelError(
+                f"no memory for a KV cache of {self.batch_rows} rows x {info.context_tokens} "
+                "tokens; lower batch_rows or max_context_tokens"
+            ) from e
+        capacity = batch.capacity
+        self._seen = SeenTokens(capacity.rows, int(model.config.vocab_size), model.device)
+        self._stops = stop_token_ids(model, tokenizer)
+        self._model, self._batch = model, batch
+        self._info = dataclasses.replace(
+            info,
+            context_tokens=capacity.context_tokens,
+            rows=capacity.rows,
+            kv_cache_bytes=capacity.kv_cache_bytes,
+        )
+        self._tokenizer = tokenizer  # last: submit() prepares prompts from here on
         log.info(
-            "model ready in %.1f s: %s, %d-bit g%d, %s, %s on %s",
+            "model ready in %.1f s: %s, %d-bit g%d, %s, %s on %s; %d rows x %d tokens "
+            "(KV cache %.0f MiB)",
             seconds,
-            self.info.name,
-            self.info.bits,
-            self.info.group_size,
-            self.info.kernel,
-            self.info.dtype,
-            self.info.device,
+            info.name,
+            info.bits,
+            info.group_size,
+            info.kernel,
+            info.dtype,
+            info.device,
+            capacity.rows,
+            capacity.context_tokens,
+            capacity.kv_cache_bytes / 2**20,
         )
 
-    def _next_batch(self) -> list[ResponseStream] | None:
-        """Block until there is work; run pending calls; return the requests to serve next."""
+    def _next_step(self) -> bool:
+        """Block until there is work: run control operations, drop cancelled requests, admit
+        waiting ones. False when the engine is closing and nothing runs."""
+        scheduler = self._scheduler
         with self._cond:
             while True:
                 while self._calls:
-                    fn, future = self._calls.popleft()
+                    fn, future = self._calls.pop(0)
                     self._cond.release()
                     try:
                         if future.set_running_or_notify_cancel():
@@ -270,20 +360,96 @@ class LocalEngine:
                         future.set_exception(e)
                     finally:
                         self._cond.acquire()
-                while self._waiting and self._waiting[0].cancelled:
-                    self._waiting.popleft()._finish("cancelled")
-                if self._waiting:
-                    self._serving = self._waiting.popleft()
-                    return [self._serving]
-                if self._closing:
-                    return None
+                for sequence in [s for s in scheduler.waiting if s.sink.cancelled]:
+                    scheduler.waiting.remove(sequence)
+                    sequence.sink.finish("cancelled")
+                for sequence in [s for s in scheduler.running if s.sink.cancelled]:
+                    scheduler.retire(sequence)
+                    sequence.sink.finish("cancelled")
+                admitted = scheduler.admit()
+                if admitted or scheduler.running:
+                    break
+                if self._closing and not scheduler.waiting:
+                    return False
                 self._cond.wait()
+        for sequence in admitted:
+            self._start(sequence)
+        return True
 
-    def _serve(self, stream: ResponseStream) -> None:
-        from core.model.generate import generate_into
-
-        stream._mark_started()
+    def _start(self, sequence: Sequence) -> None:
+        """Set up an admitted sequence on its row (on the worker, outside the lock)."""
+        assert self._seen is not None and sequence.row is not None
         try:
-            generate_into(self.model, self.tokenizer, stream, self.context_tokens)
+            if sequence.prepared is None:  # queued while the model loaded
+                sequence.prepared = self._prepare(sequence.sink.request)
+                for notice in sequence.prepared.notices:
+                    sequence.sink.notice(notice)
         except BaseException as e:
-            stream._fail(e)
+            with self._cond:
+                self._scheduler.retire(sequence)
+            sequence.sink.fail(e)
+            return
+        from core.model.sampling import RowSampler
+
+        sequence.sampler = RowSampler.for_params(sequence.sink.request.params, self._model.device)
+        sequence.detokenizer = IncrementalDetokenizer(self._tokenizer)
+        self._seen.reset(sequence.row, sequence.prompt)
+        sequence.sink.started(len(sequence.prompt))
+
+    def _step(self) -> None:
+        """One forward pass for every running row, then deliver what it produced."""
+        from core.model.sampling import choose
+
+        assert self._batch is not None and self._seen is not None
+        with self._cond:
+            planned = self._scheduler.plan(self.prefill_tokens_per_step)
+        if not planned:
+            return
+        logits = self._batch.step([segment for _, segment in planned])
+        sampling = [(s, seg) for s, seg in planned if seg.wants_logits]
+        for sequence, segment in planned:
+            sequence.fed += len(segment.tokens)
+        if not sampling:
+            return
+        tokens = choose(
+            logits,
+            [s.sampler for s, _ in sampling],  # type: ignore[misc]
+            [seg.row for _, seg in sampling],
+            self._seen,
+        )
+        for (sequence, _), token in zip(sampling, tokens, strict=True):
+            self._deliver(sequence, token)
+
+    def _deliver(self, sequence: Sequence, token: int) -> None:
+        sink = sequence.sink
+        assert sequence.detokenizer is not None and sequence.prepared is not None
+        reason = None
+        if token in self._stops:
+            reason = "stop"
+        else:
+            sequence.generated += 1
+            if not sink.push(sequence.detokenizer.add(token)):
+                reason = "cancelled"
+            elif sequence.generated >= sequence.prepared.max_new_tokens:
+                reason = "length"
+        if reason is None:
+            sequence.next_token = token
+            return
+        with self._cond:
+            self._scheduler.retire(sequence)
+        sink.finish(reason)  # type: ignore[arg-type]
+
+    def _fail_running(self, error: BaseException) -> None:
+        """End every running request with `error`; the engine keeps serving new ones."""
+        with self._cond:
+            running = list(self._scheduler.running)
+            for sequence in running:
+                self._scheduler.retire(sequence)
+        for sequence in running:
+            sequence.sink.fail(error)
+
+    # -- for tests and measurements ----------------------------------------------------------
+    async def run_on_model(self, fn: Callable[[Any, Any], T]) -> T:
+        """Run `fn(model, tokenizer)` on the worker between steps: the Hugging Face model and
+        its tokenizer, for references and measurements, never for serving."""
+        return await self.call(lambda: fn(self._model, self._tokenizer))

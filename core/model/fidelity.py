@@ -93,7 +93,7 @@ def render_prompts(
 
 
 def _stop_ids(model: Any, tokenizer: Any) -> set[int]:
-    from core.model.generate import stop_token_ids
+    from core.model.decoding import stop_token_ids
 
     return stop_token_ids(model, tokenizer)
 

@@ -102,37 +102,63 @@ class _End:
 _END = _End()
 
 
+class _Shared:
+    """State one request's two ends share: the consumer's `ResponseStream` and the worker's
+    `StreamSink`. Neither end reaches into the other; both read and write this."""
+
+    def __init__(self, request: GenerationRequest, position: Callable[[], int | None]):
+        self.request = request
+        self.position = position
+        self.notices: list[str] = []
+        self.finish_reason: FinishReason | None = None
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[str | _End | BaseException] = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self.started = threading.Event()
+
+
 class ResponseStream:
-    """Async iterator of text pieces for one request, fed from the engine's worker thread.
+    """What a caller sees of one request: an async iterator of text pieces.
 
     Beyond the pieces it tells the caller its place in the queue, any notices (a prompt cut to
     fit the context, a capped token budget), token counts, and why it finished. `cancel()` ends
     generation early; the pieces already produced stay valid and iteration ends normally.
     """
 
-    def __init__(
-        self, request: GenerationRequest, position: Callable[[ResponseStream], int | None]
-    ):
-        self.request = request
-        self.notices: list[str] = []
-        self.finish_reason: FinishReason | None = None
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[str | _End | BaseException] = asyncio.Queue()
-        self._cancelled = threading.Event()
-        self._started = threading.Event()
-        self._position = position
+    def __init__(self, shared: _Shared):
+        self._shared = shared
         self._text: list[str] = []
 
-    # -- caller side -------------------------------------------------------------------------
+    @property
+    def request(self) -> GenerationRequest:
+        return self._shared.request
+
+    @property
+    def notices(self) -> list[str]:
+        return self._shared.notices
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return self._shared.finish_reason
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self._shared.prompt_tokens
+
+    @property
+    def completion_tokens(self) -> int:
+        return self._shared.completion_tokens
+
     def __aiter__(self) -> ResponseStream:
         return self
 
     async def __anext__(self) -> str:
-        item = await self._queue.get()
+        queue = self._shared.queue
+        item = await queue.get()
         if isinstance(item, _End):
-            self._queue.put_nowait(item)  # iterating again after the end stays at the end
+            queue.put_nowait(item)  # iterating again after the end stays at the end
             raise StopAsyncIteration
         if isinstance(item, BaseException):
             raise item
@@ -153,51 +179,91 @@ class ResponseStream:
     @property
     def queue_position(self) -> int | None:
         """1 for the next to run, 2 for the one after...; 0 while generating; None when done."""
-        if self.finish_reason is not None:
+        if self._shared.finish_reason is not None:
             return None
-        if self._started.is_set():
+        if self._shared.started.is_set():
             return 0
-        return self._position(self)
+        return self._shared.position()
 
     @property
     def cancelled(self) -> bool:
-        return self._cancelled.is_set()
+        return self._shared.cancelled.is_set()
 
     def cancel(self) -> None:
         """Stop generating (or drop the request from the queue); safe from any thread."""
-        self._cancelled.set()
+        self._shared.cancelled.set()
 
-    # -- worker side -------------------------------------------------------------------------
+
+class StreamSink:
+    """The engine's end of one request: it feeds text, notices and the outcome to the
+    `ResponseStream` the caller holds. Safe to call from the engine's worker thread."""
+
+    def __init__(self, shared: _Shared):
+        self._shared = shared
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self._shared.request
+
+    @property
+    def cancelled(self) -> bool:
+        """The caller cancelled, or went away (its event loop closed)."""
+        return self._shared.cancelled.is_set()
+
+    @property
+    def finished(self) -> bool:
+        return self._shared.finish_reason is not None
+
     def _deliver(self, item: str | _End | BaseException) -> bool:
         try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            self._shared.loop.call_soon_threadsafe(self._shared.queue.put_nowait, item)
         except RuntimeError:  # the caller's event loop is gone: nobody is listening
-            self._cancelled.set()
+            self._shared.cancelled.set()
             return False
         return True
 
-    def _mark_started(self) -> None:
-        self._started.set()
+    def started(self, prompt_tokens: int) -> None:
+        """The request left the queue and its prompt (this many tokens) is being read."""
+        self._shared.prompt_tokens = prompt_tokens
+        self._shared.started.set()
 
-    def _push(self, piece: str) -> bool:
-        """Send a piece; False when the caller has gone or cancelled."""
+    def push(self, piece: str, tokens: int = 1) -> bool:
+        """Count `tokens` more answer tokens and send their text; False when the caller has
+        gone or cancelled."""
+        self._shared.completion_tokens += tokens
         if not piece:
-            return not self._cancelled.is_set()
-        return self._deliver(piece) and not self._cancelled.is_set()
+            return not self.cancelled
+        return self._deliver(piece) and not self.cancelled
 
-    def _notice(self, text: str) -> None:
-        self.notices.append(text)
+    def notice(self, text: str) -> None:
+        self._shared.notices.append(text)
 
-    def _finish(self, reason: FinishReason) -> None:
-        self.finish_reason = reason
+    def finish(self, reason: FinishReason) -> None:
+        if self._shared.finish_reason is not None:
+            return
+        self._shared.finish_reason = reason
         self._deliver(_END)
 
-    def _fail(self, error: BaseException) -> None:
+    def fail(self, error: BaseException) -> None:
+        """End the stream with `error` (raised to the caller); bugs become one ModelError line."""
+        if self._shared.finish_reason is not None:
+            return
         if not isinstance(error, LoracordError):
             log.error("generation failed", exc_info=error)
             wrapped = ModelError("the model failed while answering; the bot's log has the details")
             wrapped.__cause__ = error
             error = wrapped
-        self.finish_reason = "error"
+        self._shared.finish_reason = "error"
         self._deliver(error)
         self._deliver(_END)
+
+
+def open_stream(
+    request: GenerationRequest, position: Callable[[], int | None] = lambda: None
+) -> tuple[ResponseStream, StreamSink]:
+    """The two ends of one request's stream (call on the caller's event loop).
+
+    `position` says how many live requests are ahead while it waits (None when unknown).
+    """
+    shared = _Shared(request, position)
+    return ResponseStream(shared), StreamSink(shared)

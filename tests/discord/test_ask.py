@@ -7,11 +7,13 @@ import threading
 
 from simbot import FakeClock, answer_of
 
+from core.app import build
 from core.discord import ChannelKey
 from core.discord.streaming import CURSOR
 from core.errors import LoracordError
 from core.model.requests import AdapterRef, ChatMessage, GenerationRequest
 from plugins.ask.cog import DM_REFUSED
+from tests.conftest import make_settings
 
 
 async def _direct(h, prompt: str, max_tokens: int) -> str:
@@ -95,15 +97,22 @@ async def test_stop_ends_a_generation(make_harness) -> None:
     assert not result.response.components
 
 
-async def test_queue_place_is_shown_while_waiting(make_harness) -> None:
-    h = await make_harness()
-    h.probe.hold = True
-    await h.ask(h.alice, "Count to fifty.", max_tokens=40)
-    waiting = await h.ask(h.bob, "Hi!", max_tokens=4)
-    assert "in line" in waiting.response.content  # bob waits behind alice
-    await h.answers_done()
-    assert "in line" not in waiting.response.content
-    assert answer_of(waiting.response.content)
+async def test_queue_place_is_shown_while_waiting(
+    make_harness, tmp_path, embedded_model_dir
+) -> None:
+    one_row = build(make_settings(tmp_path / "one-row", batch_rows=1))  # every row taken
+    await one_row.start()
+    try:
+        h = await make_harness(one_row.engine)
+        h.probe.hold = True
+        await h.ask(h.alice, "Count to fifty.", max_tokens=40)
+        waiting = await h.ask(h.bob, "Hi!", max_tokens=4)
+        assert "in line" in waiting.response.content  # bob waits behind alice
+        await h.answers_done()
+        assert "in line" not in waiting.response.content
+        assert answer_of(waiting.response.content)
+    finally:
+        await one_row.close()
 
 
 async def test_no_queue_place_when_nothing_is_ahead(make_harness) -> None:

@@ -1,0 +1,203 @@
+"""One engine step for many sequences: a preallocated KV cache and a batched forward pass.
+
+The Hugging Face model keeps its weights, quantized linears, norms and rotary embedding; this
+module only replaces the loop around them. A step takes a flat list of tokens from several
+rows (one token for each row that is decoding, a chunk of prompt for each row being
+prefilled), runs every linear layer once over all of them, writes each token's keys and values
+into its row of the cache at its own position, and attends per row. Rows of different lengths
+decode together because each attends only up to its own length (vLLM's flattened-token layout,
+without paging: each row owns `context` tokens of the cache).
+
+Serves the Llama family (Llama, Mistral, Qwen2, Qwen3 and their fine-tunes), the architectures
+GPTQ checkpoints are mostly made from; another architecture is refused at load with its name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from core.errors import ModelError
+from core.model.loader import Capacity
+from core.model.scheduler import Segment
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class KVCache:
+    """Keys and values of every layer, `[rows, kv_heads, context, head_dim]` each, allocated
+    once. Rows are handed out and taken back by the scheduler; nothing here grows."""
+
+    def __init__(
+        self,
+        layers: int,
+        rows: int,
+        kv_heads: int,
+        context: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (rows, kv_heads, context, head_dim)
+        # Zeros, not empty: masked positions are multiplied by 0 and must not hold NaN.
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.rows = rows
+        self.context = context
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class BatchModel:
+    """Runs a loaded Llama-family model one step at a time over a bounded KV cache."""
+
+    def __init__(self, model: Any, rows: int, context: int) -> None:
+        config = model.config
+        kind = getattr(config, "model_type", "?")
+        inner: Any = getattr(model, "model", None)
+        if kind not in SUPPORTED_ARCHITECTURES or not all(
+            hasattr(inner, name) for name in ("layers", "embed_tokens", "norm", "rotary_emb")
+        ):
+            raise ModelError(
+                f"this model's architecture ({kind}) is not served; loracord serves the Llama "
+                f"family: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        self.model = model
+        self.embed = inner.embed_tokens
+        self.layers = list(inner.layers)
+        self.norm = inner.norm
+        self.rotary = inner.rotary_emb
+        self.lm_head = model.lm_head
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
+        self.head_dim = int(
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        )
+        self.groups = self.heads // self.kv_heads
+        self.scaling = self.head_dim**-0.5
+        window = getattr(config, "sliding_window", None)
+        if window and getattr(config, "use_sliding_window", True):
+            context = min(context, int(window))  # within the window, sliding changes nothing
+        self.device = model.device
+        self.dtype = model.dtype
+        self.cache = KVCache(
+            len(self.layers), rows, self.kv_heads, context, self.head_dim, self.dtype, self.device
+        )
+        self.capacity = Capacity(rows, context, self.cache.nbytes)
+
+    @torch.inference_mode()
+    def step(self, segments: list[Segment]) -> torch.Tensor:
+        """Feed every segment; returns logits `[n, vocab]`, one row per segment that wants them,
+        in order."""
+        device = self.device
+        ids: list[int] = []
+        rows: list[int] = []
+        positions: list[int] = []
+        for s in segments:
+            ids += s.tokens
+            rows += [s.row] * len(s.tokens)
+            positions += range(s.start, s.start + len(s.tokens))
+        total = len(ids)
+        ids_t = torch.tensor(ids, device=device)
+        rows_t = torch.tensor(rows, device=device)
+        pos_t = torch.tensor(positions, device=device)
+        hidden = self.embed(ids_t)[None]  # [1, T, hidden]
+        cos, sin = self.rotary(hidden, position_ids=pos_t[None])
+        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, head_dim]
+        plan = _AttentionPlan(segments, device)
+        for index, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(x).view(total, self.heads, self.head_dim)
+            k = attn.k_proj(x).view(total, self.kv_heads, self.head_dim)
+            v = attn.v_proj(x).view(total, self.kv_heads, self.head_dim)
+            if hasattr(attn, "q_norm"):  # Qwen3 normalises each head before the rotation
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            keys, values = self.cache.keys[index], self.cache.values[index]
+            keys[rows_t, :, pos_t] = k.to(keys.dtype)
+            values[rows_t, :, pos_t] = v.to(values.dtype)
+            out = self._attend(q, keys, values, plan)
+            hidden = hidden + attn.o_proj(out.view(1, total, self.heads * self.head_dim))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        if not plan.logits_at:
+            return torch.empty(0, device=device)
+        last = hidden[0, torch.tensor(plan.logits_at, device=device)]
+        return self.lm_head(self.norm(last))
+
+    def _attend(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: _AttentionPlan
+    ) -> torch.Tensor:
+        """Attention of every token over its row's cache up to its own position."""
+        out = torch.empty_like(q)
+        if plan.decode_index is not None:
+            n = len(plan.decode_rows)
+            span = plan.decode_span
+            if plan.decode_prefix:  # rows 0..n-1 in order: a view, nothing copied
+                k_rows, v_rows = keys[:n, :, :span], values[:n, :, :span]
+            else:
+                k_rows = keys[:, :, :span].index_select(0, plan.decode_rows_t)
+                v_rows = values[:, :, :span].index_select(0, plan.decode_rows_t)
+            qd = q[plan.decode_index].view(n, self.kv_heads, self.groups, self.head_dim)
+            scores = (qd @ k_rows.transpose(-1, -2)) * self.scaling  # [n, kv, groups, span]
+            scores = scores.masked_fill(~plan.decode_mask, float("-inf"))
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            out[plan.decode_index] = (probs @ v_rows).view(n, self.heads, self.head_dim)
+        for first, count, row, start in plan.prefills:
+            span = start + count
+            qp = q[first : first + count].view(count, self.kv_heads, self.groups, self.head_dim)
+            qp = qp.permute(1, 2, 0, 3)  # [kv, groups, count, head_dim]
+            k_row = keys[row, :, :span].unsqueeze(1)  # [kv, 1, span, head_dim]
+            v_row = values[row, :, :span].unsqueeze(1)
+            scores = (qp @ k_row.transpose(-1, -2)) * self.scaling  # [kv, groups, count, span]
+            causal = (
+                torch.arange(span, device=q.device)[None, :]
+                <= (torch.arange(start, span, device=q.device)[:, None])
+            )
+            scores = scores.masked_fill(~causal, float("-inf"))
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            out[first : first + count] = (
+                (probs @ v_row).permute(2, 0, 1, 3).reshape(count, self.heads, self.head_dim)
+            )
+        return out
+
+
+class _AttentionPlan:
+    """Where each segment's tokens sit in the flat step, computed once per step."""
+
+    def __init__(self, segments: list[Segment], device: torch.device) -> None:
+        self.logits_at: list[int] = []
+        self.prefills: list[tuple[int, int, int, int]] = []  # (first token, count, row, start)
+        decode_tokens: list[int] = []
+        self.decode_rows: list[int] = []
+        decode_positions: list[int] = []
+        first = 0
+        for s in segments:
+            count = len(s.tokens)
+            if count == 1:
+                decode_tokens.append(first)
+                self.decode_rows.append(s.row)
+                decode_positions.append(s.start)
+            else:
+                self.prefills.append((first, count, s.row, s.start))
+            first += count
+            if s.wants_logits:
+                self.logits_at.append(first - 1)
+        self.decode_index: torch.Tensor | None = None
+        if decode_tokens:
+            self.decode_index = torch.tensor(decode_tokens, device=device)
+            self.decode_rows_t = torch.tensor(self.decode_rows, device=device)
+            self.decode_prefix = self.decode_rows == list(range(len(self.decode_rows)))
+            self.decode_span = max(decode_positions) + 1
+            ends = torch.tensor(decode_positions, device=device)
+            mask = torch.arange(self.decode_span, device=device)[None, :] <= ends[:, None]
+            self.decode_mask = mask[:, None, None, :]  # [n, 1, 1, span]

@@ -1,0 +1,95 @@
+"""Next-token choice for a batch where every row has its own sampling parameters.
+
+Each row brings its temperature, top-p, repetition penalty and its own random generator, so a
+seeded answer draws the same random numbers whoever else shares the batch. The work is
+vectorised over rows; the only host sync is the final `tolist()` of the chosen ids.
+
+Sampling is inverse-CDF: one uniform number per sampled row, from that row's generator,
+against the cumulative top-p mass. It picks a token with exactly the probability that
+`torch.multinomial` would, with one random number per row instead of a batch-wide draw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from core.model.requests import GenerationParams
+
+
+@dataclass
+class RowSampler:
+    """One row's sampling parameters and random state."""
+
+    params: GenerationParams
+    generator: torch.Generator | None
+
+    @classmethod
+    def for_params(cls, params: GenerationParams, device: torch.device | str) -> RowSampler:
+        generator = None
+        if params.temperature > 0:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        return cls(params, generator)
+
+
+class SeenTokens:
+    """Which token ids each row's prompt and answer hold, for the repetition penalty:
+    a `[rows, vocab]` mask on the model's device, updated in place."""
+
+    def __init__(self, rows: int, vocab: int, device: torch.device | str) -> None:
+        self.mask = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
+
+    def reset(self, row: int, ids: list[int]) -> None:
+        self.mask[row].zero_()
+        if ids:
+            self.mask[row, torch.tensor(ids, device=self.mask.device)] = True
+
+    def add(self, rows: torch.Tensor, ids: torch.Tensor) -> None:
+        self.mask[rows, ids] = True
+
+
+def choose(
+    logits: torch.Tensor,
+    samplers: list[RowSampler],
+    rows: list[int],
+    seen: SeenTokens,
+) -> list[int]:
+    """The next token of each row: `logits[i]` belongs to `rows[i]`, sampled by `samplers[i]`.
+
+    The repetition penalty is CTRL's, as transformers applies it: the logit of a token already
+    in the row's prompt or answer is divided by the penalty when positive and multiplied when
+    negative. Temperature 0 is greedy.
+    """
+    device = logits.device
+    logits = logits.float()
+    rows_t = torch.tensor(rows, device=device)
+    penalties = [s.params.repetition_penalty for s in samplers]
+    if any(p != 1.0 for p in penalties):
+        penalty = torch.tensor(penalties, device=device)[:, None]
+        hit = seen.mask.index_select(0, rows_t)
+        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(hit, penalised, logits)
+    chosen = logits.argmax(dim=-1)
+    sampled = [i for i, s in enumerate(samplers) if s.params.temperature > 0]
+    if sampled:
+        index = torch.tensor(sampled, device=device)
+        temperature = torch.tensor(
+            [samplers[i].params.temperature for i in sampled], device=device
+        )[:, None]
+        top_p = torch.tensor([samplers[i].params.top_p for i in sampled], device=device)[:, None]
+        probs = torch.softmax(logits.index_select(0, index) / temperature, dim=-1)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        cumulative = sorted_probs.cumsum(dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        sorted_probs = sorted_probs.masked_fill((cumulative - sorted_probs) > top_p, 0.0)
+        cumulative = sorted_probs.cumsum(dim=-1)
+        draws = torch.cat(
+            [torch.rand(1, generator=samplers[i].generator, device=device) for i in sampled]
+        )
+        target = draws[:, None] * cumulative[:, -1:]
+        pick = torch.searchsorted(cumulative, target, right=True).clamp_(max=probs.shape[-1] - 1)
+        chosen[index] = order.gather(-1, pick).squeeze(-1)
+    seen.add(rows_t, chosen)
+    return [int(t) for t in chosen.tolist()]
