@@ -150,12 +150,11 @@ class Settings(_Section):
     ) -> GenerationParams:
         """The sampling every front uses: the settings' defaults, with what the user asked for.
 
-        A token budget above `max_new_tokens_cap` is lowered to it; a bad value raises
-        `PromptError` here, before any model work.
+        A bad value raises `PromptError` here, before any model work. The token budget is
+        capped by the engine (`max_new_tokens_cap`), which tells the user in a notice.
         """
-        wanted = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         return GenerationParams(
-            max_new_tokens=wanted if wanted < 1 else min(wanted, self.max_new_tokens_cap),
+            max_new_tokens=self.max_new_tokens if max_new_tokens is None else max_new_tokens,
             temperature=self.temperature if temperature is None else temperature,
             top_p=self.top_p,
             repetition_penalty=self.repetition_penalty,

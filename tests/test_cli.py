@@ -200,8 +200,15 @@ def test_help_says_what_vvv_shows(tmp_path: Path) -> None:
     )
 
 
-def test_model_info_reports_the_context_served(embedded_model_dir: Path, tmp_path: Path) -> None:
-    done = _cli("model", "info", "--json", env=_env(tmp_path, LORACORD_MAX_CONTEXT_TOKENS="512"))
+def test_model_info_reports_the_context_and_capacity_served(
+    embedded_model_dir: Path, tmp_path: Path
+) -> None:
+    env = _env(tmp_path, LORACORD_MAX_CONTEXT_TOKENS="512", LORACORD_BATCH_ROWS="3")
+    done = _cli("model", "info", "--json", env=env)
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
-    assert json.loads(done.stdout)["context_tokens"] == 512
+    info = json.loads(done.stdout)
+    assert (info["context_tokens"], info["rows"]) == (512, 3)
+    # SmolLM2-135M: 30 layers x (keys + values) x 3 KV heads x 64 dims, per token and row.
+    per_token = 30 * 2 * 3 * 64 * {"bfloat16": 2, "float32": 4}[info["dtype"]]
+    assert info["kv_cache_bytes"] == 3 * 512 * per_token

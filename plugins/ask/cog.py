@@ -137,8 +137,6 @@ class AskCog(commands.Cog):
         params = self._params(temperature, max_tokens)
         adapter = await self.bot.adapter_for(channel)
         stream = await self.bot.engine.submit(GenerationRequest(turns, adapter, params))
-        if max_tokens is not None and params.max_new_tokens < max_tokens:
-            stream.notices.append(f"max_tokens was capped at {params.max_new_tokens}.")
         view.stream = stream
         answer = await self.bot.answers.run(stream, reply)  # stops the view however it ends
         if answer.lost is None and answer.stream.received.strip():

@@ -133,11 +133,19 @@ async def test_no_queue_place_when_nothing_is_ahead(make_harness) -> None:
     assert not [e for e in edits if "in line" in e], edits
 
 
-async def test_max_tokens_is_capped_by_the_setting(make_harness) -> None:
-    h = await make_harness(max_new_tokens=8, max_new_tokens_cap=8)
-    result = await h.ask(h.alice, "Hello!", max_tokens=500)
-    assert h.probe.last.request.params.max_new_tokens == 8
-    assert "capped at 8" in result.response.content
+async def test_max_tokens_is_capped_by_the_setting(
+    make_harness, tmp_path, embedded_model_dir
+) -> None:
+    capped = build(make_settings(tmp_path / "capped", max_new_tokens=8, max_new_tokens_cap=8))
+    await capped.start()  # the cap is the engine's: one place, with its notice
+    try:
+        h = await make_harness(capped.engine, max_new_tokens=8, max_new_tokens_cap=8)
+        result = await h.ask(h.alice, "Count from one to a hundred in words.", max_tokens=500)
+        assert h.probe.last.request.params.max_new_tokens == 500  # as asked
+        assert h.probe.last.stream.completion_tokens <= 8
+        assert "capped at 8" in result.response.content
+    finally:
+        await capped.close()
 
 
 async def test_cooldown_says_when_to_retry(make_harness) -> None:

@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -113,14 +114,15 @@ def cuda_app(tmp_path_factory: pytest.TempPathFactory, cuda_model_dir: Path) -> 
     loop.close()
 
 
-def test_serves_with_a_fast_cuda_kernel(cuda_app: App) -> None:
+async def test_serves_with_a_fast_cuda_kernel(cuda_app: App) -> None:
     info = cuda_app.engine.info
     assert info is not None
     assert info.device == "cuda"
     assert info.dtype == "float16"
     assert info.bits == 4
     assert info.kernel.startswith(SERVING_KERNELS), info.kernel
-    layer = next(m for m in cuda_app.engine.model.modules() if hasattr(m, "qweight"))
+    model = await cuda_app.engine.run_on_model(lambda model, _tokenizer: model)
+    layer = next(m for m in model.modules() if hasattr(m, "qweight"))
     assert layer.qweight.device.type == "cuda"
 
 
@@ -131,28 +133,29 @@ async def test_greedy_tokens_equal_plain_generate_cuda(cuda_app: App) -> None:
     answer = await stream.text()
 
     messages = serving_messages(cuda_app.settings.system_prompt, PROMPT)
-    prompt_ids = render(engine.tokenizer, messages)
+    tokenizer = await engine.run_on_model(lambda _model, tokenizer: tokenizer)
+    prompt_ids = render(tokenizer, messages)
 
-    def reference() -> list[int]:
+    def reference(model: Any, _tokenizer: Any) -> list[int]:
         with torch.inference_mode():
-            out = engine.model.generate(
+            out = model.generate(
                 torch.tensor([prompt_ids], device="cuda"),
                 max_new_tokens=params.max_new_tokens,
                 do_sample=False,
             )
-        return out[0, len(prompt_ids) :].tolist()
+        return list(out[0, len(prompt_ids) :].tolist())
 
-    new_ids = await engine.call(reference)  # the model belongs to the engine's thread
-    eos = engine.tokenizer.eos_token_id
+    new_ids = await engine.run_on_model(reference)  # the model belongs to the engine's thread
+    eos = tokenizer.eos_token_id
     if eos in new_ids:
         new_ids = new_ids[: new_ids.index(eos)]
     assert stream.completion_tokens == len(new_ids)
-    assert answer == engine.tokenizer.decode(new_ids, skip_special_tokens=True)
+    assert answer == tokenizer.decode(new_ids, skip_special_tokens=True)
 
 
 async def test_queued_requests_answer_as_they_would_alone_on_cuda(cuda_app: App) -> None:
-    """Four seeded, sampled questions submitted at once (they queue: the engine serves one at a
-    time) get exactly the answers each gets alone; and sampling really samples."""
+    """Four seeded, sampled questions submitted at once (decoded together in one batch) get
+    exactly the answers each gets alone; and sampling really samples."""
     engine = cuda_app.engine
     prompts = [f"{PROMPT} #{i}" for i in range(4)]
 
