@@ -62,6 +62,16 @@ async def make_harness(
 
 
 @pytest.fixture
+async def one_row_engine(tmp_path: Path, embedded_model_dir: Path) -> AsyncIterator[Any]:
+    """A real engine with one row, so a second question waits in line (the shared engine
+    answers eight together)."""
+    app = build(make_settings(tmp_path / "one-row", batch_rows=1))
+    await app.start()
+    yield app.engine
+    await app.close()
+
+
+@pytest.fixture
 async def make_offline_harness(tmp_path: Path, error_log: ErrorLog) -> AsyncIterator[StartHarness]:
     """Like `make_harness` without loading the model: pass an engine (a `ScriptedEngine`)."""
     async with AsyncExitStack() as stack:

@@ -73,8 +73,10 @@ async def test_a_discord_server_error_stops_the_model_and_its_view(make_harness)
     assert watched[0].view.is_finished()
 
 
-async def test_expired_tokens_behind_a_long_queue_stop_the_model(make_harness) -> None:
-    h = await make_harness(clock=FakeClock(step=1.0))
+async def test_expired_tokens_behind_a_long_queue_stop_the_model(
+    make_harness, one_row_engine
+) -> None:
+    h = await make_harness(one_row_engine, clock=FakeClock(step=1.0))
     watched = h.watch_answers()
     h.probe.hold = True
     await h.ask(h.alice, STORY, max_tokens=CAP)

@@ -97,22 +97,15 @@ async def test_stop_ends_a_generation(make_harness) -> None:
     assert not result.response.components
 
 
-async def test_queue_place_is_shown_while_waiting(
-    make_harness, tmp_path, embedded_model_dir
-) -> None:
-    one_row = build(make_settings(tmp_path / "one-row", batch_rows=1))  # every row taken
-    await one_row.start()
-    try:
-        h = await make_harness(one_row.engine)
-        h.probe.hold = True
-        await h.ask(h.alice, "Count to fifty.", max_tokens=40)
-        waiting = await h.ask(h.bob, "Hi!", max_tokens=4)
-        assert "in line" in waiting.response.content  # bob waits behind alice
-        await h.answers_done()
-        assert "in line" not in waiting.response.content
-        assert answer_of(waiting.response.content)
-    finally:
-        await one_row.close()
+async def test_queue_place_is_shown_while_waiting(make_harness, one_row_engine) -> None:
+    h = await make_harness(one_row_engine)
+    h.probe.hold = True
+    await h.ask(h.alice, "Count to fifty.", max_tokens=40)
+    waiting = await h.ask(h.bob, "Hi!", max_tokens=4)
+    assert "in line" in waiting.response.content  # bob waits behind alice
+    await h.answers_done()
+    assert "in line" not in waiting.response.content
+    assert answer_of(waiting.response.content)
 
 
 async def test_no_queue_place_when_nothing_is_ahead(make_harness) -> None:
