@@ -29,10 +29,10 @@ from core.model.decoding import IncrementalDetokenizer, fit_prompt, stop_token_i
 from core.model.kernels import Runtime
 from core.model.loader import Capacity, ModelInfo, describe, load_for_serving
 from core.model.requests import (
-    ChatMessage,
     GenerationRequest,
     ResponseStream,
     open_stream,
+    with_system_prompt,
 )
 from core.model.scheduler import Prepared, Scheduler, Sequence
 from core.model.source import ResolvedModel
@@ -224,9 +224,7 @@ class LocalEngine:
             m.content.strip() for m in request.messages if m.role == "user"
         ):
             raise PromptError("the prompt is empty; ask a question")
-        messages = tuple(request.messages)
-        if self.system_prompt and not any(m.role == "system" for m in messages):
-            messages = (ChatMessage("system", self.system_prompt), *messages)
+        messages = with_system_prompt(self.system_prompt, request.messages)
         return dataclasses.replace(request, messages=messages)
 
     def _prepare(self, request: GenerationRequest) -> Prepared:

@@ -21,7 +21,7 @@ from importlib import resources
 from typing import Any
 
 from core.model.decoding import render
-from core.model.requests import ChatMessage
+from core.model.requests import ChatMessage, with_system_prompt
 
 CATEGORIES = ("facts", "quotes", "instructions", "smalltalk")
 
@@ -81,8 +81,7 @@ def calibration_prompts() -> tuple[str, ...]:
 
 def serving_messages(system_prompt: str | None, prompt: str) -> list[ChatMessage]:
     """The messages the engine sends for a one-turn `/ask` with this system prompt."""
-    turn = ChatMessage("user", prompt)
-    return [ChatMessage("system", system_prompt), turn] if system_prompt else [turn]
+    return list(with_system_prompt(system_prompt, [ChatMessage("user", prompt)]))
 
 
 def render_prompts(

@@ -50,6 +50,16 @@ CUSTOM_SYSTEM_PROMPT_EXAMPLE = (
 )
 
 
+def with_system_prompt(
+    system_prompt: str | None, messages: Sequence[ChatMessage]
+) -> tuple[ChatMessage, ...]:
+    """The messages as served: the system prompt first unless they bring their own or it is
+    empty (then the chat template's own default applies)."""
+    if system_prompt and not any(m.role == "system" for m in messages):
+        return (ChatMessage("system", system_prompt), *messages)
+    return tuple(messages)
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """Sampling settings. temperature 0 means greedy, as in the seed recipe.
