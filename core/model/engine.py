@@ -245,7 +245,8 @@ class LocalEngine:
 
     def _position_of(self, sequence: Sequence) -> int | None:
         """The waiting sequence's place: 0 when a free row takes it at the next step, 1 when it
-        is next once a row frees, and so on. Cancelled requests ahead hold no place."""
+        is next once a row frees, and so on. Cancelled requests ahead hold no place. Out of
+        the queue it is 0 until it finishes (admitted to a row, not yet `started`), then None."""
         with self._cond:
             ahead = 0
             for waiting in self._scheduler.waiting:
@@ -253,7 +254,7 @@ class LocalEngine:
                     return max(0, ahead - self._scheduler.free_rows + 1)
                 if not waiting.sink.cancelled:  # dropped at the next step
                     ahead += 1
-        return None
+        return None if sequence.sink.finished else 0
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the worker between steps (adapter loads go through here)."""
