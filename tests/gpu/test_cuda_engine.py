@@ -153,25 +153,32 @@ async def test_greedy_tokens_equal_plain_generate_cuda(cuda_app: App) -> None:
     assert answer == tokenizer.decode(new_ids, skip_special_tokens=True)
 
 
-async def test_queued_requests_answer_as_they_would_alone_on_cuda(cuda_app: App) -> None:
-    """Four seeded, sampled questions submitted at once (decoded together in one batch) get
-    exactly the answers each gets alone; and sampling really samples."""
-    engine = cuda_app.engine
-    prompts = [f"{PROMPT} #{i}" for i in range(4)]
+async def test_concurrent_requests_decode_together_on_cuda(cuda_app: App) -> None:
+    """Questions submitted at once decode in one batch and each finishes properly.
 
-    def request(i: int, temperature: float = 0.7) -> GenerationRequest:
+    Exact equality with the answers alone is checked in fp32 on CPU (tests/test_batching.py).
+    Here it cannot be: ExLlamaV2's kernels are not bit-reproducible from call to call (measured
+    on an H200: the same input through one layer gave different fp16 outputs on later calls;
+    identical prefills differed by up to 0.006 in the logits), and the model here may have
+    random weights, whose near-flat distributions turn such differences into other samples.
+    Greedy answers, whose top token has a margin, repeat; sampling really samples."""
+    engine = cuda_app.engine
+    prompts = [f"{PROMPT} #{i}" for i in range(6)]
+
+    def request(i: int, temperature: float) -> GenerationRequest:
         params = GenerationParams(max_new_tokens=16, temperature=temperature, seed=100 + i)
         return GenerationRequest.from_prompt(prompts[i], params)
 
-    alone = [await (await engine.submit(request(i))).text() for i in range(4)]
-    streams = [await engine.submit(request(i)) for i in range(4)]
-    together = await asyncio.gather(*(s.text() for s in streams))
+    greedy = [await (await engine.submit(request(i, 0.0))).text() for i in range(2)]
+    assert [await (await engine.submit(request(i, 0.0))).text() for i in range(2)] == greedy
 
-    assert together == alone
+    streams = [await engine.submit(request(i, 0.7 if i % 2 else 0.0)) for i in range(6)]
+    together = await asyncio.gather(*(s.text() for s in streams))
     assert all(s.finish_reason in ("stop", "length") for s in streams)
     assert all(1 <= s.completion_tokens <= 16 for s in streams)
-    greedy = [await (await engine.submit(request(i, temperature=0.0))).text() for i in range(4)]
-    assert greedy != alone, "sampled answers equal the greedy ones: is temperature ignored?"
+    assert all(text.strip() for text in together)
+    sampled = [await (await engine.submit(request(i, 0.9))).text() for i in range(2)]
+    assert sampled != greedy, "sampled answers equal the greedy ones: is temperature ignored?"
 
 
 def test_auto_prefers_exllama_v2_then_marlin_on_cuda() -> None:
