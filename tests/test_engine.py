@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -356,3 +357,35 @@ async def test_a_request_with_nothing_ahead_is_not_queued(
     assert await second.text() != ""
     assert second.queue_position is None
     await app.close()
+
+
+async def test_the_python_surface(
+    tmp_path: Path, embedded_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The names scripts use, exactly as documented in the README."""
+    import core.app
+    import core.settings
+    from core.model.requests import GenerationParams as Params
+    from core.model.requests import GenerationRequest as Request
+    from tests.conftest import CACHE_DIR
+
+    for name in [k for k in os.environ if k.startswith("LORACORD_")]:
+        monkeypatch.delenv(name)
+    settings = core.settings.load(
+        path=None, cache_dir=CACHE_DIR, data_dir=tmp_path / "data", batch_rows=2
+    )
+    app = core.app.build(settings)
+    await app.start()
+    try:
+        request = Request.from_prompt("Say hello.", Params(max_new_tokens=8, temperature=0.0))
+        stream = await app.engine.submit(request)
+        assert (await stream.text()).strip()
+        assert 1 <= stream.completion_tokens <= 8
+        assert stream.finish_reason in ("stop", "length")
+        stopped = await app.engine.submit(Request.from_prompt("Tell me a long story.", Params(64)))
+        stopped.cancel()
+        await stopped.text()
+        assert stopped.finish_reason == "cancelled"
+        assert app.engine.capacity is not None and app.engine.capacity.rows == 2
+    finally:
+        await app.close()
