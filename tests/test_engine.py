@@ -238,6 +238,10 @@ async def test_queue_positions_busy_error_and_cancel(
             await app.engine.submit(GenerationRequest.from_prompt(ask, long))
 
         first.cancel()  # dropped from the queue without generating
+        assert second.queue_position == 1  # a cancelled request holds no place...
+        third = await app.engine.submit(GenerationRequest.from_prompt(ask, long))  # ...nor room
+        assert third.queue_position == 2
+        third.cancel()
         running.cancel()  # Stop: ends the running answer early
         assert await running.text() != ""
         assert running.finish_reason == "cancelled"
