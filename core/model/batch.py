@@ -70,7 +70,6 @@ class BatchModel:
                 f"this model's architecture ({kind}) is not served; loracord serves the Llama "
                 f"family: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        self.model = model
         self.embed = inner.embed_tokens
         self.layers = list(inner.layers)
         self.norm = inner.norm

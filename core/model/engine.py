@@ -210,10 +210,9 @@ class LocalEngine:
         """Raise why a new request cannot queue now (call under `_cond`)."""
         if refusal := self._refusal():
             raise refusal
-        waiting = self._scheduler.waiting
-        for sequence in [s for s in waiting if s.sink.cancelled]:  # they hold no place
-            waiting.remove(sequence)
+        for sequence in self._scheduler.drop_cancelled(running=False):  # they hold no place
             sequence.sink.finish("cancelled")
+        waiting = self._scheduler.waiting
         if len(waiting) >= self.queue_size:
             raise EngineBusy(
                 f"the model is busy ({len(waiting)} questions waiting); try again in a minute"
@@ -359,11 +358,7 @@ class LocalEngine:
                         future.set_exception(e)
                     finally:
                         self._cond.acquire()
-                for sequence in [s for s in scheduler.waiting if s.sink.cancelled]:
-                    scheduler.waiting.remove(sequence)
-                    sequence.sink.finish("cancelled")
-                for sequence in [s for s in scheduler.running if s.sink.cancelled]:
-                    scheduler.retire(sequence)
+                for sequence in scheduler.drop_cancelled(running=True):
                     sequence.sink.finish("cancelled")
                 admitted = scheduler.admit()
                 if admitted or scheduler.running:

@@ -89,6 +89,19 @@ class Scheduler:
             admitted.append(sequence)
         return admitted
 
+    def drop_cancelled(self, *, running: bool) -> list[Sequence]:
+        """Take out the waiting sequences whose callers cancelled, and the running ones too when
+        `running` (only between steps, on the worker); returns them, to be told they ended."""
+        dropped = [s for s in self.waiting if s.sink.cancelled]
+        for sequence in dropped:
+            self.waiting.remove(sequence)
+        if running:
+            stopped = [s for s in self.running if s.sink.cancelled]
+            for sequence in stopped:
+                self.retire(sequence)
+            dropped += stopped
+        return dropped
+
     def retire(self, sequence: Sequence) -> None:
         """Take a running sequence out and give its row back."""
         self.running.remove(sequence)
