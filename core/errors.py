@@ -80,3 +80,8 @@ class QuoteImportError(QuoteError):
         self.line = line
         where = f"{source}, line {line}" if line is not None else source
         super().__init__(f"cannot import {where}: {problem}; nothing was imported")
+
+
+class AdapterError(LoracordError):
+    """An adapter was refused (bad name, corrupt or mismatched files, unknown version) or an
+    adapter operation could not be done; whatever was serving keeps serving."""
