@@ -54,7 +54,7 @@ class DiscordSettings(_Section):
 
     token: str | None = Field(default=None, exclude=True, repr=False)
     dev_guild: int | None = None
-    plugins: tuple[str, ...] = ("ask", "admin", "quotes")
+    plugins: tuple[str, ...] = ("ask", "admin", "quotes", "adapters")
     admin_role_ids: tuple[int, ...] = ()
     admin_user_ids: tuple[int, ...] = ()
     message_content_intent: bool = False
@@ -106,6 +106,14 @@ class Settings(_Section):
     # Prompt tokens read per engine step, so a long prompt does not stall the answers decoding.
     prefill_tokens_per_step: int = Field(default=256, ge=16)
     queue_size: int = Field(default=16, ge=1)
+    # LoRA adapters resident in the engine's slots at once (the base model needs none); others
+    # wait in a CPU-side cache of adapter_cache_size and load into a slot on use.
+    adapter_slots: int = Field(default=4, ge=1, le=256)
+    # The highest LoRA rank the slots hold; an adapter of higher rank is refused.
+    adapter_max_rank: int = Field(default=16, ge=1, le=256)
+    adapter_cache_size: int = Field(default=16, ge=1)
+    # Versions kept per adapter name; older ones are deleted unless pinned, promoted or in use.
+    adapter_versions_kept: int = Field(default=5, ge=1)
 
     discord: DiscordSettings = DiscordSettings()
     quotes: QuoteSettings = QuoteSettings()
