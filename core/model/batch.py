@@ -8,6 +8,10 @@ into its row of the cache at its own position, and attends per row. Rows of diff
 decode together because each attends only up to its own length (vLLM's flattened-token layout,
 without paging: each row owns `context` tokens of the cache).
 
+Each token may carry its own LoRA adapter (its segment's `slot`): `core.model.lora` adds the
+low-rank terms after the attention projections, and a step with no adapter runs exactly as
+before.
+
 Serves the Llama family (Llama, Mistral, Qwen2, Qwen3 and their fine-tunes), the architectures
 GPTQ checkpoints are mostly made from; another architecture is refused at load with its name.
 """
@@ -18,8 +22,10 @@ from typing import Any
 
 import torch
 
+from core.adapters import BaseShapes
 from core.errors import ModelError
 from core.model.loader import Capacity
+from core.model.lora import LoraSlots
 from core.model.scheduler import Segment
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
@@ -59,7 +65,15 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class BatchModel:
     """Runs a loaded Llama-family model one step at a time over a bounded KV cache."""
 
-    def __init__(self, model: Any, rows: int, context: int) -> None:
+    def __init__(
+        self,
+        model: Any,
+        rows: int,
+        context: int,
+        *,
+        adapter_slots: int = 0,
+        adapter_max_rank: int = 16,
+    ) -> None:
         config = model.config
         kind = getattr(config, "model_type", "?")
         inner: Any = getattr(model, "model", None)
@@ -94,6 +108,18 @@ class BatchModel:
             len(self.layers), rows, self.kv_heads, context, self.head_dim, self.dtype, self.device
         )
         self.capacity = Capacity(rows, context, self.cache.nbytes)
+        # Adapter slots 1..adapter_slots (0 is the base model), allocated once like the cache.
+        self.lora = (
+            LoraSlots(
+                BaseShapes.from_config(config.to_dict()),
+                adapter_slots,
+                adapter_max_rank,
+                self.dtype,
+                self.device,
+            )
+            if adapter_slots > 0
+            else None
+        )
 
     @torch.inference_mode()
     def step(self, segments: list[Segment]) -> torch.Tensor:
@@ -116,12 +142,20 @@ class BatchModel:
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, head_dim]
         plan = _AttentionPlan(segments, device)
         single = (segments[0].row, segments[0].start) if len(segments) == 1 else None
+        lora = None  # the base model alone: not a single extra operation
+        if self.lora is not None and any(s.slot for s in segments):
+            lora = self.lora.plan([s.slot for s in segments for _ in s.tokens])
         for index, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(total, self.heads, self.head_dim)
-            k = attn.k_proj(x).view(total, self.kv_heads, self.head_dim)
-            v = attn.v_proj(x).view(total, self.kv_heads, self.head_dim)
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            if lora is not None:
+                q = lora.add(index, "q_proj", x, q)
+                k = lora.add(index, "k_proj", x, k)
+                v = lora.add(index, "v_proj", x, v)
+            q = q.view(total, self.heads, self.head_dim)
+            k = k.view(total, self.kv_heads, self.head_dim)
+            v = v.view(total, self.kv_heads, self.head_dim)
             if hasattr(attn, "q_norm"):  # Qwen3 normalises each head before the rotation
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q = q * cos + _rotate_half(q) * sin
@@ -135,7 +169,11 @@ class BatchModel:
                 keys[rows_t, :, pos_t] = k.to(keys.dtype)
                 values[rows_t, :, pos_t] = v.to(values.dtype)
             out = self._attend(q, keys, values, plan)
-            hidden = hidden + attn.o_proj(out.view(1, total, self.heads * self.head_dim))
+            out = out.view(1, total, self.heads * self.head_dim)
+            o = attn.o_proj(out)
+            if lora is not None:
+                o = lora.add(index, "o_proj", out, o)
+            hidden = hidden + o
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         if not plan.logits_at:
             return torch.empty(0, device=device)

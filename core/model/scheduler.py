@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -24,12 +25,14 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Segment:
     """Tokens of one row fed in one step: `tokens` go to positions `start`, `start + 1`, ...;
-    `wants_logits` asks for the next-token logits after the last of them."""
+    `wants_logits` asks for the next-token logits after the last of them; `slot` is the adapter
+    slot its tokens compute with (0: the base model)."""
 
     row: int
     start: int
     tokens: list[int]
     wants_logits: bool
+    slot: int = 0
 
 
 @dataclass
@@ -79,10 +82,15 @@ class Scheduler:
     def free_rows(self) -> int:
         return len(self._free)
 
-    def admit(self) -> list[Sequence]:
-        """Move waiting sequences into free rows, oldest first; returns those admitted."""
+    def admit(self, place: Callable[[Sequence], bool] = lambda _: True) -> list[Sequence]:
+        """Move waiting sequences into free rows, oldest first; returns those admitted.
+
+        `place` readies a sequence's adapter (its slot); when it cannot (every adapter slot is
+        busy), that sequence and those behind it wait, so none is passed over for long."""
         admitted = []
         while self.waiting and self._free:
+            if not place(self.waiting[0]):
+                break
             sequence = self.waiting.popleft()
             sequence.row = heapq.heappop(self._free)
             self.running.append(sequence)
@@ -117,7 +125,7 @@ class Scheduler:
         step: list[tuple[Sequence, Segment]] = []
         for s in decoding:
             assert s.row is not None and s.next_token is not None
-            step.append((s, Segment(s.row, s.fed, [s.next_token], True)))
+            step.append((s, Segment(s.row, s.fed, [s.next_token], True, s.adapter_slot)))
         budget = prefill_budget
         for s in self.running:
             if not s.prefilling:
@@ -127,6 +135,8 @@ class Scheduler:
             assert s.row is not None
             count = min(len(s.prompt) - s.fed, max(budget, 1))
             done = s.fed + count == len(s.prompt)
-            step.append((s, Segment(s.row, s.fed, s.prompt[s.fed : s.fed + count], done)))
+            step.append(
+                (s, Segment(s.row, s.fed, s.prompt[s.fed : s.fed + count], done, s.adapter_slot))
+            )
             budget -= count
         return step

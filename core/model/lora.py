@@ -1,0 +1,201 @@
+"""Many LoRA adapters in one batch over one shared base model (the Punica / S-LoRA idea).
+
+A LoRA adapter changes a linear layer `y = x @ W.T` into `y + scale * (x @ A.T) @ B.T`, with
+`A [rank, in]` and `B [out, rank]` small. Merging `B @ A` into `W` would make the base serve one
+adapter at a time (and W here is 4-bit GPTQ); keeping them apart lets every token pick its own
+adapter: the base matmul runs once over the whole batch, then each token adds its adapter's
+low-rank term. Punica calls the per-token gather "BGMV"; S-LoRA keeps many adapters resident in
+preallocated slots and loads them in and out without disturbing the batch.
+
+Here the slots are `LoraSlots`: for every layer and attention projection one A buffer
+`[slots + 1, max_rank, in]` and one B buffer `[slots + 1, out, max_rank]`, allocated once.
+Slot 0 is "no adapter" and stays zero; ranks below `max_rank` are zero-padded, so every adapter
+computes with the same shapes and loading one is a plain copy. `LoraSlots.plan` looks at the
+step's per-token slots once: all on slot 0 gives None (the base path pays nothing), all on one
+slot gives two plain matmuls per projection, a mix gives the gathered batched matmul (vLLM's
+torch fallback for BGMV), where tokens on slot 0 meet zero matrices and get exactly 0 added.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from core.adapters import SERVED_TARGETS, AdapterSpec, BaseShapes
+from core.errors import AdapterError
+
+
+@dataclass
+class AdapterWeights:
+    """An adapter's matrices read into memory: (layer, target) -> (A [rank, in], B [out, rank]),
+    fp32 on the CPU, ready to be copied into a slot."""
+
+    rank: int
+    scale: float
+    tensors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for pair in self.tensors.values() for t in pair)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def read_weights(spec: AdapterSpec) -> AdapterWeights:
+    """The matrices `spec` names, read from its safetensors file. Touches no model (it runs off
+    the engine's thread). Raises `AdapterError` (one line) when they cannot be read or are not
+    finite numbers."""
+    from safetensors import SafetensorError, safe_open
+
+    tensors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    try:
+        with safe_open(str(spec.weights_file), framework="pt", device="cpu") as file:
+            for key, names in spec.tensors.items():
+                a, b = (file.get_tensor(name).to(torch.float32).contiguous() for name in names)
+                if (
+                    a.dim() != 2
+                    or b.dim() != 2
+                    or a.shape[0] != spec.rank
+                    or b.shape[1] != spec.rank
+                ):
+                    raise ValueError(
+                        f"layer {key[0]} {key[1]} has A {list(a.shape)} and B {list(b.shape)}, "
+                        f"not rank {spec.rank}"
+                    )
+                if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                    raise ValueError(f"layer {key[0]} {key[1]} holds values that are not finite")
+                tensors[key] = (a, b)
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise AdapterError(f"the adapter's weights cannot be read: {_first_line(e)}") from None
+    return AdapterWeights(spec.rank, spec.scale, tensors)
+
+
+class LoraSlots:
+    """Preallocated adapter slots on the model's device: 1..`slots` hold adapters, 0 is none."""
+
+    def __init__(
+        self,
+        shapes: BaseShapes,
+        slots: int,
+        max_rank: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        if slots < 1 or max_rank < 1:
+            raise ValueError(f"LoraSlots needs slots >= 1 and max_rank >= 1 ({slots}, {max_rank})")
+        self.slots = slots
+        self.max_rank = max_rank
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.a: dict[tuple[int, str], torch.Tensor] = {}  # [slots + 1, max_rank, in]
+        self.b: dict[tuple[int, str], torch.Tensor] = {}  # [slots + 1, out, max_rank]
+        for layer in range(shapes.layers):
+            for target in SERVED_TARGETS:
+                fan_in, fan_out = shapes.modules[target]
+                self.a[layer, target] = torch.zeros(
+                    slots + 1, max_rank, fan_in, dtype=dtype, device=self.device
+                )
+                self.b[layer, target] = torch.zeros(
+                    slots + 1, fan_out, max_rank, dtype=dtype, device=self.device
+                )
+        self.scale = torch.zeros(slots + 1, dtype=dtype, device=self.device)
+        self._scales = [0.0] * (slots + 1)  # the same on the host: no device read per step
+
+    @property
+    def nbytes(self) -> int:
+        buffers = (*self.a.values(), *self.b.values(), self.scale)
+        return sum(t.numel() * t.element_size() for t in buffers)
+
+    def _check_slot(self, slot: int) -> None:
+        if not 1 <= slot <= self.slots:
+            raise ValueError(f"adapter slot {slot} is not one of 1..{self.slots}")
+
+    def load(self, slot: int, weights: AdapterWeights) -> None:
+        """Copy an adapter into `slot` (what it lacks is zeroed). Everything is checked before
+        anything is copied, so a refused adapter leaves the slot as it was."""
+        self._check_slot(slot)
+        if weights.rank > self.max_rank:
+            raise AdapterError(
+                f"the adapter's rank is {weights.rank}, above the adapter slots' rank "
+                f"{self.max_rank}"
+            )
+        for key, (a, b) in weights.tensors.items():
+            if key not in self.a:
+                raise AdapterError(f"the adapter has layer {key[0]} {key[1]}, which is not served")
+            want_a = (weights.rank, self.a[key].shape[2])
+            want_b = (self.b[key].shape[1], weights.rank)
+            if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+                raise AdapterError(
+                    f"the adapter does not fit the served model: layer {key[0]} {key[1]} has "
+                    f"A {list(a.shape)} and B {list(b.shape)}"
+                )
+        rank = weights.rank
+        for key, a_slots in self.a.items():
+            a_slot, b_slot = a_slots[slot], self.b[key][slot]
+            pair = weights.tensors.get(key)
+            if pair is None:
+                a_slot.zero_()
+                b_slot.zero_()
+                continue
+            a_slot[:rank].copy_(pair[0])
+            a_slot[rank:].zero_()
+            b_slot[:, :rank].copy_(pair[1])
+            b_slot[:, rank:].zero_()
+        self.scale[slot] = weights.scale
+        self._scales[slot] = float(weights.scale)
+
+    def clear(self, slot: int) -> None:
+        """Empty `slot`: tokens on it then compute exactly the base model."""
+        self._check_slot(slot)
+        for key, a_slots in self.a.items():
+            a_slots[slot].zero_()
+            self.b[key][slot].zero_()
+        self.scale[slot] = 0.0
+        self._scales[slot] = 0.0
+
+    def plan(self, token_slots: list[int]) -> LoraStep | None:
+        """How one step applies the adapters, given each token's slot; None when every token
+        is on slot 0."""
+        distinct = set(token_slots)
+        if not distinct or distinct == {0}:
+            return None
+        if min(distinct) < 0 or max(distinct) > self.slots:
+            raise ValueError(f"adapter slots {sorted(distinct)} are not all within 0..{self.slots}")
+        if len(distinct) == 1:
+            return LoraStep(self, single=token_slots[0])
+        return LoraStep(self, token_slots=torch.tensor(token_slots, device=self.device))
+
+
+class LoraStep:
+    """The LoRA terms of one engine step, applied projection by projection."""
+
+    def __init__(
+        self, slots: LoraSlots, single: int | None = None, token_slots: torch.Tensor | None = None
+    ) -> None:
+        self.slots = slots
+        self.single = single
+        self.token_slots = token_slots
+        if token_slots is not None:  # one gather of the scales per step, not per projection
+            self.token_scale = slots.scale.index_select(0, token_slots)[:, None]  # [T, 1]
+
+    def add(self, layer: int, target: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """`y + scale[s_t] * (x_t @ A[s_t].T) @ B[s_t].T` for every token t on slot s_t.
+        `x` is `[T, in]` or `[1, T, in]`, `y` the projection's output of the same leading shape."""
+        slots = self.slots
+        a_slots, b_slots = slots.a[layer, target], slots.b[layer, target]
+        flat = x.reshape(-1, x.shape[-1]).to(slots.dtype)  # [T, in]
+        if self.single is not None:  # one adapter for the whole step: two plain matmuls
+            s = self.single
+            low = (flat @ a_slots[s].T) * slots._scales[s]  # [T, max_rank]
+            delta = low @ b_slots[s].T  # [T, out]
+        else:  # per-token gather (BGMV): shrink to the rank, then expand
+            assert self.token_slots is not None
+            a = a_slots.index_select(0, self.token_slots)  # [T, max_rank, in]
+            b = b_slots.index_select(0, self.token_slots)  # [T, out, max_rank]
+            low = torch.bmm(a, flat[:, :, None]) * self.token_scale[:, :, None]  # [T, rank, 1]
+            delta = torch.bmm(b, low)[:, :, 0]  # [T, out]
+        return y + delta.view(y.shape).to(y.dtype)
