@@ -1,4 +1,5 @@
-"""The database: quotes, channel flags, the schema's migrations, and training data.
+"""The database: quotes, channel flags, adapter bindings, the schema's migrations, and training
+data.
 
 Public names: `QuoteStore` (synchronous, for the CLI and worker threads), `AsyncQuoteStore`
 (the same calls off the event loop), the records they return, and `open_store(settings)`.
@@ -14,6 +15,8 @@ from core.store.quotes import QuoteStore
 from core.store.records import (
     CONSOLE_SERVER,
     SOURCES,
+    Binding,
+    BoundChannel,
     ChannelRef,
     ChannelState,
     ImportReport,
@@ -21,6 +24,7 @@ from core.store.records import (
     Quote,
     RemoveResult,
     SaveResult,
+    ServerDefault,
     normalize,
 )
 
@@ -37,6 +41,8 @@ __all__ = [
     "CONSOLE_SERVER",
     "SOURCES",
     "AsyncQuoteStore",
+    "Binding",
+    "BoundChannel",
     "ChannelRef",
     "ChannelState",
     "ImportReport",
@@ -45,6 +51,7 @@ __all__ = [
     "QuoteStore",
     "RemoveResult",
     "SaveResult",
+    "ServerDefault",
     "normalize",
     "open_store",
     "split_of",

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from core.store.quotes import QuoteStore
 from core.store.records import (
+    Binding,
+    BoundChannel,
     ChannelRef,
     ChannelState,
     ImportReport,
@@ -24,6 +26,7 @@ from core.store.records import (
     Quote,
     RemoveResult,
     SaveResult,
+    ServerDefault,
 )
 
 if TYPE_CHECKING:
@@ -134,3 +137,61 @@ class AsyncQuoteStore:
     async def to_dataset(self, ref: ChannelRef, split: Any = None) -> datasets.Dataset:
         """See `QuoteStore.to_dataset`."""
         return await self._call(self.sync.to_dataset, ref, split)
+
+    async def mark_retrain(self, ref: ChannelRef, on: bool = True) -> ChannelState:
+        """See `QuoteStore.mark_retrain`."""
+        return await self._call(self.sync.mark_retrain, ref, on)
+
+    async def bind(
+        self,
+        ref: ChannelRef,
+        adapter: str | None,
+        version: str | None = None,
+        *,
+        by: str | None = None,
+    ) -> Binding:
+        """See `QuoteStore.bind`."""
+        return await self._call(self.sync.bind, ref, adapter, version, by=by)
+
+    async def unbind(self, ref: ChannelRef) -> None:
+        """See `QuoteStore.unbind`."""
+        await self._call(self.sync.unbind, ref)
+
+    async def set_server_default(
+        self,
+        server: str,
+        adapter: str | None,
+        version: str | None = None,
+        *,
+        by: str | None = None,
+    ) -> Binding:
+        """See `QuoteStore.set_server_default`."""
+        return await self._call(self.sync.set_server_default, server, adapter, version, by=by)
+
+    async def clear_server_default(self, server: str) -> None:
+        """See `QuoteStore.clear_server_default`."""
+        await self._call(self.sync.clear_server_default, server)
+
+    async def binding(self, ref: ChannelRef) -> Binding:
+        """See `QuoteStore.binding`."""
+        return await self._call(self.sync.binding, ref)
+
+    async def bindings(self, server: str | None = None) -> list[BoundChannel]:
+        """See `QuoteStore.bindings`."""
+        return await self._call(self.sync.bindings, server)
+
+    async def server_defaults(self, server: str | None = None) -> list[ServerDefault]:
+        """See `QuoteStore.server_defaults`."""
+        return await self._call(self.sync.server_defaults, server)
+
+    async def channels_using(self, adapter: str) -> list[ChannelRef]:
+        """See `QuoteStore.channels_using`."""
+        return await self._call(self.sync.channels_using, adapter)
+
+    async def servers_defaulting_to(self, adapter: str) -> list[str]:
+        """See `QuoteStore.servers_defaulting_to`."""
+        return await self._call(self.sync.servers_defaulting_to, adapter)
+
+    async def bindings_stamp(self) -> tuple[int, str]:
+        """See `QuoteStore.bindings_stamp`."""
+        return await self._call(self.sync.bindings_stamp)

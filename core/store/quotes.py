@@ -1,9 +1,9 @@
 """The quote store: saving quotes (merging duplicates), listing, and training data.
 
 `QuoteStore` is the public class; its parts live beside it: `base.py` (database, channel flags),
-`removal.py` (consent: deletes, edits, forget), `imports.py` (imports in batches). Every public
-method is one transaction, or (imports) batches published by one transaction.
-Synchronous: from the event loop, use `AsyncQuoteStore`.
+`removal.py` (consent: deletes, edits, forget), `imports.py` (imports in batches), `bindings.py`
+(which adapter answers in each channel). Every public method is one transaction, or (imports)
+batches published by one transaction. Synchronous: from the event loop, use `AsyncQuoteStore`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from core.errors import CollectionDisabled, QuoteCapReached
 from core.store import dataset
 from core.store.base import QUOTE_COLUMNS, to_quote
+from core.store.bindings import BindingsMixin
 from core.store.imports import QuoteImport
 from core.store.records import SOURCES, ChannelRef, NewQuote, Quote, SaveResult, text_key
 from core.store.schema import channels, quotes
@@ -35,8 +36,9 @@ _CLASH_RETRIES = 3
 NOT_SAVED = "the quote was NOT saved"
 
 
-class QuoteStore(QuoteImport):
-    """Quotes and channel flags in one database (a SQLite file or PostgreSQL)."""
+class QuoteStore(BindingsMixin, QuoteImport):
+    """Quotes, channel flags and adapter bindings in one database (a SQLite file or
+    PostgreSQL)."""
 
     def _existing(
         self, conn: Connection, channel_id: int, key: str, message_id: str | None

@@ -11,7 +11,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from core.names import CONSOLE_SERVER, channel_name
 
@@ -150,3 +150,50 @@ class RemoveResult:
 
     removed: int
     marked_for_retraining: tuple[ChannelRef, ...] = ()
+
+
+BindingSource = Literal["channel", "server", "none"]
+
+
+@dataclass(frozen=True)
+class Binding:
+    """Which adapter a channel is bound to, after resolution (`QuoteStore.binding`).
+
+    `adapter` None is the base model (no adapter). `version` None follows the adapter's latest
+    promoted version; `v3` pins one. `source` says where it came from: the channel's own row,
+    its server's default, or neither (`none`: the base model, nothing set).
+    """
+
+    adapter: str | None
+    version: str | None
+    source: BindingSource
+
+
+@dataclass(frozen=True)
+class BoundChannel:
+    """One stored binding: a channel's own, or its server's default (`channel` None)."""
+
+    server: str
+    channel: str | None
+    adapter: str | None
+    version: str | None
+    updated_at: datetime
+    updated_by: str | None
+
+    @property
+    def channel_ref(self) -> ChannelRef | None:
+        """The channel it binds (None for the server's default)."""
+        return None if self.channel is None else ChannelRef(self.server, self.channel)
+
+    @property
+    def binding(self) -> Binding:
+        """The row as a `Binding` (source `channel` or `server`)."""
+        return Binding(self.adapter, self.version, "server" if self.channel is None else "channel")
+
+
+class ServerDefault(NamedTuple):
+    """A server's default binding (`adapter` None: explicitly the base model)."""
+
+    server: str
+    adapter: str | None
+    version: str | None

@@ -89,3 +89,32 @@ import_rows = sa.Table(
     sa.Column("added_by", sa.String(32), nullable=True),
     sa.Column("tags", sa.Text, nullable=False, server_default=""),
 )
+
+# migration 0005: which adapter answers in a channel. `channel` is the channel as stored, or
+# `*` for the server's default; a missing row is "not set" (inherit the default; no default:
+# the base model). `adapter` NULL is the base model set explicitly; `version` NULL follows the
+# adapter's latest promoted version. `updated_at` is set by every write.
+SERVER_DEFAULT = "*"
+adapter_bindings = sa.Table(
+    "adapter_bindings",
+    metadata,
+    sa.Column("server", sa.String(64), primary_key=True),
+    sa.Column("channel", sa.String(100), primary_key=True),
+    sa.Column("adapter", sa.String(64), nullable=True),
+    sa.Column("version", sa.String(16), nullable=True),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.Column("updated_by", sa.String(32), nullable=True),
+    sa.CheckConstraint(
+        "adapter IS NOT NULL OR version IS NULL", name="ck_adapter_bindings_base_unversioned"
+    ),
+)
+sa.Index("ix_adapter_bindings_adapter", adapter_bindings.c.adapter)
+
+# migration 0005: counters bumped in the same transaction as every write to a table that running
+# bots poll (`adapter_bindings`), so a poll sees every change, deletes and same-instant writes too
+change_counters = sa.Table(
+    "change_counters",
+    metadata,
+    sa.Column("name", sa.String(32), primary_key=True),
+    sa.Column("value", sa.BigInteger, nullable=False),
+)
