@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from core import cli_quotes
+from core import cli_adapters, cli_quotes
 from core.errors import LoracordError, SettingsError
 
 log = logging.getLogger("loracord")
@@ -133,6 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     info = model_commands.add_parser("info", help="load the model and describe it")
     info.add_argument("--json", action="store_true", help="print JSON")
     cli_quotes.add_parser(commands)
+    cli_adapters.add_parser(commands)
     return parser
 
 
@@ -150,8 +151,9 @@ async def _with_app(settings: Any, body: Callable[[Any], Awaitable[int]]) -> int
 
 
 async def _ask(settings: Any, args: argparse.Namespace) -> int:
+    from core.cli_quotes import resolve_channel
     from core.errors import PromptError
-    from core.model.requests import GenerationRequest
+    from core.model.requests import ChatMessage
     from core.names import channel_name
 
     # Everything the user typed is checked here, before seconds of model loading.
@@ -164,13 +166,20 @@ async def _ask(settings: Any, args: argparse.Namespace) -> int:
     _quiet_model_libraries(args.verbose)
 
     async def body(app: Any) -> int:
-        stream = await app.engine.submit(GenerationRequest.from_prompt(args.prompt, params))
+        # The channel's adapter, through the same bindings as Discord and the console.
+        where = await asyncio.to_thread(resolve_channel, app.store.sync, channel, None)
+        stream, served = await app.channels.submit(
+            where, (ChatMessage("user", args.prompt),), params
+        )
         text = await stream.text()
+        if served.reason:
+            print(f"loracord: {served.reason}; answered with {served.describe()}", file=sys.stderr)
         if args.json:
             print(
                 json.dumps(
                     {
                         "channel": channel,
+                        "adapter": str(served.adapter) if served.adapter else None,
                         "answer": text,
                         "finish_reason": stream.finish_reason,
                         "prompt_tokens": stream.prompt_tokens,
@@ -232,7 +241,7 @@ async def _serve(settings: Any, args: argparse.Namespace) -> int:
 
     log.info("no DISCORD_TOKEN set: starting the local console (loading the model...)")
     try:
-        await app.start()
+        await app.start(watch_adapters=True)
         await Console(app).run()
     finally:
         await app.close()
@@ -242,6 +251,12 @@ async def _serve(settings: Any, args: argparse.Namespace) -> int:
 def _dispatch(settings: Any, args: argparse.Namespace) -> int:
     if args.command == "quotes":
         return cli_quotes.run(settings, args)
+    if args.command == "adapters":
+        _ensure_dir(settings.adapters_dir, "adapters_dir")
+        if args.adapters_command in ("switch", "import", "reset"):
+            _ensure_dir(settings.cache_dir, "cache_dir")
+            _quiet_model_libraries(args.verbose)
+        return cli_adapters.run(settings, args)
     _ensure_dir(settings.cache_dir, "cache_dir")
     if args.command == "model" and args.model_command == "build":
         return _model_build(settings, args)

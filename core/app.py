@@ -6,16 +6,25 @@ embedded one on first use) off the event loop; `await app.close()` releases ever
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
+from core.channels import BaseModel, ChannelAdapters, served_model_base
+from core.errors import ModelError
 from core.model.engine import Engine, LocalEngine
 from core.model.kernels import choose_runtime
 from core.model.loader import ModelInfo
 from core.model.source import ResolvedModel, resolve
 from core.settings import Settings
 from core.store import AsyncQuoteStore, QuoteStore
+
+if TYPE_CHECKING:
+    from core.adapters import Registry
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +36,37 @@ class App:
     settings: Settings
     engine: Engine
     store: AsyncQuoteStore
+    registry: Registry
+    # Built from the fields above, so an app copied with another engine resolves through it.
+    channels: ChannelAdapters = field(init=False, repr=False)
+    _watch: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
 
-    async def start(self) -> ModelInfo:
-        """Open the database, then load the model; returns what was loaded."""
+    def __post_init__(self) -> None:
+        self.channels = ChannelAdapters(self.store, self.registry, self.engine, self._base)
+
+    def _base(self) -> BaseModel:
+        info = self.engine.info
+        if info is None:
+            raise ModelError("the model is not loaded yet, so adapters cannot be checked")
+        return served_model_base(Path(info.path), info.weights_sha256)
+
+    async def start(self, *, watch_adapters: bool = False) -> ModelInfo:
+        """Open the database, then load the model; returns what was loaded. `watch_adapters`
+        (the bot and the console) keeps the engine's adapters in step with the bindings and
+        the registry, which the CLI may change from another process."""
         await self.store.open()
-        return await self.engine.start()
+        info = await self.engine.start()
+        if watch_adapters and self._watch is None:
+            self._watch = asyncio.create_task(self.channels.watch(), name="loracord-adapters")
+        return info
 
     async def close(self) -> None:
         """Stop the engine (queued requests are told the bot is shutting down), close the store."""
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
         try:
             await self.engine.close()
         finally:
@@ -61,6 +93,17 @@ def locate_model(settings: Settings, *, retry_build: bool = False) -> ResolvedMo
     )
 
 
+def build_registry(settings: Settings) -> Registry:
+    """The adapter registry in `adapters_dir`."""
+    from core.adapters import Registry
+
+    return Registry(
+        settings.adapters_dir,
+        keep_versions=settings.adapter_versions_kept,
+        max_rank=settings.adapter_max_rank,
+    )
+
+
 def build(settings: Settings) -> App:
     """Wire the services for `settings` without loading anything yet."""
     runtime = choose_runtime(settings.device, settings.dtype, settings.kernel)
@@ -74,6 +117,9 @@ def build(settings: Settings) -> App:
         prefill_tokens_per_step=settings.prefill_tokens_per_step,
         system_prompt=settings.system_prompt,
         threads=settings.threads,
+        adapter_slots=settings.adapter_slots,
+        adapter_max_rank=settings.adapter_max_rank,
+        adapter_cache_size=settings.adapter_cache_size,
     )
     store = AsyncQuoteStore(QuoteStore.from_settings(settings))
-    return App(settings=settings, engine=engine, store=store)
+    return App(settings, engine, store, build_registry(settings))

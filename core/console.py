@@ -27,7 +27,7 @@ from typing import TextIO
 
 from core.app import App
 from core.errors import LoracordError, QuoteNotFound
-from core.model.requests import GenerationRequest, ResponseStream
+from core.model.requests import ChatMessage, ResponseStream
 from core.names import CONSOLE_SERVER, channel_name
 from core.store import ChannelRef, Quote
 
@@ -48,12 +48,15 @@ commands:
   /quote forget ID                              remove one quote
   /quote import PATH                            import a JSON, JSONL, CSV or fortune file
   /quote enable | /quote disable                turn collecting quotes here on or off
+  /adapter switch NAME[@VERSION] | reset        answer here with an adapter, or the base model
+  /adapter list | info | rollback               adapters, what answers here, undo a promotion
   /model                                        what model is loaded, and how
   /help                                         this list
   /quit                                         leave (Ctrl-D or Ctrl-C at the prompt too)
 Ctrl-C during an answer stops it."""
 
 QUOTE_USAGE = "usage: /quote add TEXT [-- AUTHOR] | list [N] | random | forget ID | import PATH"
+ADAPTER_USAGE = "usage: /adapter switch NAME[@VERSION] | reset | list | info | rollback"
 
 
 class Console:
@@ -180,6 +183,7 @@ class Console:
         commands: dict[str, Callable[[str], Awaitable[object]]] = {
             "/ask": self.ask,
             "/quote": self.quote,
+            "/adapter": self.adapter,
             "/help": self._help,
             "/model": self._model,
         }
@@ -212,8 +216,12 @@ class Console:
             )
         except ValueError as e:
             raise LoracordError(f"bad option value: {e}") from e
-        stream = await self.app.engine.submit(GenerationRequest.from_prompt(prompt, params))
+        stream, served = await self.app.channels.submit(
+            self.ref, (ChatMessage("user", prompt),), params
+        )
         self.last_stream = self._answering = stream
+        if served.reason:
+            self._write(f"[{served.reason}; answering with {served.describe()}]\n")
         try:
             if ahead := stream.queue_position:  # requests ahead of this one; none: say nothing
                 self._write(f"(queued: {ahead} ahead)\n")
@@ -260,6 +268,53 @@ class Console:
             self._write(f"quote collection is {'on' if state.collecting else 'off'} here\n")
         else:
             raise LoracordError(QUOTE_USAGE)
+
+    async def adapter(self, text: str) -> None:
+        """`/adapter ACTION ...` on the current channel (adapters of the console server)."""
+        action, _, rest = text.partition(" ")
+        rest = rest.strip()
+        channels = self.app.channels
+        if action == "switch" and rest:
+            served = await channels.switch(self.ref, rest, by=CONSOLE_SERVER)
+            self._write(f"#{self.channel} now answers with {served.describe()}\n")
+        elif action == "reset" and not rest:
+            await channels.reset(self.ref, by=CONSOLE_SERVER)
+            self._write(f"#{self.channel} now answers from the base model\n")
+        elif action == "rollback" and not rest:
+            left, now = await channels.rollback(self.ref)
+            target = str(now) if now else "the base model (no earlier version)"
+            self._write(f"rolled back {left} (it will not be promoted again); now {target}\n")
+        elif action == "list" and not rest:
+            rows = await channels.listing(CONSOLE_SERVER)
+            if not rows:
+                self._write("no adapters yet; `loracord adapters import` adds one\n")
+            for row in rows:
+                where = ", ".join(f"#{c}" for c in row["channels"]) or "no channels"
+                promoted = row["promoted"] or "none promoted"
+                self._write(
+                    f"  {row['name']}  {promoted}  ({len(row['versions'])} versions)  {where}\n"
+                )
+        elif action == "info" and not rest:
+            report = await channels.info(self.ref)
+            served = report.served
+            self._write(f"#{self.channel} answers with {served.describe()}")
+            bound = served.binding
+            if bound.adapter:
+                pin = f"@{bound.version} (pinned)" if bound.version else " (promoted version)"
+                self._write(f"; bound to {bound.adapter}{pin} by {bound.source}")
+            self._write("\n")
+            if served.reason:
+                self._write(f"  [{served.reason}]\n")
+            if report.meta:
+                loss = report.meta.get("eval_loss")
+                self._write(
+                    f"  made {report.meta.get('created_at', '?')}, from "
+                    f"{report.meta.get('source', '?')}"
+                    + (f", eval loss {loss:.3f}" if isinstance(loss, float) else "")
+                    + "\n"
+                )
+        else:
+            raise LoracordError(ADAPTER_USAGE)
 
     async def _list(self, rest: str) -> None:
         if rest and not (rest.isdigit() and int(rest) > 0):

@@ -38,7 +38,8 @@ def channel_name(value: str) -> str:
     name = value.strip()
     if name.startswith("#"):
         name = name[1:]
-    name = name.lower()
+    # ASCII before lowercasing: "\u212a" (the Kelvin sign) lowercases to a plain "k".
+    name = name.lower() if name.isascii() else name
     if _CONSOLE_NAME.fullmatch(name):
         return name
     raise InvalidName(

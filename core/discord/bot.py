@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import discord
 from discord.ext import commands
 
 from core.errors import LoracordError
-from core.model.requests import AdapterRef
+from core.model.requests import ChatMessage, GenerationParams, ResponseStream
 from core.settings import DiscordSettings, Settings
+from core.store import ChannelRef
 
 from .answers import AnswerBoard
 from .checks import ChannelKey
@@ -30,6 +31,7 @@ from .sync import CommandSync
 
 if TYPE_CHECKING:
     from core.app import App
+    from core.channels import Served
     from core.model.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,11 @@ def intents_for(settings: DiscordSettings) -> discord.Intents:
     intents.guild_reactions = True  # star reactions (quotes), read as raw events
     intents.message_content = settings.message_content_intent
     return intents
+
+
+def store_ref(channel: ChannelKey | None) -> ChannelRef | None:
+    """A Discord channel key as the store keys channels (None stays None: a DM)."""
+    return None if channel is None else ChannelRef.discord(channel.guild_id, channel.channel_id)
 
 
 class PluginNotAllowed(LoracordError):
@@ -132,10 +139,19 @@ class LoracordBot(commands.Bot):
         """Sync the command tree if it changed since the last sync."""
         return await self.command_sync.sync(force=force)
 
-    async def adapter_for(self, channel: ChannelKey | None) -> AdapterRef | None:
-        """The adapter answering in `channel` (None: the base model). The adapters issue fills
-        this in; until then every channel uses the base model."""
-        return None
+    async def ask(
+        self,
+        channel: ChannelKey | None,
+        turns: Sequence[ChatMessage],
+        params: GenerationParams,
+    ) -> tuple[ResponseStream, Served]:
+        """Submit a conversation in `channel` (None: a DM) through the adapter bound there (a
+        thread's key is its parent channel's); returns the stream and what serves it."""
+        ref = store_ref(channel)
+        stream, served = await self.app.channels.submit(ref, turns, params)
+        if served.reason:
+            log.info("in %s: %s; answering with %s", ref, served.reason, served.describe())
+        return stream, served
 
     async def on_ready(self) -> None:
         log.info(

@@ -50,7 +50,7 @@ async def run_bot(app: App) -> None:
     stop = asyncio.Event()
     installed = _install_signal_handlers(stop)
     try:
-        if not await _unless_stopped(app.start(), stop):
+        if not await _unless_stopped(app.start(watch_adapters=True), stop):
             log.info("stopped before the model was ready; not connecting to Discord")
             return
         await _serve(app, token, stop)

@@ -20,15 +20,29 @@ import dataclasses
 import logging
 import os
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from core.errors import EngineBusy, EngineClosed, LoracordError, ModelError, PromptError
+from core.adapters import AdapterSpec, BaseShapes, inspect_adapter
+from core.errors import (
+    AdapterError,
+    EngineBusy,
+    EngineClosed,
+    LoracordError,
+    ModelError,
+    PromptError,
+)
 from core.model.decoding import IncrementalDetokenizer, fit_prompt, stop_token_ids
 from core.model.kernels import Runtime
 from core.model.loader import Capacity, ModelInfo, describe, load_for_serving
 from core.model.requests import (
+    AdapterRef,
+    AdapterStatus,
     GenerationRequest,
     ResponseStream,
     open_stream,
@@ -39,6 +53,7 @@ from core.model.source import ResolvedModel
 
 if TYPE_CHECKING:  # torch is imported when the model loads, not with this module
     from core.model.batch import BatchModel
+    from core.model.lora import AdapterWeights
     from core.model.sampling import SeenTokens
 
 log = logging.getLogger(__name__)
@@ -51,15 +66,34 @@ _MIN_ANSWER_ROOM = 32
 
 
 class Engine(Protocol):
-    """What every serving backend offers. `info` and `capacity` are None until `start()`."""
+    """What every serving backend offers. `info` and `capacity` are None until `start()`.
+
+    Adapters are plain PEFT folders: `load_adapter` makes a version servable (a request naming
+    one that is not loaded is refused at submit), `unload_adapter` retires it once the requests
+    that started on it have finished, `adapters()` lists what is loaded.
+    """
 
     async def start(self) -> ModelInfo: ...
     async def submit(self, request: GenerationRequest) -> ResponseStream: ...
+    async def load_adapter(self, ref: AdapterRef, path: Path) -> AdapterStatus: ...
+    async def unload_adapter(self, ref: AdapterRef) -> None: ...
+    def adapters(self) -> list[AdapterStatus]: ...
     @property
     def info(self) -> ModelInfo | None: ...
     @property
     def capacity(self) -> Capacity | None: ...
     async def close(self) -> None: ...
+
+
+@dataclass(eq=False)
+class _Adapter:
+    """A loaded adapter version (worker state, guarded by the engine's lock)."""
+
+    ref: AdapterRef
+    spec: AdapterSpec
+    slot: int | None = None
+    last_used: int = 0  # step count when a request last ran on it: idle slots go LRU
+    unloading: bool = False
 
 
 class LocalEngine:
@@ -77,6 +111,9 @@ class LocalEngine:
         prefill_tokens_per_step: int = 256,
         system_prompt: str | None = None,
         threads: int | None = None,
+        adapter_slots: int = 4,
+        adapter_max_rank: int = 16,
+        adapter_cache_size: int = 16,
     ) -> None:
         self.locate = locate
         self.runtime = runtime
@@ -88,6 +125,9 @@ class LocalEngine:
         self.prefill_tokens_per_step = prefill_tokens_per_step
         self.system_prompt = system_prompt
         self.threads = threads
+        self.adapter_slots = adapter_slots
+        self.adapter_max_rank = adapter_max_rank
+        self.adapter_cache_size = adapter_cache_size
         self._info: ModelInfo | None = None
         self._model: Any = None
         self._tokenizer: Any = None
@@ -102,6 +142,15 @@ class LocalEngine:
         self._thread: threading.Thread | None = None
         self._ready: Future[ModelInfo] = Future()
         self._load_error: ModelError | None = None
+        self._shapes: BaseShapes | None = None
+        # Adapters: the known versions (engine lock), the slot each fills (1..adapter_slots;
+        # worker only), and their weights read into memory (an LRU of adapter_cache_size,
+        # guarded by its own lock because submitters fill it from threads).
+        self._adapters: dict[AdapterRef, _Adapter] = {}
+        self._slots: list[_Adapter | None] = [None] * adapter_slots
+        self._weights: OrderedDict[AdapterRef, AdapterWeights] = OrderedDict()
+        self._weights_lock = threading.Lock()
+        self._steps = 0
 
     # -- what callers may read ---------------------------------------------------------------
     @property
@@ -191,6 +240,7 @@ class LocalEngine:
         request = self._with_system_prompt(request)
         with self._cond:
             self._check_room()
+            self._check_adapter(request.adapter)
         prepared = None
         if self._tokenizer is not None:  # before the load, the worker prepares it on admission
             prepared = await asyncio.to_thread(self._prepare, request)
@@ -202,6 +252,7 @@ class LocalEngine:
                 sink.notice(notice)
         with self._cond:
             self._check_room()
+            self._check_adapter(request.adapter)  # it may have been unloaded meanwhile
             self._scheduler.waiting.append(sequence)
             self._cond.notify_all()
         return stream
@@ -217,6 +268,15 @@ class LocalEngine:
             raise EngineBusy(
                 f"the model is busy ({len(waiting)} questions waiting); try again in a minute"
             )
+
+    def _check_adapter(self, ref: AdapterRef | None) -> None:
+        """Raise `AdapterError` unless `ref` is the base model or a loaded adapter (call under
+        `_cond`)."""
+        if ref is None:
+            return
+        adapter = self._adapters.get(ref)
+        if adapter is None or adapter.unloading:
+            raise AdapterError(f"adapter {ref} is not loaded, so it cannot answer")
 
     def _with_system_prompt(self, request: GenerationRequest) -> GenerationRequest:
         if not request.messages or not any(
@@ -240,6 +300,8 @@ class LocalEngine:
             notices.append(f"max_tokens was lowered to {room} to fit the context window.")
         with self._prepare_lock:
             fitted = fit_prompt(self._tokenizer, request.messages, context - room)
+        if request.adapter is not None:  # read now, so admission only copies it into a slot
+            self._weights_of(request.adapter)
         return Prepared(fitted.input_ids, room, [*notices, *fitted.notices])
 
     def _position_of(self, sequence: Sequence) -> int | None:
@@ -310,12 +372,20 @@ class LocalEngine:
             source.name, source.path, model, self.runtime, seconds, self.max_context_tokens
         )
         try:
-            batch = BatchModel(model, self.batch_rows, info.context_tokens)
+            batch = BatchModel(
+                model,
+                self.batch_rows,
+                info.context_tokens,
+                adapter_slots=self.adapter_slots,
+                adapter_max_rank=self.adapter_max_rank,
+            )
         except torch.OutOfMemoryError as e:
             raise ModelError(
                 f"no memory for a KV cache of {self.batch_rows} rows x {info.context_tokens} "
-                "tokens; lower batch_rows or max_context_tokens"
+                f"tokens and {self.adapter_slots} adapter slots; lower batch_rows, "
+                "max_context_tokens or adapter_slots"
             ) from e
+        self._shapes = BaseShapes.from_config(model.config.to_dict())
         capacity = batch.capacity
         self._seen = SeenTokens(capacity.rows, int(model.config.vocab_size), model.device)
         self._stops = stop_token_ids(model, tokenizer)
@@ -325,6 +395,8 @@ class LocalEngine:
             context_tokens=capacity.context_tokens,
             rows=capacity.rows,
             kv_cache_bytes=capacity.kv_cache_bytes,
+            adapter_slots=self.adapter_slots,
+            adapter_max_rank=self.adapter_max_rank,
         )
         self._tokenizer = tokenizer  # last: submit() prepares prompts from here on
         log.info(
@@ -360,7 +432,8 @@ class LocalEngine:
                         self._cond.acquire()
                 for sequence in scheduler.drop_cancelled(running=True):
                     sequence.sink.finish("cancelled")
-                admitted = scheduler.admit()
+                self._reap_adapters()
+                admitted = scheduler.admit(self._place)
                 if admitted or scheduler.running:
                     break
                 if self._closing and not scheduler.waiting:
@@ -397,6 +470,12 @@ class LocalEngine:
         assert self._batch is not None and self._seen is not None
         with self._cond:
             planned = self._scheduler.plan(self.prefill_tokens_per_step)
+            self._steps += 1
+            for sequence, _ in planned:
+                if sequence.adapter_slot:
+                    slotted = self._slots[sequence.adapter_slot - 1]
+                    assert slotted is not None
+                    slotted.last_used = self._steps
         if not planned:
             return
         logits = self._batch.step([segment for _, segment in planned])
@@ -432,6 +511,12 @@ class LocalEngine:
         with self._cond:
             self._scheduler.retire(sequence)
         sink.finish(reason)  # type: ignore[arg-type]
+        log.info(
+            "answered %d tokens (%s) with %s",
+            sequence.generated,
+            reason,
+            sink.request.adapter or "the base model",
+        )
 
     def _fail_running(self, error: BaseException) -> None:
         """End every running request with `error`; the engine keeps serving new ones."""
@@ -441,6 +526,165 @@ class LocalEngine:
                 self._scheduler.retire(sequence)
         for sequence in running:
             sequence.sink.fail(error)
+
+    # -- adapters ----------------------------------------------------------------------------
+    async def load_adapter(self, ref: AdapterRef, path: Path) -> AdapterStatus:
+        """Make adapter version `ref` (a PEFT folder at `path`) servable, without a restart.
+
+        The folder is checked against the served model and read in a thread; then, between two
+        steps, it is copied into a free adapter slot (or one whose adapter is idle), so no
+        request sees half an adapter. With every slot busy it waits in memory and fills a slot
+        when one frees. Loading a version already loaded changes nothing. Raises
+        `AdapterError` (one line) for an adapter the engine cannot serve; what was serving
+        keeps serving.
+        """
+        started = time.perf_counter()
+        await asyncio.shield(asyncio.wrap_future(self._ready))  # the model's shapes are needed
+        spec, weights = await asyncio.to_thread(self._read_adapter, path)
+        status = await self.call(lambda: self._install(ref, spec, weights))
+        log.info(
+            "adapter %s loaded in %.1f ms (%s)",
+            ref,
+            (time.perf_counter() - started) * 1000,
+            f"slot {status.slot}" if status.slot else "waiting for a free slot",
+        )
+        return status
+
+    async def unload_adapter(self, ref: AdapterRef) -> None:
+        """Stop taking requests for `ref`; it leaves its slot once the requests that started
+        on it (or queued for it) have finished. Unknown versions are ignored."""
+        with self._cond:
+            adapter = self._adapters.get(ref)
+            if adapter is not None:
+                adapter.unloading = True
+            self._cond.notify_all()
+
+    def adapters(self) -> list[AdapterStatus]:
+        """The adapter versions loaded now, in slot order, then those waiting for a slot."""
+        with self._cond:
+            users = self._adapter_users()
+            statuses = [
+                AdapterStatus(a.ref, a.spec.rank, a.slot, users.get(a.ref, 0), a.unloading)
+                for a in self._adapters.values()
+            ]
+        return sorted(statuses, key=lambda s: (s.slot is None, s.slot or 0, str(s.ref)))
+
+    def _read_adapter(self, path: Path) -> tuple[AdapterSpec, AdapterWeights]:
+        """Check and read an adapter folder (off the worker thread)."""
+        from core.model.lora import read_weights
+
+        assert self._shapes is not None
+        spec = inspect_adapter(path, self._shapes, self.adapter_max_rank)
+        return spec, read_weights(spec)
+
+    def _install(
+        self, ref: AdapterRef, spec: AdapterSpec, weights: AdapterWeights
+    ) -> AdapterStatus:
+        """On the worker, between steps: register `ref` and copy it into a free slot."""
+        with self._cond:
+            adapter = self._adapters.get(ref)
+            if adapter is None:
+                adapter = self._adapters[ref] = _Adapter(ref, spec)
+            adapter.unloading = False
+            self._remember_weights(ref, weights)
+            if adapter.slot is None:
+                slot = self._free_slot()
+                if slot is not None:
+                    self._fill(slot, adapter, weights)
+            users = self._adapter_users().get(ref, 0)
+            return AdapterStatus(ref, spec.rank, adapter.slot, users)
+
+    def _adapter_users(self) -> dict[AdapterRef, int]:
+        """Requests waiting or running on each adapter (call under `_cond`)."""
+        users: dict[AdapterRef, int] = {}
+        for sequence in (*self._scheduler.waiting, *self._scheduler.running):
+            ref = sequence.sink.request.adapter
+            if ref is not None:
+                users[ref] = users.get(ref, 0) + 1
+        return users
+
+    def _free_slot(self) -> int | None:
+        """An empty slot, else the one whose adapter has been idle longest, else None (call
+        under `_cond`, on the worker)."""
+        busy = {s.adapter_slot for s in self._scheduler.running}
+        idle = []
+        for index, holder in enumerate(self._slots, start=1):
+            if holder is None:
+                return index
+            if index not in busy:
+                idle.append((holder.last_used, index))
+        return min(idle)[1] if idle else None
+
+    def _fill(self, slot: int, adapter: _Adapter, weights: AdapterWeights) -> None:
+        """Copy `adapter` into `slot`, evicting the idle adapter there (on the worker)."""
+        assert self._batch is not None and self._batch.lora is not None
+        previous = self._slots[slot - 1]
+        if previous is not None:
+            previous.slot = None
+        self._batch.lora.load(slot, weights)
+        self._slots[slot - 1] = adapter
+        adapter.slot = slot
+        adapter.last_used = self._steps
+
+    def _place(self, sequence: Sequence) -> bool:
+        """Give an admitted sequence its adapter's slot, loading the adapter into one when it
+        is not resident; False when every slot is busy with other adapters (it waits, and the
+        requests behind it wait too, so none is passed over for long). Under `_cond`."""
+        ref = sequence.sink.request.adapter
+        if ref is None:
+            sequence.adapter_slot = 0
+            return True
+        adapter = self._adapters[ref]  # held since submit: unloading waits for its requests
+        if adapter.slot is None:
+            slot = self._free_slot()
+            if slot is None:
+                return False
+            self._fill(slot, adapter, self._weights_of(ref))
+        assert adapter.slot is not None
+        sequence.adapter_slot = adapter.slot
+        return True
+
+    def _reap_adapters(self) -> None:
+        """Drop unloaded adapters that no request uses any more (under `_cond`, worker)."""
+        gone = [a for a in self._adapters.values() if a.unloading]
+        if not gone:
+            return
+        users = self._adapter_users()
+        for adapter in gone:
+            if users.get(adapter.ref):
+                continue
+            if adapter.slot is not None:
+                assert self._batch is not None and self._batch.lora is not None
+                self._batch.lora.clear(adapter.slot)
+                self._slots[adapter.slot - 1] = None
+            del self._adapters[adapter.ref]
+            with self._weights_lock:
+                self._weights.pop(adapter.ref, None)
+            log.info("adapter %s unloaded", adapter.ref)
+
+    def _remember_weights(self, ref: AdapterRef, weights: AdapterWeights) -> None:
+        with self._weights_lock:
+            self._weights[ref] = weights
+            self._weights.move_to_end(ref)
+            while len(self._weights) > self.adapter_cache_size:
+                self._weights.popitem(last=False)
+
+    def _weights_of(self, ref: AdapterRef) -> AdapterWeights:
+        """`ref`'s weights from memory, or read again from its folder when the cache let them
+        go (any thread)."""
+        from core.model.lora import read_weights
+
+        with self._weights_lock:
+            weights = self._weights.get(ref)
+            if weights is not None:
+                self._weights.move_to_end(ref)
+                return weights
+        adapter = self._adapters.get(ref)
+        if adapter is None:
+            raise AdapterError(f"adapter {ref} is not loaded, so it cannot answer")
+        weights = read_weights(adapter.spec)
+        self._remember_weights(ref, weights)
+        return weights
 
     # -- for tests and measurements ----------------------------------------------------------
     async def run_on_model(self, fn: Callable[[Any, Any], T]) -> T:

@@ -34,6 +34,8 @@ class ModelInfo:
     weights_sha256: str
     rows: int = 0  # requests decoded together (the engine's KV cache rows)
     kv_cache_bytes: int = 0  # memory of that cache: rows x context_tokens
+    adapter_slots: int = 0  # LoRA adapters resident at once
+    adapter_max_rank: int = 0  # the highest LoRA rank they may have
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -40,6 +40,19 @@ class AdapterRef:
         return f"{self.name}@{self.version}"
 
 
+@dataclass(frozen=True)
+class AdapterStatus:
+    """An adapter the engine knows: in a slot now (`slot`), or held ready to load into one on
+    use (`slot` None); `requests` waiting or running on it; `unloading` once it was unloaded but
+    requests that started on it are still finishing."""
+
+    ref: AdapterRef
+    rank: int
+    slot: int | None
+    requests: int
+    unloading: bool = False
+
+
 # The system prompt every front uses unless settings say otherwise. Empty means the model's
 # own default (the one its chat template carries, which it was trained with): on the embedded
 # model every custom prompt measured made answers worse (BENCHMARKS.md, "Answer defaults").
@@ -156,6 +169,11 @@ class ResponseStream:
     @property
     def prompt_tokens(self) -> int:
         return self._shared.prompt_tokens
+
+    @property
+    def adapter(self) -> AdapterRef | None:
+        """The adapter version this answer is served with (None: the base model)."""
+        return self._shared.request.adapter
 
     @property
     def completion_tokens(self) -> int:

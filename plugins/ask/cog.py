@@ -28,7 +28,7 @@ from core.discord import (
     reply_chain,
 )
 from core.errors import LoracordError
-from core.model.requests import ChatMessage, GenerationParams, GenerationRequest
+from core.model.requests import ChatMessage, GenerationParams
 
 from .cooldowns import Cooldowns
 
@@ -135,8 +135,7 @@ class AskCog(commands.Cog):
     ) -> None:
         """Submit the conversation, stream the answer, remember it for replies."""
         params = self._params(temperature, max_tokens)
-        adapter = await self.bot.adapter_for(channel)
-        stream = await self.bot.engine.submit(GenerationRequest(turns, adapter, params))
+        stream, _ = await self.bot.ask(channel, turns, params)
         view.stream = stream
         answer = await self.bot.answers.run(stream, reply)  # stops the view however it ends
         if answer.lost is None and answer.stream.received.strip():
