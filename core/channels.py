@@ -136,11 +136,16 @@ class ChannelAdapters:
         return AdapterRef(name, version), None
 
     async def _misfit(self, ref: AdapterRef) -> str | None:
+        """Why `ref` was made for another base model than the one served, or None. (A damaged
+        file is not a misfit: loading refuses it, and the last good version answers.)"""
         if ref not in self._fits:
-            shapes, fingerprint = self.base
-            self._fits[ref] = await asyncio.to_thread(
-                self.registry.fits, ref.name, ref.version, shapes, fingerprint
-            )
+            _, served = self.base
+            try:
+                meta = await asyncio.to_thread(self.registry.meta, ref.name, ref.version)
+            except AdapterError:
+                meta = {}  # unreadable: loading it fails and says why
+            made_on = Fingerprint.from_dict(meta.get("fingerprint"))
+            self._fits[ref] = made_on.mismatch(served) if made_on else None
         return self._fits[ref]
 
     async def served(self, channel: ChannelRef | None) -> Served:
@@ -267,12 +272,36 @@ class ChannelAdapters:
             for status in self.engine.adapters():
                 if status.ref not in wanted and not status.unloading:
                     await self.engine.unload_adapter(status.ref)
+            await self._prune()
         return True
+
+    async def _prune(self) -> None:
+        """Retention, in the process that knows what is in flight: per name, versions beyond
+        the newest `keep_versions` go, except promoted, pinned and loaded (in-flight) ones."""
+        assert self.engine is not None
+        keep: dict[str, set[str]] = {}
+        for bound in await self.store.bindings():
+            if bound.adapter and bound.version:
+                keep.setdefault(bound.adapter, set()).add(bound.version)
+        for status in self.engine.adapters():
+            keep.setdefault(status.ref.name, set()).add(status.ref.version)
+        for info in await asyncio.to_thread(self.registry.list, None):
+            if len(info.versions) > self.registry.keep_versions:
+                gone = await asyncio.to_thread(
+                    self.registry.prune, info.name, protected=keep.get(info.name, set())
+                )
+                if gone:
+                    log.info("adapter %s: deleted old versions %s", info.name, ", ".join(gone))
 
     # -- commands ----------------------------------------------------------------------------
     def _owned(self, name: str, server: str) -> AdapterInfo:
-        info = self.registry.info(name)
-        if info.server != server:
+        """`name`'s registry entry if it belongs to `server`; another server's adapter is
+        refused exactly like a missing one, so names do not leak between servers."""
+        try:
+            info = self.registry.info(name)
+        except AdapterError:
+            info = None
+        if info is None or info.server != server:
             raise AdapterError(f"there is no adapter named {name} in this server")
         return info
 
