@@ -187,3 +187,52 @@ def test_auto_prefers_exllama_v2_then_marlin_on_cuda() -> None:
     runtime = choose_runtime("cuda", "auto", "auto")
     assert (runtime.kernel, *runtime.fallbacks) == ("exllama_v2", "marlin", "auto")
     assert runtime.dtype == torch.float16
+
+
+async def test_adapters_in_one_batch_on_cuda(cuda_app: App, tmp_path: Path) -> None:
+    """Rows on the base model and on two adapters decode together on the GPU; the slots' LoRA
+    term equals an fp32 reference computed on the CPU from the same files."""
+    from core.adapters import BaseShapes, inspect_adapter
+    from core.model.engine import LocalEngine
+    from core.model.lora import read_weights
+    from core.model.requests import AdapterRef
+    from tests.adapter_kit import write_adapter
+
+    engine = cuda_app.engine
+    assert isinstance(engine, LocalEngine) and engine.info is not None
+    shapes = BaseShapes.of_model(Path(engine.info.path))
+    refs = [AdapterRef("a", "v1"), AdapterRef("b", "v1")]
+    folders = [write_adapter(tmp_path / r.name, shapes, seed=i + 1) for i, r in enumerate(refs)]
+    for ref, folder in zip(refs, folders, strict=True):
+        status = await engine.load_adapter(ref, folder)
+        assert status.slot is not None
+
+    def lora_term(_model: Any, _tokenizer: Any) -> tuple[float, float]:
+        assert engine._batch is not None and engine._batch.lora is not None
+        slots = [engine._adapters[r].slot for r in refs]
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(4, shapes.modules["q_proj"][0], generator=gen)
+        token_slots = [0, slots[0], slots[1], slots[0]]
+        plan = engine._batch.lora.plan(token_slots)
+        assert plan is not None
+        y = torch.zeros(4, shapes.modules["q_proj"][1], dtype=torch.float16, device="cuda")
+        got = plan.add(0, "q_proj", x.to("cuda", torch.float16), y).float().cpu()
+        expected = torch.zeros_like(got)
+        for row, folder in ((1, folders[0]), (2, folders[1]), (3, folders[0])):
+            w = read_weights(inspect_adapter(folder, shapes, 16))
+            a, b = w.tensors[(0, "q_proj")]
+            expected[row] = w.scale * (x[row] @ a.T) @ b.T
+        return float((got - expected).abs().max()), float(expected.abs().max())
+
+    error, scale = await engine.run_on_model(lora_term)
+    assert scale > 0.05 and error < 0.01 * scale + 1e-3, (error, scale)
+
+    params = GenerationParams(max_new_tokens=12, temperature=0.0)
+    cases = [None, *refs, None, *refs]
+    streams = [
+        await engine.submit(GenerationRequest.from_prompt(PROMPT, params, ref)) for ref in cases
+    ]
+    texts = await asyncio.gather(*(s.text() for s in streams))
+    assert [s.adapter for s in streams] == cases
+    assert all(s.finish_reason in ("stop", "length") for s in streams)
+    assert texts[1] != texts[0] or texts[2] != texts[0], "the adapters changed nothing"
