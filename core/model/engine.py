@@ -151,6 +151,7 @@ class LocalEngine:
         self._weights: OrderedDict[AdapterRef, AdapterWeights] = OrderedDict()
         self._weights_lock = threading.Lock()
         self._steps = 0
+        self._pin = False
 
     # -- what callers may read ---------------------------------------------------------------
     @property
@@ -386,6 +387,7 @@ class LocalEngine:
                 "max_context_tokens or adapter_slots"
             ) from e
         self._shapes = BaseShapes.from_config(model.config.to_dict())
+        self._pin = model.device.type == "cuda"  # adapters copy into GPU slots asynchronously
         capacity = batch.capacity
         self._seen = SeenTokens(capacity.rows, int(model.config.vocab_size), model.device)
         self._stops = stop_token_ids(model, tokenizer)
@@ -575,7 +577,7 @@ class LocalEngine:
 
         assert self._shapes is not None
         spec = inspect_adapter(path, self._shapes, self.adapter_max_rank)
-        return spec, read_weights(spec)
+        return spec, read_weights(spec, pin=self._pin)
 
     def _install(
         self, ref: AdapterRef, spec: AdapterSpec, weights: AdapterWeights
@@ -682,7 +684,7 @@ class LocalEngine:
         adapter = self._adapters.get(ref)
         if adapter is None:
             raise AdapterError(f"adapter {ref} is not loaded, so it cannot answer")
-        weights = read_weights(adapter.spec)
+        weights = read_weights(adapter.spec, pin=self._pin)
         self._remember_weights(ref, weights)
         return weights
 
