@@ -320,3 +320,40 @@ def test_ctrl_c_while_the_model_loads_stops_the_console_promptly(tmp_path: Path)
     assert stderr == (
         "loracord: no DISCORD_TOKEN set: starting the local console (loading the model...)\n"
     )
+
+
+async def test_console_adapter_commands(session_app: App, embedded_model_dir: Path) -> None:
+    """`/adapter` in the console: the same bindings and registry as Discord and the CLI."""
+    from core.adapters import BaseShapes, Fingerprint
+    from tests.adapter_kit import write_adapter
+
+    app = session_app
+    shapes = BaseShapes.of_model(embedded_model_dir)
+    fingerprint = Fingerprint.of_model(embedded_model_dir)
+    source = app.settings.data_dir / "console-adapter-src"
+    for seed in (21, 22):
+        folder = write_adapter(source / str(seed), shapes, seed=seed, strength=0.05)
+        app.registry.import_folder(folder, "console-ad", CONSOLE_SERVER, shapes, fingerprint)
+    out = io.StringIO()
+    console = Console(app, out=out, channel="adapt")
+
+    async def run(line: str) -> str:
+        before = len(out.getvalue())
+        assert await console.handle(line)
+        return out.getvalue()[before:]
+
+    assert "#adapt now answers with console-ad@v2" in await run("/adapter switch console-ad")
+    info = await run("/adapter info")
+    assert "answers with console-ad@v2" in info and "promoted version" in info
+    assert "console-ad  v2  (2 versions)  #adapt" in await run("/adapter list")
+    await run("/ask Say hi. max_tokens:3 temperature:0")
+    assert console.last_stream is not None and str(console.last_stream.adapter) == "console-ad@v2"
+    assert (await app.store.binding(ChannelRef(CONSOLE_SERVER, "other"))).adapter is None
+    assert "rolled back console-ad@v2" in await run("/adapter rollback")
+    assert "answers with console-ad@v1" in await run("/adapter info")
+    assert "error: console-ad@v2 was rejected" in await run("/adapter switch console-ad@v2")
+    assert "error: there is no adapter named nope" in await run("/adapter switch nope")
+    assert "now answers from the base model" in await run("/adapter reset")
+    await run("/ask Say hi. max_tokens:3 temperature:0")
+    assert console.last_stream is not None and console.last_stream.adapter is None
+    assert "usage: /adapter" in await run("/adapter frobnicate")
