@@ -123,6 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     ask = commands.add_parser("ask", help="ask the model once and print the answer")
     ask.add_argument("prompt", help="the question")
     ask.add_argument("--channel", default="general", help="channel name or Discord channel id")
+    ask.add_argument("--server", help="Discord server id (for a channel id not seen yet)")
     ask.add_argument("--max-tokens", type=int, help="most tokens to generate")
     ask.add_argument("--temperature", type=float, help="0 = greedy (default from settings)")
     ask.add_argument("--json", action="store_true", help="print the answer and details as JSON")
@@ -167,7 +168,7 @@ async def _ask(settings: Any, args: argparse.Namespace) -> int:
 
     async def body(app: Any) -> int:
         # The channel's adapter, through the same bindings as Discord and the console.
-        where = await asyncio.to_thread(resolve_channel, app.store.sync, channel, None)
+        where = await asyncio.to_thread(resolve_channel, app.store.sync, channel, args.server)
         stream, served = await app.channels.submit(
             where, (ChatMessage("user", args.prompt),), params
         )
