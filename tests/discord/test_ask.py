@@ -8,11 +8,12 @@ import threading
 from simbot import FakeClock, answer_of
 
 from core.app import build
-from core.discord import ChannelKey
 from core.discord.streaming import CURSOR
 from core.errors import LoracordError
 from core.model.requests import AdapterRef, ChatMessage, GenerationRequest
+from core.store import ChannelRef
 from plugins.ask.cog import DM_REFUSED
+from tests.adapter_kit import write_adapter
 from tests.conftest import make_settings
 
 
@@ -153,19 +154,28 @@ async def test_cooldown_says_when_to_retry(make_harness) -> None:
     assert not third.ephemeral and len(h.probe.submitted) == 2
 
 
-async def test_a_thread_uses_its_parent_channel(make_harness) -> None:
+def _import_adapter(h, tmp_path, name: str, seed: int) -> AdapterRef:
+    """Import an adapter (v1, promoted) for the harness's server."""
+    shapes, fingerprint = h.bot.app.channels.base
+    folder = write_adapter(tmp_path / f"src-{name}", shapes, seed=seed, strength=0.05)
+    server = str(h.guild.id)
+    version = h.bot.app.registry.import_folder(folder, name, server, shapes, fingerprint)
+    return AdapterRef(name, version.version)
+
+
+async def test_a_thread_uses_its_parent_channel(make_harness, tmp_path) -> None:
     h = await make_harness()
-    seen: list[ChannelKey | None] = []
+    ref = _import_adapter(h, tmp_path, "ask-thread", seed=21)
+    await h.bot.app.channels.switch(ChannelRef.discord(h.guild.id, h.channel.id), ref.name)
 
-    async def adapter_for(channel):
-        seen.append(channel)
-
-    h.bot.adapter_for = adapter_for
     await h.slash(h.alice, "ask", channel=h.thread(), prompt="Hi!", max_tokens=4)
-    assert seen == [ChannelKey(h.guild.id, h.channel.id)]
+    assert h.probe.last.request.adapter == ref
+    other = h.guild.create_text_channel("random")
+    await h.slash(h.alice, "ask", channel=other, prompt="Hi!", max_tokens=4)
+    assert h.probe.last.request.adapter is None  # the binding is #general's alone
 
 
-async def test_dms_follow_the_dm_policy(make_harness) -> None:
+async def test_dms_follow_the_dm_policy(make_harness, tmp_path) -> None:
     h = await make_harness(discord={"dm_policy": "refuse"})
     user = h.alice.user
     refused = await h.slash(user, "ask", prompt="Hi!", max_tokens=4)
@@ -173,22 +183,14 @@ async def test_dms_follow_the_dm_policy(make_harness) -> None:
     assert [(type(e), str(e)) for e in h.command_errors()] == [(LoracordError, DM_REFUSED)]
     assert not h.probe.submitted
 
-    seen: list[ChannelKey | None] = []
-    channel_adapter = AdapterRef("general", "v1")
-
-    async def adapter_for(channel: ChannelKey | None) -> AdapterRef | None:
-        seen.append(channel)
-        return None if channel is None else channel_adapter
-
-    h.bot.adapter_for = adapter_for
+    ref = _import_adapter(h, tmp_path, "ask-dm", seed=22)
+    await h.bot.app.channels.switch(ChannelRef.discord(h.guild.id, h.channel.id), ref.name)
     h.reconfigure(dm_policy="base")
     answered = await h.slash(user, "ask", prompt="Hi!", max_tokens=4)
     assert not answered.ephemeral and answer_of(answered.response.content)
-    assert seen == [None]  # a DM has no channel: the base model answers
-    assert h.probe.last.request.adapter is None
+    assert h.probe.last.request.adapter is None  # a DM has no channel: the base model answers
     await h.ask(h.alice, "Hi!", max_tokens=4)  # control: a server channel gets its adapter
-    assert seen[-1] == ChannelKey(h.guild.id, h.channel.id)
-    assert h.probe.last.request.adapter == channel_adapter
+    assert h.probe.last.request.adapter == ref
 
 
 async def test_shutdown_ends_answers_in_flight_with_a_message(make_harness) -> None:
