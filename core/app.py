@@ -12,8 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
-
+from core.adapters import Registry
 from core.channels import BaseModel, ChannelAdapters, served_model_base
 from core.errors import ModelError
 from core.model.engine import Engine, LocalEngine
@@ -22,9 +21,6 @@ from core.model.loader import ModelInfo
 from core.model.source import ResolvedModel, resolve
 from core.settings import Settings
 from core.store import AsyncQuoteStore, QuoteStore
-
-if TYPE_CHECKING:
-    from core.adapters import Registry
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +91,6 @@ def locate_model(settings: Settings, *, retry_build: bool = False) -> ResolvedMo
 
 def build_registry(settings: Settings) -> Registry:
     """The adapter registry in `adapters_dir`."""
-    from core.adapters import Registry
-
     return Registry(
         settings.adapters_dir,
         keep_versions=settings.adapter_versions_kept,

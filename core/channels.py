@@ -18,9 +18,9 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from core.adapters import BaseShapes, Fingerprint
+from core.adapters import AdapterInfo, BaseShapes, Fingerprint, Registry, adapter_name, parse_ref
 from core.errors import AdapterError
 from core.model.engine import Engine
 from core.model.requests import (
@@ -30,13 +30,7 @@ from core.model.requests import (
     GenerationRequest,
     ResponseStream,
 )
-from core.store import AsyncQuoteStore, ChannelRef
-
-if TYPE_CHECKING:
-    from core.store import Binding
-
-if TYPE_CHECKING:
-    from core.adapters import AdapterInfo, Registry
+from core.store import AsyncQuoteStore, Binding, ChannelRef
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +147,6 @@ class ChannelAdapters:
 
         A version that fails to load answers with the last version of its name that did."""
         if channel is None:
-            from core.store import Binding
-
             return Served(None, Binding(None, None, "none"))
         served = await self.resolve(channel)
         ref = served.adapter
@@ -238,6 +230,8 @@ class ChannelAdapters:
 
     async def refresh(self, *, force: bool = False) -> bool:
         """One poll: True when something had changed and the engine was brought in step."""
+        if self.engine is None:
+            return False
         stamp = (
             await self.store.bindings_stamp(),
             await asyncio.to_thread(self.registry.state_stamp),
@@ -255,24 +249,21 @@ class ChannelAdapters:
             served = await self.served(channel)
             if served.adapter is not None:
                 wanted.add(served.adapter)
-        for server, adapter, version in await self.store.server_defaults():
-            if adapter is None:
+        for default in await self.store.server_defaults():
+            if default.adapter is None:
                 continue
-            from core.store import Binding
-
-            ref, _ = await asyncio.to_thread(self._target, Binding(adapter, version, "server"))
+            binding = Binding(default.adapter, default.version, "server")
+            ref, _ = await asyncio.to_thread(self._target, binding)
             if ref is not None and await self._misfit(ref) is None:
                 try:
                     await self.ensure_loaded(ref)
                     wanted.add(ref)
                 except AdapterError:
-                    pass
-            del server
-        if self.engine is not None:
-            for status in self.engine.adapters():
-                if status.ref not in wanted and not status.unloading:
-                    await self.engine.unload_adapter(status.ref)
-            await self._prune()
+                    pass  # logged by the load; channels on it fall back when they ask
+        for status in self.engine.adapters():
+            if status.ref not in wanted and not status.unloading:
+                await self.engine.unload_adapter(status.ref)
+        await self._prune()
         return True
 
     async def _prune(self) -> None:
@@ -309,8 +300,6 @@ class ChannelAdapters:
         """Bind `channel` to `name[@version]` of its server (`base` for none). The version is
         checked (and, in a running bot, loaded) before the binding changes, so a refused
         adapter leaves the channel answering as before."""
-        from core.adapters import adapter_name, parse_ref
-
         name, version = parse_ref(choice)
         if name == "base":
             if version is not None:
