@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+
 from core.adapters import Registry
 from core.channels import BaseModel, ChannelAdapters, served_model_base
 from core.errors import ModelError
