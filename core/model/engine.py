@@ -541,6 +541,9 @@ class LocalEngine:
         keeps serving.
         """
         started = time.perf_counter()
+        with self._cond:
+            if refusal := self._refusal():  # never started, closing, or the load failed
+                raise refusal
         await asyncio.shield(asyncio.wrap_future(self._ready))  # the model's shapes are needed
         spec, weights = await asyncio.to_thread(self._read_adapter, path)
         status = await self.call(lambda: self._install(ref, spec, weights))
