@@ -19,7 +19,7 @@ from core.model.decoding import render
 from core.model.engine import LocalEngine
 from core.model.fidelity import serving_messages
 from core.model.kernels import choose_runtime
-from core.model.requests import ChatMessage, GenerationParams, GenerationRequest
+from core.model.requests import AdapterRef, ChatMessage, GenerationParams, GenerationRequest
 from core.model.source import ResolvedModel
 from tests.conftest import make_settings
 
@@ -290,6 +290,8 @@ async def test_submit_to_an_engine_never_started_is_refused() -> None:
         await engine.submit(GenerationRequest.from_prompt("hi"))
     with pytest.raises(EngineClosed, match="the model was never started"):
         await engine.call(lambda: 1)
+    with pytest.raises(EngineClosed, match="the model was never started"):  # not a hang
+        await asyncio.wait_for(engine.load_adapter(AdapterRef("a", "v1"), Path("/nowhere")), 5)
 
 
 async def test_a_failed_load_answers_every_request_with_its_error() -> None:
