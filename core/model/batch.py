@@ -114,7 +114,9 @@ class BatchModel:
                 BaseShapes.from_config(config.to_dict()),
                 adapter_slots,
                 adapter_max_rank,
-                self.dtype,
+                # fp32 on a CPU, like attention: small bf16 products are slower there, and
+                # the slots of a small model are small.
+                self.attention_dtype,
                 self.device,
             )
             if adapter_slots > 0

@@ -167,7 +167,11 @@ class LoraSlots:
 
     def plan(self, token_slots: list[int]) -> LoraStep | None:
         """How one step applies the adapters, given each token's slot; None when every token
-        is on slot 0."""
+        is on slot 0.
+
+        Tokens are laid out segment by segment, so a prompt chunk is a run of one slot: runs of
+        two or more tokens get two plain matrix products each (the SGMV case), and the single
+        tokens of decoding rows on different slots one gathered batched product (BGMV)."""
         distinct = set(token_slots)
         if not distinct or distinct == {0}:
             return None
@@ -175,20 +179,41 @@ class LoraSlots:
             raise ValueError(f"adapter slots {sorted(distinct)} are not all within 0..{self.slots}")
         if len(distinct) == 1:
             return LoraStep(self, single=token_slots[0])
-        return LoraStep(self, token_slots=torch.tensor(token_slots, device=self.device))
+        runs: list[tuple[int, int, int]] = []  # (start, end, slot) of multi-token runs
+        singles: list[int] = []  # positions of lone tokens on an adapter
+        start = 0
+        for end in range(1, len(token_slots) + 1):
+            if end < len(token_slots) and token_slots[end] == token_slots[start]:
+                continue
+            slot = token_slots[start]
+            if slot and end - start > 1:
+                runs.append((start, end, slot))
+            elif slot:
+                singles.append(start)
+            start = end
+        gather = None
+        if singles:
+            index = torch.tensor(singles, device=self.device)
+            gather = (index, torch.tensor([token_slots[i] for i in singles], device=self.device))
+        return LoraStep(self, runs=runs, gather=gather)
 
 
 class LoraStep:
     """The LoRA terms of one engine step, applied projection by projection."""
 
     def __init__(
-        self, slots: LoraSlots, single: int | None = None, token_slots: torch.Tensor | None = None
+        self,
+        slots: LoraSlots,
+        single: int | None = None,
+        runs: list[tuple[int, int, int]] | None = None,
+        gather: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         self.slots = slots
         self.single = single
-        self.token_slots = token_slots
-        if token_slots is not None:  # one gather of the scales per step, not per projection
-            self.token_scale = slots.scale.index_select(0, token_slots)[:, None]  # [T, 1]
+        self.runs = runs or []
+        self.gather = gather
+        if gather is not None:  # one gather of the scales per step, not per projection
+            self.gather_scale = slots.scale.index_select(0, gather[1])[:, None, None]  # [n, 1, 1]
 
     def add(self, layer: int, target: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """`y + scale[s_t] * (x_t @ A[s_t].T) @ B[s_t].T` for every token t on slot s_t.
@@ -200,10 +225,15 @@ class LoraStep:
             s = self.single
             low = (flat @ a_slots[s].T) * slots._scales[s]  # [T, max_rank]
             delta = low @ b_slots[s].T  # [T, out]
-        else:  # per-token gather (BGMV): shrink to the rank, then expand
-            assert self.token_slots is not None
-            a = a_slots.index_select(0, self.token_slots)  # [T, max_rank, in]
-            b = b_slots.index_select(0, self.token_slots)  # [T, out, max_rank]
-            low = torch.bmm(a, flat[:, :, None]) * self.token_scale[:, :, None]  # [T, rank, 1]
-            delta = torch.bmm(b, low)[:, :, 0]  # [T, out]
+            return y + delta.view(y.shape).to(y.dtype)
+        delta = flat.new_zeros(flat.shape[0], b_slots.shape[1])  # slot-0 tokens add exactly 0
+        for start, end, s in self.runs:  # a prompt chunk: plain matmuls with its slot
+            low = (flat[start:end] @ a_slots[s].T) * slots._scales[s]
+            delta[start:end] = low @ b_slots[s].T
+        if self.gather is not None:  # decoding rows: per-token gather, shrink, then expand
+            index, which = self.gather
+            a = a_slots.index_select(0, which)  # [n, max_rank, in]
+            b = b_slots.index_select(0, which)  # [n, out, max_rank]
+            low = torch.bmm(a, flat.index_select(0, index)[:, :, None]) * self.gather_scale
+            delta.index_copy_(0, index, torch.bmm(b, low)[:, :, 0])
         return y + delta.view(y.shape).to(y.dtype)
