@@ -151,7 +151,7 @@ class LocalEngine:
         self._weights: OrderedDict[AdapterRef, AdapterWeights] = OrderedDict()
         self._weights_lock = threading.Lock()
         self._steps = 0
-        self._pin = False
+        self._filling: set[int] = set()  # empty slots an adapter is being copied into
 
     # -- what callers may read ---------------------------------------------------------------
     @property
@@ -387,7 +387,6 @@ class LocalEngine:
                 "max_context_tokens or adapter_slots"
             ) from e
         self._shapes = BaseShapes.from_config(model.config.to_dict())
-        self._pin = model.device.type == "cuda"  # adapters copy into GPU slots asynchronously
         capacity = batch.capacity
         self._seen = SeenTokens(capacity.rows, int(model.config.vocab_size), model.device)
         self._stops = stop_token_ids(model, tokenizer)
@@ -533,12 +532,14 @@ class LocalEngine:
     async def load_adapter(self, ref: AdapterRef, path: Path) -> AdapterStatus:
         """Make adapter version `ref` (a PEFT folder at `path`) servable, without a restart.
 
-        The folder is checked against the served model and read in a thread; then, between two
-        steps, it is copied into a free adapter slot (or one whose adapter is idle), so no
-        request sees half an adapter. With every slot busy it waits in memory and fills a slot
-        when one frees. Loading a version already loaded changes nothing. Raises
-        `AdapterError` (one line) for an adapter the engine cannot serve; what was serving
-        keeps serving.
+        The folder is checked against the served model and read in a thread. When a slot is
+        empty it is copied there from that thread while the engine keeps stepping (no step
+        reads an empty slot, and the slot is held so none is admitted to it), then registered
+        under the engine's lock: the next admission serves it. Otherwise it goes, between two
+        steps, into the slot whose adapter has been idle longest; with every slot busy it waits
+        in memory and fills a slot when one frees. So no request sees half an adapter. Loading
+        a version already loaded changes nothing. Raises `AdapterError` (one line) for an
+        adapter the engine cannot serve; what was serving keeps serving.
         """
         started = time.perf_counter()
         with self._cond:
@@ -546,7 +547,27 @@ class LocalEngine:
                 raise refusal
         await asyncio.shield(asyncio.wrap_future(self._ready))  # the model's shapes are needed
         spec, weights = await asyncio.to_thread(self._read_adapter, path)
-        status = await self.call(lambda: self._install(ref, spec, weights))
+        with self._cond:
+            known = self._adapters.get(ref)
+            slot = None
+            if known is None or known.slot is None:
+                empty = (
+                    i
+                    for i, held in enumerate(self._slots, start=1)
+                    if held is None and i not in self._filling
+                )
+                slot = next(empty, None)
+            if slot is not None:
+                self._filling.add(slot)
+        if slot is None:
+            status = await self.call(lambda: self._install(ref, spec, weights))
+        else:
+            try:
+                await asyncio.to_thread(self._copy_into, slot, weights)
+                status = self._install(ref, spec, weights, slot=slot)
+            finally:
+                with self._cond:
+                    self._filling.discard(slot)
         log.info(
             "adapter %s loaded in %.1f ms (%s)",
             ref,
@@ -554,6 +575,21 @@ class LocalEngine:
             f"slot {status.slot}" if status.slot else "waiting for a free slot",
         )
         return status
+
+    def _copy_into(self, slot: int, weights: AdapterWeights) -> None:
+        """Copy an adapter into an empty, held slot (a thread beside the worker: on CUDA on a
+        stream of its own, finished before the slot is registered)."""
+        import torch
+
+        assert self._batch is not None and self._batch.lora is not None
+        lora = self._batch.lora
+        if lora.device.type != "cuda":
+            lora.load(slot, weights)
+            return
+        stream = torch.cuda.Stream(device=lora.device)
+        with torch.cuda.stream(stream):
+            lora.load(slot, weights)
+        stream.synchronize()
 
     async def unload_adapter(self, ref: AdapterRef) -> None:
         """Stop taking requests for `ref`; it leaves its slot once the requests that started
@@ -580,12 +616,18 @@ class LocalEngine:
 
         assert self._shapes is not None
         spec = inspect_adapter(path, self._shapes, self.adapter_max_rank)
-        return spec, read_weights(spec, pin=self._pin)
+        return spec, read_weights(spec)
 
     def _install(
-        self, ref: AdapterRef, spec: AdapterSpec, weights: AdapterWeights
+        self,
+        ref: AdapterRef,
+        spec: AdapterSpec,
+        weights: AdapterWeights,
+        *,
+        slot: int | None = None,
     ) -> AdapterStatus:
-        """On the worker, between steps: register `ref` and copy it into a free slot."""
+        """Register `ref`: already copied into the empty `slot` (any thread), or copied now into
+        a free or idle slot (on the worker, between steps)."""
         with self._cond:
             adapter = self._adapters.get(ref)
             if adapter is None:
@@ -593,9 +635,12 @@ class LocalEngine:
             adapter.unloading = False
             self._remember_weights(ref, weights)
             if adapter.slot is None:
-                slot = self._free_slot()
-                if slot is not None:
-                    self._fill(slot, adapter, weights)
+                if slot is not None:  # filled beside the worker
+                    self._slots[slot - 1] = adapter
+                    adapter.slot = slot
+                    adapter.last_used = self._steps
+                elif (free := self._free_slot()) is not None:
+                    self._fill(free, adapter, weights)
             users = self._adapter_users().get(ref, 0)
             return AdapterStatus(ref, spec.rank, adapter.slot, users)
 
@@ -614,6 +659,8 @@ class LocalEngine:
         busy = {s.adapter_slot for s in self._scheduler.running}
         idle = []
         for index, holder in enumerate(self._slots, start=1):
+            if index in self._filling:  # being filled by a load beside the worker
+                continue
             if holder is None:
                 return index
             if index not in busy:
@@ -687,7 +734,7 @@ class LocalEngine:
         adapter = self._adapters.get(ref)
         if adapter is None:
             raise AdapterError(f"adapter {ref} is not loaded, so it cannot answer")
-        weights = read_weights(adapter.spec, pin=self._pin)
+        weights = read_weights(adapter.spec)
         self._remember_weights(ref, weights)
         return weights
 

@@ -45,11 +45,10 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def read_weights(spec: AdapterSpec, *, pin: bool = False) -> AdapterWeights:
+def read_weights(spec: AdapterSpec) -> AdapterWeights:
     """The matrices `spec` names, read from its safetensors file. Touches no model (it runs off
     the engine's thread). Raises `AdapterError` (one line) when they cannot be read or are not
-    finite numbers. `pin` puts them in page-locked memory, so that copying them into a GPU slot
-    is one asynchronous transfer each (the engine asks for it on CUDA)."""
+    finite numbers."""
     from safetensors import SafetensorError, safe_open
 
     tensors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -67,7 +66,7 @@ def read_weights(spec: AdapterSpec, *, pin: bool = False) -> AdapterWeights:
                         f"layer {key[0]} {key[1]} has A {list(a.shape)} and B {list(b.shape)}, "
                         f"not rank {spec.rank}"
                     )
-                tensors[key] = (a.pin_memory(), b.pin_memory()) if pin else (a, b)
+                tensors[key] = (a, b)
         # One pass per matrix: the largest magnitude is NaN or infinite iff some value is
         # (max propagates NaN), ~5x cheaper than an elementwise isfinite over every value.
         peaks = torch.stack([m.abs().amax() for pair in tensors.values() for m in pair])
@@ -147,11 +146,9 @@ class LoraSlots:
                 a_slot.zero_()
                 b_slot.zero_()
                 continue
-            # From pinned memory these are asynchronous transfers, ordered before the next
-            # step's kernels on the same stream (the weights stay referenced in the cache).
-            a_slot[:rank].copy_(pair[0], non_blocking=True)
+            a_slot[:rank].copy_(pair[0])
             a_slot[rank:].zero_()
-            b_slot[:, :rank].copy_(pair[1], non_blocking=True)
+            b_slot[:, :rank].copy_(pair[1])
             b_slot[:, rank:].zero_()
         self.scale[slot] = weights.scale
         self._scales[slot] = float(weights.scale)
