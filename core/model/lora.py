@@ -168,7 +168,8 @@ class LoraSlots:
 
         Tokens are laid out segment by segment, so a prompt chunk is a run of one slot: runs of
         two or more tokens get two plain matrix products each (the SGMV case), and the single
-        tokens of decoding rows on different slots one gathered batched product (BGMV)."""
+        tokens of decoding rows on different slots one gathered batched product (BGMV). On a
+        GPU more than two runs join the gathered product instead (fewer kernel launches)."""
         distinct = set(token_slots)
         if not distinct or distinct == {0}:
             return None
@@ -188,6 +189,11 @@ class LoraSlots:
             elif slot:
                 singles.append(start)
             start = end
+        if self.device.type == "cuda" and len(runs) > 2:
+            # On a GPU every product is a kernel launch, and launches are what a step costs:
+            # many prompt chunks go through the one gathered product with the decoding rows.
+            singles = [i for i, slot in enumerate(token_slots) if slot]
+            runs = []
         gather = None
         if singles:
             index = torch.tensor(singles, device=self.device)
