@@ -8,12 +8,13 @@ low-rank term. Punica calls the per-token gather "BGMV"; S-LoRA keeps many adapt
 preallocated slots and loads them in and out without disturbing the batch.
 
 Here the slots are `LoraSlots`: for every layer and attention projection one A buffer
-`[slots + 1, max_rank, in]` and one B buffer `[slots + 1, out, max_rank]`, allocated once.
-Slot 0 is "no adapter" and stays zero; ranks below `max_rank` are zero-padded, so every adapter
-computes with the same shapes and loading one is a plain copy. `LoraSlots.plan` looks at the
-step's per-token slots once: all on slot 0 gives None (the base path pays nothing), all on one
-slot gives two plain matmuls per projection, a mix gives the gathered batched matmul (vLLM's
-torch fallback for BGMV), where tokens on slot 0 meet zero matrices and get exactly 0 added.
+`[slots + 1, max_rank, in]` and one B buffer `[slots + 1, out, max_rank]`, allocated once, B
+held already multiplied by its adapter's scale. Slot 0 is "no adapter" and stays zero; ranks
+below `max_rank` are zero-padded, so every adapter computes with the same shapes and loading one
+is a plain copy. `LoraSlots.plan` looks at the step's per-token slots once: all on slot 0 gives
+None (the base path pays nothing), all on one slot gives two plain matmuls per projection, a mix
+gives plain matmuls for prompt chunks (SGMV's case) and the gathered batched matmul for
+decoding rows (vLLM's torch fallback for BGMV), where tokens on slot 0 get exactly 0 added.
 """
 
 from __future__ import annotations
@@ -107,12 +108,10 @@ class LoraSlots:
                 self.b[layer, target] = torch.zeros(
                     slots + 1, fan_out, max_rank, dtype=dtype, device=self.device
                 )
-        self.scale = torch.zeros(slots + 1, dtype=dtype, device=self.device)
-        self._scales = [0.0] * (slots + 1)  # the same on the host: no device read per step
 
     @property
     def nbytes(self) -> int:
-        buffers = (*self.a.values(), *self.b.values(), self.scale)
+        buffers = (*self.a.values(), *self.b.values())
         return sum(t.numel() * t.element_size() for t in buffers)
 
     def _check_slot(self, slot: int) -> None:
@@ -149,9 +148,8 @@ class LoraSlots:
             a_slot[:rank].copy_(pair[0])
             a_slot[rank:].zero_()
             b_slot[:, :rank].copy_(pair[1])
+            b_slot[:, :rank].mul_(weights.scale)  # B held pre-scaled: no scaling per step
             b_slot[:, rank:].zero_()
-        self.scale[slot] = weights.scale
-        self._scales[slot] = float(weights.scale)
 
     def clear(self, slot: int) -> None:
         """Empty `slot`: tokens on it then compute exactly the base model."""
@@ -159,8 +157,6 @@ class LoraSlots:
         for key, a_slots in self.a.items():
             a_slots[slot].zero_()
             self.b[key][slot].zero_()
-        self.scale[slot] = 0.0
-        self._scales[slot] = 0.0
 
     def plan(self, token_slots: list[int]) -> LoraStep | None:
         """How one step applies the adapters, given each token's slot; None when every token
@@ -198,7 +194,10 @@ class LoraSlots:
         if singles:
             index = torch.tensor(singles, device=self.device)
             gather = (index, torch.tensor([token_slots[i] for i in singles], device=self.device))
-        return LoraStep(self, runs=runs, gather=gather)
+        # Every token gathered, in order (decoding rows on adapters, the common mixed step):
+        # the gathered products cover the step, with nothing to scatter.
+        covers_all = len(singles) == len(token_slots)
+        return LoraStep(self, runs=runs, gather=gather, covers_all=covers_all)
 
 
 class LoraStep:
@@ -210,13 +209,13 @@ class LoraStep:
         single: int | None = None,
         runs: list[tuple[int, int, int]] | None = None,
         gather: tuple[torch.Tensor, torch.Tensor] | None = None,
+        covers_all: bool = False,
     ) -> None:
         self.slots = slots
         self.single = single
         self.runs = runs or []
         self.gather = gather
-        if gather is not None:  # one gather of the scales per step, not per projection
-            self.gather_scale = slots.scale.index_select(0, gather[1])[:, None, None]  # [n, 1, 1]
+        self.covers_all = covers_all
 
     def add(self, layer: int, target: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """`y + scale[s_t] * (x_t @ A[s_t].T) @ B[s_t].T` for every token t on slot s_t.
@@ -226,17 +225,23 @@ class LoraStep:
         flat = x.reshape(-1, x.shape[-1]).to(slots.dtype)  # [T, in]
         if self.single is not None:  # one adapter for the whole step: two plain matmuls
             s = self.single
-            low = (flat @ a_slots[s].T) * slots._scales[s]  # [T, max_rank]
+            low = flat @ a_slots[s].T  # [T, max_rank]
             delta = low @ b_slots[s].T  # [T, out]
+            return y + delta.view(y.shape).to(y.dtype)
+        if self.covers_all:  # every token gathered: shrink, then expand, nothing to scatter
+            assert self.gather is not None
+            which = self.gather[1]
+            a = a_slots.index_select(0, which)  # [T, max_rank, in]
+            b = b_slots.index_select(0, which)  # [T, out, max_rank]
+            delta = torch.bmm(b, torch.bmm(a, flat[:, :, None]))[:, :, 0]
             return y + delta.view(y.shape).to(y.dtype)
         delta = flat.new_zeros(flat.shape[0], b_slots.shape[1])  # slot-0 tokens add exactly 0
         for start, end, s in self.runs:  # a prompt chunk: plain matmuls with its slot
-            low = (flat[start:end] @ a_slots[s].T) * slots._scales[s]
-            delta[start:end] = low @ b_slots[s].T
+            delta[start:end] = (flat[start:end] @ a_slots[s].T) @ b_slots[s].T
         if self.gather is not None:  # decoding rows: per-token gather, shrink, then expand
             index, which = self.gather
             a = a_slots.index_select(0, which)  # [n, max_rank, in]
             b = b_slots.index_select(0, which)  # [n, out, max_rank]
-            low = torch.bmm(a, flat.index_select(0, index)[:, :, None]) * self.gather_scale
+            low = torch.bmm(a, flat.index_select(0, index)[:, :, None])
             delta.index_copy_(0, index, torch.bmm(b, low)[:, :, 0])
         return y + delta.view(y.shape).to(y.dtype)
