@@ -254,7 +254,7 @@ def _dispatch(settings: Any, args: argparse.Namespace) -> int:
         return cli_quotes.run(settings, args)
     if args.command == "adapters":
         _ensure_dir(settings.adapters_dir, "adapters_dir")
-        if args.adapters_command in ("switch", "import", "reset"):
+        if args.adapters_command in ("switch", "import", "reset", "default", "info"):
             _ensure_dir(settings.cache_dir, "cache_dir")
             _quiet_model_libraries(args.verbose)
         return cli_adapters.run(settings, args)

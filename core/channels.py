@@ -296,18 +296,18 @@ class ChannelAdapters:
             raise AdapterError(f"there is no adapter named {name} in this server")
         return info
 
-    async def switch(self, channel: ChannelRef, choice: str, *, by: str | None = None) -> Served:
-        """Bind `channel` to `name[@version]` of its server (`base` for none). The version is
-        checked (and, in a running bot, loaded) before the binding changes, so a refused
-        adapter leaves the channel answering as before."""
+    async def _choose(
+        self, server: str, choice: str
+    ) -> tuple[str | None, str | None, AdapterRef | None]:
+        """`name[@version]` (or `base`) of `server`, checked and, in a running bot, loaded:
+        (name, pinned version, the version that will answer); all None for the base model."""
         name, version = parse_ref(choice)
         if name == "base":
             if version is not None:
                 raise AdapterError("the base model has no versions")
-            await self.store.bind(channel, None, None, by=by)
-            return await self.resolve(channel)
+            return None, None, None
         name = adapter_name(name)
-        info = await asyncio.to_thread(self._owned, name, channel.server)
+        info = await asyncio.to_thread(self._owned, name, server)
         target = version or info.promoted
         if target is None:
             raise AdapterError(
@@ -325,8 +325,26 @@ class ChannelAdapters:
         if self.engine is not None:
             self._failed.pop(ref, None)
             await self.ensure_loaded(ref)
+        return name, version, ref
+
+    async def switch(self, channel: ChannelRef, choice: str, *, by: str | None = None) -> Served:
+        """Bind `channel` to `name[@version]` of its server (`base` for none). The version is
+        checked (and, in a running bot, loaded) before the binding changes, so a refused
+        adapter leaves the channel answering as before."""
+        name, version, _ = await self._choose(channel.server, choice)
         await self.store.bind(channel, name, version, by=by)
         return await self.served(channel)
+
+    async def set_default(self, server: str, choice: str | None, *, by: str | None = None) -> str:
+        """The adapter of `server`'s channels that have no binding of their own: `name[@version]`,
+        `base`, or None to clear it (then they answer from the base model). Checked like a
+        switch. Returns what the default is now, in words."""
+        if choice is None:
+            await self.store.clear_server_default(server)
+            return "no default (the base model)"
+        name, version, ref = await self._choose(server, choice)
+        await self.store.set_server_default(server, name, version, by=by)
+        return str(ref) if ref else "the base model"
 
     async def reset(self, channel: ChannelRef, *, by: str | None = None) -> Served:
         """Answer in `channel` from the base model."""

@@ -5,7 +5,8 @@ within a few seconds).
 `list` shows every adapter (or one server's) with its versions, promoted version and channels;
 `switch` binds a channel to `name[@version]` (or `base`), `reset` binds it to the base model,
 `rollback` moves its adapter back to the previous promoted version, `info` shows what answers
-in a channel, and `import` takes a PEFT LoRA folder made on the served model. Commands that
+in a channel, `default` sets a server's default adapter (for its channels bound to none), and
+`import` takes a PEFT LoRA folder made on the served model. Commands that
 check an adapter against the served model locate that model first (building the embedded one
 on first use).
 """
@@ -57,6 +58,14 @@ def add_parser(subparsers: Any) -> None:
     info = actions.add_parser("info", help="what answers in a channel, and why")
     channel_args(info)
 
+    default = actions.add_parser(
+        "default", help="the adapter of a server's channels that have none of their own"
+    )
+    default.add_argument("--server", required=True, help="a Discord server id, or 'console'")
+    which = default.add_mutually_exclusive_group(required=True)
+    which.add_argument("adapter", nargs="?", metavar="NAME[@VERSION]", help="or 'base'")
+    which.add_argument("--clear", action="store_true", help="no default: the base model")
+
     imp = actions.add_parser(
         "import",
         help="import a PEFT LoRA folder made on the served model",
@@ -70,6 +79,7 @@ def add_parser(subparsers: Any) -> None:
         "--server", default=CONSOLE_SERVER, help="the server it belongs to (default: console)"
     )
     imp.add_argument("--json", action="store_true", help="print JSON")
+    default.add_argument("--json", action="store_true", help="print JSON")
 
 
 def _service(settings: Settings) -> ChannelAdapters:
@@ -131,14 +141,21 @@ async def _action(service: ChannelAdapters, settings: Settings, args: argparse.N
         else:
             print(f"imported {name}@{version.version} (promoted) for server {server}")
         return 0
+    if command == "default":
+        server = server_name(args.server)
+        default = await service.set_default(server, None if args.clear else args.adapter)
+        if args.json:
+            print(json.dumps({"server": server, "default": default}))
+        else:
+            print(f"server {server}: channels without their own adapter answer with {default}")
+        return 0
     channel = await asyncio.to_thread(
         resolve_channel, service.store.sync, args.channel, args.server
     )
     if command in ("switch", "reset"):
-        served = await service.switch(channel, "base" if command == "reset" else args.adapter)
+        await service.switch(channel, "base" if command == "reset" else args.adapter)
         report = await service.info(channel)
         _print_report(report, args.json, f"{channel.channel} now answers with")
-        del served
         return 0
     if command == "rollback":
         left, now = await service.rollback(channel)

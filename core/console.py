@@ -50,13 +50,17 @@ commands:
   /quote enable | /quote disable                turn collecting quotes here on or off
   /adapter switch NAME[@VERSION] | reset        answer here with an adapter, or the base model
   /adapter list | info | rollback               adapters, what answers here, undo a promotion
+  /adapter default NAME | base | clear          the adapter of channels bound to none
   /model                                        what model is loaded, and how
   /help                                         this list
   /quit                                         leave (Ctrl-D or Ctrl-C at the prompt too)
 Ctrl-C during an answer stops it."""
 
 QUOTE_USAGE = "usage: /quote add TEXT [-- AUTHOR] | list [N] | random | forget ID | import PATH"
-ADAPTER_USAGE = "usage: /adapter switch NAME[@VERSION] | reset | list | info | rollback"
+ADAPTER_USAGE = (
+    "usage: /adapter switch NAME[@VERSION] | reset | list | info | rollback "
+    "| default NAME[@VERSION]|base|clear"
+)
 
 
 class Console:
@@ -277,6 +281,11 @@ class Console:
         if action == "switch" and rest:
             served = await channels.switch(self.ref, rest, by=CONSOLE_SERVER)
             self._write(f"#{self.channel} now answers with {served.describe()}\n")
+        elif action == "default" and rest:
+            default = await channels.set_default(
+                CONSOLE_SERVER, None if rest == "clear" else rest, by=CONSOLE_SERVER
+            )
+            self._write(f"channels without their own adapter now answer with {default}\n")
         elif action == "reset" and not rest:
             await channels.reset(self.ref, by=CONSOLE_SERVER)
             self._write(f"#{self.channel} now answers from the base model\n")

@@ -357,3 +357,9 @@ async def test_console_adapter_commands(session_app: App, embedded_model_dir: Pa
     await run("/ask Say hi. max_tokens:3 temperature:0")
     assert console.last_stream is not None and console.last_stream.adapter is None
     assert "usage: /adapter" in await run("/adapter frobnicate")
+    # A server default answers in channels bound to nothing (#adapt is bound to base now).
+    assert "now answer with console-ad@v1" in await run("/adapter default console-ad")
+    await run("#unbound")
+    await run("/ask Say hi. max_tokens:3 temperature:0")
+    assert console.last_stream is not None and str(console.last_stream.adapter) == "console-ad@v1"
+    assert "now answer with no default" in await run("/adapter default clear")

@@ -1,7 +1,8 @@
 """`/adapter`: which LoRA adapter answers in a channel.
 
 `list` and `info` are for everyone; `switch`, `rollback` and `reset` change what a whole channel
-hears, so they need Manage Channels there (or the server admin rights of `admin_only`). Only this
+hears, so they need Manage Channels there (or the server admin rights of `admin_only`);
+`default`, the adapter of every channel without one of its own, is for server admins. Only this
 server's adapters are listed, offered in autocomplete and accepted. A thread uses its parent
 channel's adapter, so these commands in a thread act on the parent. A refused switch (a corrupt
 or mismatched adapter) leaves the channel answering as before.
@@ -16,7 +17,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from core.discord import NO_MENTIONS, LoracordBot, channel_key, is_admin
+from core.discord import NO_MENTIONS, LoracordBot, admin_only, channel_key, is_admin
 from core.errors import AdapterError
 from core.store import ChannelRef
 
@@ -93,6 +94,36 @@ class AdapterCog(
         self, interaction: discord.Interaction, current: str
     ) -> list[app_commands.Choice[str]]:
         return await self._choices(interaction, current)
+
+    @app_commands.command(
+        name="default", description="The adapter of this server's channels that have none"
+    )
+    @app_commands.describe(adapter="name, name@version, base, or clear for no default")
+    @app_commands.guild_only()
+    @admin_only()
+    async def default(
+        self, interaction: discord.Interaction, adapter: app_commands.Range[str, 1, 80]
+    ) -> None:
+        assert interaction.guild_id is not None
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        choice = None if adapter.strip().lower() == "clear" else adapter
+        now = await self.bot.app.channels.set_default(
+            str(interaction.guild_id), choice, by=str(interaction.user.id)
+        )
+        await interaction.followup.send(
+            f"Channels of this server without their own adapter now answer with **{now}**.",
+            ephemeral=True,
+            allowed_mentions=NO_MENTIONS,
+        )
+
+    @default.autocomplete("adapter")
+    async def _default_choices(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        return [
+            *await self._choices(interaction, current),
+            app_commands.Choice(name="clear", value="clear"),
+        ][:AUTOCOMPLETE_LIMIT]
 
     @app_commands.command(name="reset", description="Answer in this channel from the base model")
     @app_commands.guild_only()

@@ -14,6 +14,7 @@ import discord
 import pytest
 
 from core.adapters import WEIGHTS_FILE
+from core.discord import NotAdmin
 from core.errors import AdapterError
 from core.model.requests import AdapterRef
 from core.store import ChannelRef
@@ -196,3 +197,21 @@ async def test_a_corrupt_version_is_refused_and_the_channel_keeps_its_version(h,
     info = h.response_text(await h.slash(h.alice, "adapter info"))
     assert info.startswith("This channel answers with **dc-corrupt@v1**.")
     assert "dc-corrupt@v2 could not be loaded" in info
+
+
+async def test_a_server_default_serves_channels_without_their_own(h, tmp_path) -> None:
+    ref = _import(h, tmp_path, "dc-default", seed=41)
+    fresh = h.guild.create_text_channel("fresh")
+    refused = await h.slash(_manager(h), "adapter default", adapter="dc-default")
+    assert refused.ephemeral and "admins of this server" in h.response_text(refused)
+    assert [type(e) for e in h.command_errors()] == [NotAdmin]
+    assert await _asked_with(h, fresh) is None
+
+    done = await h.slash(h.admin, "adapter default", adapter="dc-default")
+    assert "**dc-default@v1**" in h.response_text(done)
+    assert await _asked_with(h, fresh) == ref  # no binding of its own: the server's default
+    await h.slash(h.admin, "adapter reset", channel=fresh)  # its own binding: the base model
+    assert await _asked_with(h, fresh) is None
+    assert await _asked_with(h) == ref  # #general has none of its own
+    await h.slash(h.admin, "adapter default", adapter="clear")
+    assert await _asked_with(h) is None
