@@ -270,3 +270,36 @@ def test_ask_answers_with_the_channels_adapter(
     info = _cli("adapters", "info", "--channel", "general", "--json", env=env)
     assert json.loads(info.stdout)["adapter"] == "asker@v1"
     assert json.loads(info.stdout)["pinned"] == "v1"
+
+
+async def test_an_adapter_made_with_peft_on_the_served_folder_imports_and_serves(
+    app: App, embedded_model_dir: Path, tmp_path: Path
+) -> None:
+    """What a user does: load the GPTQ folder `model info` names with transformers, wrap it with
+    `get_peft_model`, save, import. (B is random here, so the adapter changes the answers.)"""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        embedded_model_dir, dtype=torch.float32, device_map="cpu"
+    )
+    config = LoraConfig(
+        r=8,
+        lora_alpha=32,
+        lora_dropout=0.05,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
+    get_peft_model(model, config).save_pretrained(tmp_path / "made-with-peft")
+    del model
+    shapes, fingerprint = app.channels.base
+    version = app.registry.import_folder(
+        tmp_path / "made-with-peft", "peft-made", "console", shapes, fingerprint
+    )
+    channel = ChannelRef.console("peft-room")
+    await app.channels.switch(channel, "peft-made")
+    text, used, reason = await _ask(app, channel)
+    assert used == AdapterRef("peft-made", version.version) and reason is None
+    assert text != (await _ask(app, ChannelRef.console("plain-room")))[0]
