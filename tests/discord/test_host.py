@@ -232,6 +232,7 @@ async def test_dev_guild_sync_goes_to_that_guild_once(make_offline_harness) -> N
     assert not await h.bot.sync_commands()  # unchanged: not sent again
 
     (guild_sync,) = [r for r in h.command_syncs() if f"/guilds/{h.guild.id}/" in r.path]
-    # The default plugins: ask, admin and quotes (a slash group and a message menu).
-    assert {c["name"] for c in guild_sync.json} == {"ask", "plugins", "quote", "Save as quote"}
+    # The default plugins: ask, admin, quotes (a slash group and a message menu), adapters.
+    commands = {c["name"] for c in guild_sync.json}
+    assert commands == {"ask", "plugins", "quote", "Save as quote", "adapter"}
     assert (await h.ask(h.alice, "hi")).response.content == "guild answer"

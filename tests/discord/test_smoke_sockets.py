@@ -43,6 +43,7 @@ async def fake_discord(monkeypatch: pytest.MonkeyPatch):
 async def test_real_bot_over_real_sockets(tmp_path, session_app, fake_discord, error_log) -> None:
     settings = make_settings(tmp_path, discord={"cooldown_seconds": 0})
     app = dataclasses.replace(build(settings), engine=session_app.engine)
+    await app.store.open()  # what app.start() does, without starting the shared engine again
     bot = create_bot(app)
     running = asyncio.create_task(bot.start("smoke-token"))
     try:
@@ -53,7 +54,8 @@ async def test_real_bot_over_real_sockets(tmp_path, session_app, fake_discord, e
 
         sync = next(r for r in fake_discord.requests if r.method == "PUT")
         assert sync.path == f"/applications/{APP_ID}/commands"
-        assert {c["name"] for c in sync.body} == {"ask", "plugins", "quote", "Save as quote"}
+        names = {c["name"] for c in sync.body}
+        assert names == {"ask", "plugins", "quote", "Save as quote", "adapter"}
 
         options = [
             {"name": "prompt", "type": 3, "value": PROMPT},
@@ -81,6 +83,7 @@ async def test_real_bot_over_real_sockets(tmp_path, session_app, fake_discord, e
     finally:
         await bot.close()
         await asyncio.wait_for(running, 30)
+        await app.store.close()
 
 
 class _SharedEngine(EngineProbe):
