@@ -30,7 +30,7 @@ from core.model.requests import (
     GenerationRequest,
     ResponseStream,
 )
-from core.store import AsyncQuoteStore, Binding, ChannelRef
+from core.store import AsyncQuoteStore, Binding, BoundChannel, ChannelRef
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,8 @@ class ChannelAdapters:
         self._fits.clear()
         self._failed.clear()
         wanted: set[AdapterRef] = set()
-        for bound in await self.store.bindings():
+        bindings = await self.store.bindings()
+        for bound in bindings:
             channel = bound.channel_ref
             if channel is None or bound.adapter is None:
                 continue
@@ -263,15 +264,15 @@ class ChannelAdapters:
         for status in self.engine.adapters():
             if status.ref not in wanted and not status.unloading:
                 await self.engine.unload_adapter(status.ref)
-        await self._prune()
+        await self._prune(bindings)
         return True
 
-    async def _prune(self) -> None:
+    async def _prune(self, bindings: Sequence[BoundChannel]) -> None:
         """Retention, in the process that knows what is in flight: per name, versions beyond
         the newest `keep_versions` go, except promoted, pinned and loaded (in-flight) ones."""
         assert self.engine is not None
         keep: dict[str, set[str]] = {}
-        for bound in await self.store.bindings():
+        for bound in bindings:
             if bound.adapter and bound.version:
                 keep.setdefault(bound.adapter, set()).add(bound.version)
         for status in self.engine.adapters():
