@@ -336,7 +336,10 @@ LOCK_FILE = ".lock"
 TMP_PREFIX = ".tmp-"
 _DELETED_PREFIX = TMP_PREFIX + "deleted-"
 _STALE_SECONDS = 3600.0
+CURVE_FILE = "loss_curve.png"
 _COPIED = (CONFIG_FILE, WEIGHTS_FILE)
+# Copied with a version when the source has them (a training's loss curve); hashed like the rest.
+_OPTIONAL = (CURVE_FILE,)
 _SOURCES = ("import", "training")
 # Keys of meta.json the registry sets; a caller's meta may not override them.
 _COMPUTED_META = frozenset(
@@ -751,7 +754,7 @@ class Registry:
         if meta.get("name") != name or meta.get("version") != version:
             raise AdapterError(f"adapter {ref} is corrupt: its {META_FILE} names another version")
         files = meta.get("files")
-        if not isinstance(files, dict) or set(files) != set(_COPIED):
+        if not isinstance(files, dict) or not set(_COPIED) <= set(files) <= {*_COPIED, *_OPTIONAL}:
             raise AdapterError(f"adapter {ref} is corrupt: its {META_FILE} lists no file hashes")
         for file in _COPIED:
             try:
@@ -831,12 +834,13 @@ class Registry:
 
         `shapes` and `fingerprint` are the served base model's (the caller computes them once).
         The folder is checked with `inspect_adapter` before anything is written; only
-        adapter_config.json and adapter_model.safetensors are copied, and meta.json is written
-        with them. `meta` adds the caller's keys (`dataset` {"hash", "size"}, `train_loss`,
-        `eval_loss`, `parent`, and any other JSON value); the keys the registry computes
-        cannot be given. The first publish of a name makes `server` its owner; a name owned by
-        another server is refused. `promote` promotes the new version at once. Old versions
-        are not pruned here (the caller knows which are pinned: see `prune`).
+        adapter_config.json and adapter_model.safetensors (and loss_curve.png, when there is
+        one) are copied, and meta.json is written with them. `meta` adds the caller's keys
+        (`dataset` {"hash", "size"}, `train_loss`, `eval_loss`, `parent`, and any other JSON
+        value); the keys the registry computes cannot be given. The first publish of a name
+        makes `server` its owner; a name owned by another server is refused. `promote` promotes
+        the new version at once. Old versions are not pruned here (the caller knows which are
+        pinned: see `prune`).
         """
         name = adapter_name(name)
         server = _server(server)
@@ -867,7 +871,8 @@ class Registry:
         staging = self._stage(folder)
         try:
             try:
-                files = {f: _copy_hashed(source_dir / f, staging / f) for f in _COPIED}
+                wanted = [*_COPIED, *(f for f in _OPTIONAL if (source_dir / f).is_file())]
+                files = {f: _copy_hashed(source_dir / f, staging / f) for f in wanted}
             except OSError as e:
                 raise AdapterError(f"cannot save adapter {name}: {e}") from None
             # What is stored is checked again: the source may have changed while it was copied.
@@ -1012,6 +1017,26 @@ class Registry:
         if doomed:
             log.info("pruned adapter %s: %s", name, ", ".join(doomed))
         return doomed
+
+    def purge(self, name: str, versions: Collection[str], reason: str) -> builtins.list[str]:
+        """Delete `versions` whatever their standing (promoted, pinned, in use): consent, when
+        they were trained on quotes that were removed since. A purged promoted version leaves
+        the name with no promoted version (its channels answer from the base model) unless
+        another one is promoted. Returns the versions deleted."""
+        name, folder = self._existing(name)
+        with self._lock(folder):
+            state = self._state(folder, name)
+            gone = [adapter_version(v) for v in versions if v in self._versions(folder)]
+            if not gone:
+                return []
+            if state.promoted in gone:
+                state.promoted = None
+            state.history = [v for v in state.history if v not in gone]
+            trash = self._discard(folder, state, gone)
+        for path in trash:
+            shutil.rmtree(path, ignore_errors=True)
+        log.info("adapter %s: deleted %s (%s)", name, ", ".join(gone), reason)
+        return gone
 
     def delete_version(self, name: str, version: str, protected: Collection[str]) -> None:
         """Delete one version; refused for the promoted one and those in `protected`."""

@@ -85,3 +85,13 @@ class QuoteImportError(QuoteError):
 class AdapterError(LoracordError):
     """An adapter was refused (bad name, corrupt or mismatched files, unknown version) or an
     adapter operation could not be done; whatever was serving keeps serving."""
+
+
+class TrainingError(LoracordError):
+    """A training could not run or finish (too few quotes, a crashed or cancelled trainer); no
+    version was saved and whatever was serving keeps serving."""
+
+
+class TrainingBusy(TrainingError):
+    """Another training holds the lock (one runs at a time, across processes), or the queue
+    is full."""

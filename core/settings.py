@@ -54,7 +54,7 @@ class DiscordSettings(_Section):
 
     token: str | None = Field(default=None, exclude=True, repr=False)
     dev_guild: int | None = None
-    plugins: tuple[str, ...] = ("ask", "admin", "quotes", "adapters")
+    plugins: tuple[str, ...] = ("ask", "admin", "quotes", "adapters", "training")
     admin_role_ids: tuple[int, ...] = ()
     admin_user_ids: tuple[int, ...] = ()
     message_content_intent: bool = False
@@ -73,6 +73,86 @@ class QuoteSettings(_Section):
     max_chars: int = Field(default=1000, ge=20, le=100_000)
     daily_cap: int = Field(default=50, ge=1)
     eval_percent: int = Field(default=10, ge=0, le=50)
+
+
+class TrainingSettings(_Section):
+    """Fine-tuning a channel's adapter: the recipe, when it is promoted, and the nightly run.
+
+    The recipe's defaults are the seed's: LoRA r=8, alpha=32, dropout 0.05 on q/k/v/o, lr 2e-4
+    with warmup. The base model trains in the device's mixed precision; the LoRA weights and
+    the optimizer state stay fp32.
+    """
+
+    rank: int = Field(default=8, ge=1, le=256)
+    alpha: float = Field(default=32.0, gt=0)
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    learning_rate: float = Field(default=2e-4, gt=0.0, le=1.0)
+    warmup_steps: int = Field(default=2, ge=0)
+    # Optimizer steps per run (the step budget); each step sees batch_size x grad_accum examples.
+    steps: int = Field(default=40, ge=1, le=100_000)
+    batch_size: int = Field(default=4, ge=1, le=256)
+    grad_accum: int = Field(default=1, ge=1, le=256)
+    # Longer training examples (system prompt, user turn and quote) are cut to this many tokens.
+    max_length: int = Field(default=256, ge=32, le=8192)
+    gradient_checkpointing: bool = True
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    seed: int = 0
+    # "current": continue from the channel's promoted adapter; "scratch": a new LoRA each run.
+    # A channel marked for retraining (a quote it was trained on is gone) always starts anew.
+    start_from: Literal["current", "scratch"] = "current"
+    # The user turn before each quote in the training chats (what /ask's users type).
+    prompt: str = "Say something in this channel's voice."
+    # Asked of the base model and the new adapter for the result message.
+    sample_prompt: str = "Say something in this channel's voice."
+    # CPU threads of the trainer process (the bot keeps the rest for answering); None: half
+    # of the cores, at least one.
+    threads: int | None = Field(default=None, ge=1)
+    # CUDA: the share of the GPU's memory the trainer process may take beside the bot.
+    gpu_memory_fraction: float = Field(default=0.5, gt=0.0, le=1.0)
+
+    # Promotion: the new adapter's held-out loss must beat the current one's (the base model's
+    # when the channel has none) by this relative margin, on at least min_eval_quotes quotes,
+    # and its loss on general chat prompts may rise at most general_tolerance over the base's.
+    promote_margin: float = Field(default=0.02, ge=0.0, lt=1.0)
+    min_eval_quotes: int = Field(default=2, ge=1)
+    general_tolerance: float = Field(default=0.10, ge=0.0)
+
+    # The nightly run: a cron time and timezone, channels with auto-train on that have at
+    # least min_new_quotes since their last run (or are marked for retraining), stalest first,
+    # within night_budget_minutes. A night missed while the bot was down runs once at start
+    # if it is less than misfire_grace_hours late.
+    nightly: bool = True
+    nightly_time: str = "03:00"
+    timezone: str = "UTC"
+    min_new_quotes: int = Field(default=5, ge=1)
+    night_budget_minutes: float = Field(default=120.0, gt=0)
+    misfire_grace_hours: float = Field(default=36.0, ge=24.0)
+    # One training at a time across processes: a lock in the database whose lease the holder
+    # renews; a holder that died loses it after lease_seconds.
+    lease_seconds: float = Field(default=60.0, ge=5.0)
+    # Post the result of a nightly run in the trained channel.
+    announce: bool = False
+
+    @field_validator("nightly_time")
+    @classmethod
+    def _clock_time(cls, value: str) -> str:
+        match = re.fullmatch(r"\s*([01]?\d|2[0-3]):([0-5]\d)\s*", value)
+        if not match:
+            raise ValueError(f"{value!r} is not a time of day as HH:MM (e.g. 03:00)")
+        return f"{int(match[1]):02d}:{match[2]}"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value.strip())
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"{value!r} is not a known time zone (e.g. UTC, Europe/Paris)"
+            ) from None
+        return value.strip()
 
 
 class Settings(_Section):
@@ -117,6 +197,7 @@ class Settings(_Section):
 
     discord: DiscordSettings = DiscordSettings()
     quotes: QuoteSettings = QuoteSettings()
+    training: TrainingSettings = TrainingSettings()
 
     @field_validator("data_dir", "adapters_dir", "cache_dir", mode="before")
     @classmethod

@@ -27,6 +27,7 @@ from core.store.records import (
     ServerDefault,
     normalize,
 )
+from core.store.training import LockHolder, TrainingRun
 
 if TYPE_CHECKING:
     from core.settings import Settings
@@ -46,12 +47,14 @@ __all__ = [
     "ChannelRef",
     "ChannelState",
     "ImportReport",
+    "LockHolder",
     "NewQuote",
     "Quote",
     "QuoteStore",
     "RemoveResult",
     "SaveResult",
     "ServerDefault",
+    "TrainingRun",
     "normalize",
     "open_store",
     "split_of",

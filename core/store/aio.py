@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -28,6 +28,7 @@ from core.store.records import (
     SaveResult,
     ServerDefault,
 )
+from core.store.training import LockHolder, TrainingRun
 
 if TYPE_CHECKING:
     import datasets
@@ -195,3 +196,55 @@ class AsyncQuoteStore:
     async def bindings_stamp(self) -> tuple[int, str]:
         """See `QuoteStore.bindings_stamp`."""
         return await self._call(self.sync.bindings_stamp)
+
+    # -- training --------------------------------------------------------------------------
+
+    async def training_data(self, ref: ChannelRef) -> tuple[datasets.Dataset, datasets.Dataset]:
+        """See `QuoteStore.training_data`."""
+        return await self._call(self.sync.training_data, ref)
+
+    async def acquire_training_lock(
+        self, holder: str, lease_seconds: float, channel: ChannelRef | None = None
+    ) -> LockHolder | None:
+        """See `QuoteStore.acquire_training_lock`."""
+        return await self._call(self.sync.acquire_training_lock, holder, lease_seconds, channel)
+
+    async def renew_training_lock(self, holder: str, lease_seconds: float) -> bool:
+        """See `QuoteStore.renew_training_lock`."""
+        return await self._call(self.sync.renew_training_lock, holder, lease_seconds)
+
+    async def release_training_lock(self, holder: str) -> None:
+        """See `QuoteStore.release_training_lock`."""
+        await self._call(self.sync.release_training_lock, holder)
+
+    async def training_lock_holder(self) -> LockHolder | None:
+        """See `QuoteStore.training_lock_holder`."""
+        return await self._call(self.sync.training_lock_holder)
+
+    async def start_run(self, channel: ChannelRef, **kwargs: Any) -> TrainingRun:
+        """See `QuoteStore.start_run`."""
+        return await self._call(self.sync.start_run, channel, **kwargs)
+
+    async def update_run(self, run_id: int, **values: Any) -> TrainingRun:
+        """See `QuoteStore.update_run`."""
+        return await self._call(self.sync.update_run, run_id, **values)
+
+    async def runs(self, channel: ChannelRef | None = None, **kwargs: Any) -> list[TrainingRun]:
+        """See `QuoteStore.runs`."""
+        return await self._call(self.sync.runs, channel, **kwargs)
+
+    async def set_train_adapter(self, ref: ChannelRef, name: str) -> ChannelState:
+        """See `QuoteStore.set_train_adapter`."""
+        return await self._call(self.sync.set_train_adapter, ref, name)
+
+    async def channels_training(self, adapter: str) -> list[ChannelRef]:
+        """See `QuoteStore.channels_training`."""
+        return await self._call(self.sync.channels_training, adapter)
+
+    async def auto_train_channels(self) -> list[tuple[ChannelState, int]]:
+        """See `QuoteStore.auto_train_channels`."""
+        return await self._call(self.sync.auto_train_channels)
+
+    async def unchanged_quote_ids(self, ids: Sequence[int], since: datetime) -> set[int]:
+        """See `QuoteStore.unchanged_quote_ids`."""
+        return await self._call(self.sync.unchanged_quote_ids, ids, since)

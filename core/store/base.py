@@ -134,7 +134,8 @@ class StoreBase:
 
     @property
     def engine(self) -> Engine:
-        """The SQLAlchemy engine (shared with APScheduler's job store)."""
+        """The SQLAlchemy engine. (APScheduler's job store opens its own on the same database:
+        it disposes of its engine when it shuts down.)"""
         if self._engine is None:
             raise RuntimeError("the store was used before open()")
         return self._engine
@@ -217,6 +218,7 @@ class StoreBase:
             row.auto_train,
             row.needs_retrain,
             row.last_trained_at,
+            row.train_adapter,
         )
 
     def channel_state(self, ref: ChannelRef) -> ChannelState:

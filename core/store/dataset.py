@@ -29,14 +29,23 @@ def split_of(text: str, eval_percent: int) -> Split:
 def to_dataset(
     quotes: Sequence[Quote], eval_percent: int, split: Split | None = None
 ) -> datasets.Dataset:
-    """`quotes` as a Dataset of `quote` and `author` (all, or one split), in the given order."""
+    """`quotes` as a Dataset of `quote`, `author` and `id` (all, or one split), in the given
+    order. The id lets a training record which quotes it saw (consent reaches the weights)."""
     import datasets  # a heavy import: only paid when training data is asked for
 
     chosen = [q for q in quotes if split is None or split_of(q.text, eval_percent) == split]
     features = datasets.Features(
-        {"quote": datasets.Value("string"), "author": datasets.Value("string")}
+        {
+            "quote": datasets.Value("string"),
+            "author": datasets.Value("string"),
+            "id": datasets.Value("int64"),
+        }
     )
     return datasets.Dataset.from_dict(
-        {"quote": [q.text for q in chosen], "author": [q.author for q in chosen]},
+        {
+            "quote": [q.text for q in chosen],
+            "author": [q.author for q in chosen],
+            "id": [q.id for q in chosen],
+        },
         features=features,
     )

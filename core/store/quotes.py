@@ -26,6 +26,7 @@ from core.store.bindings import BindingsMixin
 from core.store.imports import QuoteImport
 from core.store.records import SOURCES, ChannelRef, NewQuote, Quote, SaveResult, text_key
 from core.store.schema import channels, quotes
+from core.store.training import TrainingMixin
 
 if TYPE_CHECKING:
     import datasets
@@ -36,7 +37,7 @@ _CLASH_RETRIES = 3
 NOT_SAVED = "the quote was NOT saved"
 
 
-class QuoteStore(BindingsMixin, QuoteImport):
+class QuoteStore(TrainingMixin, BindingsMixin, QuoteImport):
     """Quotes, channel flags and adapter bindings in one database (a SQLite file or
     PostgreSQL)."""
 
@@ -216,3 +217,12 @@ class QuoteStore(BindingsMixin, QuoteImport):
         `split` keeps only the train or eval quotes; a quote's split depends on its text alone.
         """
         return dataset.to_dataset(self.list_quotes(ref), self.eval_percent, split)
+
+    def training_data(self, ref: ChannelRef) -> tuple[datasets.Dataset, datasets.Dataset]:
+        """The channel's (train, eval) datasets from one read, so a quote added meanwhile is in
+        neither rather than in one; the time of the read is the data's `as of`."""
+        chosen = self.list_quotes(ref)
+        return (
+            dataset.to_dataset(chosen, self.eval_percent, "train"),
+            dataset.to_dataset(chosen, self.eval_percent, "eval"),
+        )

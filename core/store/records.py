@@ -113,6 +113,7 @@ class ChannelState:
     auto_train: bool
     needs_retrain: bool
     last_trained_at: datetime | None
+    train_adapter: str | None = None  # the adapter its trainings produce, once it has one
 
 
 @dataclass(frozen=True)

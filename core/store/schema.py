@@ -45,6 +45,8 @@ channels = sa.Table(
     sa.Column("needs_retrain", sa.Boolean, nullable=False),
     sa.Column("last_trained_at", UTCDateTime, nullable=True),
     sa.Column("created_at", UTCDateTime, nullable=False),
+    # migration 0006: the adapter this channel's trainings produce (set by its first training)
+    sa.Column("train_adapter", sa.String(64), nullable=True),
     sa.UniqueConstraint("server", "channel", name="uq_channels_server_channel"),
 )
 
@@ -117,4 +119,53 @@ change_counters = sa.Table(
     metadata,
     sa.Column("name", sa.String(32), primary_key=True),
     sa.Column("value", sa.BigInteger, nullable=False),
+)
+
+# migration 0006: every training run, and the lock that lets one run at a time across processes
+RUN_STATUSES = ("running", "promoted", "kept", "failed", "cancelled", "interrupted")
+training_runs = sa.Table(
+    "training_runs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("server", sa.String(64), nullable=False),
+    sa.Column("channel", sa.String(100), nullable=False),
+    sa.Column("adapter", sa.String(64), nullable=True),
+    sa.Column("version", sa.String(16), nullable=True),
+    sa.Column("trigger", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("reason", sa.Text, nullable=True),
+    sa.Column("requested_by", sa.String(32), nullable=True),
+    sa.Column("holder", sa.String(100), nullable=False),
+    sa.Column("started_at", UTCDateTime, nullable=False),
+    sa.Column("finished_at", UTCDateTime, nullable=True),
+    # quotes added up to this time were the run's data (`quote_ids`: those it trained on)
+    sa.Column("data_as_of", UTCDateTime, nullable=True),
+    sa.Column("steps", sa.Integer, nullable=True),
+    sa.Column("quote_ids", sa.Text, nullable=False, server_default="[]"),
+    sa.Column("base_loss", sa.Float, nullable=True),
+    sa.Column("current_loss", sa.Float, nullable=True),
+    sa.Column("new_loss", sa.Float, nullable=True),
+    sa.CheckConstraint(
+        "status IN ('running', 'promoted', 'kept', 'failed', 'cancelled', 'interrupted')",
+        name="ck_training_runs_status",
+    ),
+)
+sa.Index(
+    "ix_training_runs_channel",
+    training_runs.c.server,
+    training_runs.c.channel,
+    training_runs.c.id,
+)
+
+TRAINING_LOCK = "training"
+training_lock = sa.Table(
+    "training_lock",
+    metadata,
+    sa.Column("name", sa.String(16), primary_key=True),
+    sa.Column("holder", sa.String(100), nullable=False),
+    sa.Column("run_id", sa.Integer, nullable=True),
+    sa.Column("server", sa.String(64), nullable=True),
+    sa.Column("channel", sa.String(100), nullable=True),
+    sa.Column("acquired_at", UTCDateTime, nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=False),
 )

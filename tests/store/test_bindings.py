@@ -308,7 +308,7 @@ def _fill_revision_4(url: str) -> None:
 def test_a_revision_4_database_upgrades_keeping_every_quote(db_url: str) -> None:
     _fill_revision_4(db_url)
     with QuoteStore(db_url) as store:
-        assert store_db.current_revision(store.engine) == "0005"
+        assert store_db.current_revision(store.engine) == store_db.head_revision() == "0006"
         assert [q.text for q in store.list_quotes(GENERAL)] == [f"quote {n} ✨" for n in (1, 2, 3)]
         assert [q.id for q in store.list_quotes(ELSEWHERE)] == [4, 5]
         assert store.channel_state(GENERAL).auto_train

@@ -13,10 +13,11 @@ GENERAL = ChannelRef.console("general")
 def test_dataset_has_the_seed_columns(store: QuoteStore) -> None:
     store.import_quotes(GENERAL, [NewQuote("Be yourself.", "Oscar Wilde"), NewQuote("No author")])
     data = store.to_dataset(GENERAL)
-    assert data.column_names == ["quote", "author"]
+    assert data.column_names == ["quote", "author", "id"]
+    ids = [q.id for q in store.list_quotes(GENERAL)]
     assert data.to_list() == [
-        {"quote": "Be yourself.", "author": "Oscar Wilde"},
-        {"quote": "No author", "author": ""},
+        {"quote": "Be yourself.", "author": "Oscar Wilde", "id": ids[0]},
+        {"quote": "No author", "author": "", "id": ids[1]},
     ]
 
 

@@ -49,7 +49,7 @@ def test_a_revision_1_database_upgrades_with_nothing_lost(db_url: str) -> None:
     _fill_revision_1(db_url)
     general = ChannelRef.console("general")
     with QuoteStore(db_url) as store:
-        assert store_db.current_revision(store.engine) == store_db.head_revision() == "0005"
+        assert store_db.current_revision(store.engine) == store_db.head_revision() == "0006"
         quotes = store.list_quotes(general)
         assert [(q.id, q.text, q.author_name, q.message_id) for q in quotes] == [
             (1, "kept one 🙂", "Ann", "501"),
