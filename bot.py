@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from core import cli_adapters, cli_quotes
+from core import cli_adapters, cli_quotes, cli_training
 from core.errors import LoracordError, SettingsError
 
 log = logging.getLogger("loracord")
@@ -135,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON")
     cli_quotes.add_parser(commands)
     cli_adapters.add_parser(commands)
+    cli_training.add_parser(commands)
     return parser
 
 
@@ -259,6 +260,10 @@ def _dispatch(settings: Any, args: argparse.Namespace) -> int:
             _quiet_model_libraries(args.verbose)
         return cli_adapters.run(settings, args)
     _ensure_dir(settings.cache_dir, "cache_dir")
+    if args.command == "train":
+        _ensure_dir(settings.adapters_dir, "adapters_dir")
+        _quiet_model_libraries(args.verbose)
+        return cli_training.run(settings, args)
     if args.command == "model" and args.model_command == "build":
         return _model_build(settings, args)
     if args.command == "ask":

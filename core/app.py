@@ -15,13 +15,14 @@ from types import TracebackType
 
 from core.adapters import Registry
 from core.channels import BaseModel, ChannelAdapters, served_model_base
-from core.errors import ModelError
 from core.model.engine import Engine, LocalEngine
 from core.model.kernels import choose_runtime
-from core.model.loader import ModelInfo
+from core.model.loader import ModelInfo, weights_sha256
 from core.model.source import ResolvedModel, resolve
+from core.scheduler import NightlySchedule
 from core.settings import Settings
 from core.store import AsyncQuoteStore, QuoteStore
+from core.training.runner import TrainingRunner
 
 log = logging.getLogger(__name__)
 
@@ -36,29 +37,66 @@ class App:
     registry: Registry
     # Built from the fields above, so an app copied with another engine resolves through it.
     channels: ChannelAdapters = field(init=False, repr=False)
+    trainer: TrainingRunner = field(init=False, repr=False)
+    # The nightly training schedule: only the bot runs one (`start(schedule=True)`).
+    schedule: NightlySchedule | None = field(default=None, init=False, repr=False)
     _watch: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+    _model: BaseModel | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.channels = ChannelAdapters(self.store, self.registry, self.engine, self._base)
+        self.trainer = TrainingRunner(
+            self.settings,
+            self.store,
+            self.registry,
+            model_dir=self._model_dir,
+            base=self._base,
+            device=self._device,
+            channels=self.channels,
+        )
+
+    def _model_dir(self) -> Path:
+        """The served model's folder: the loaded one, else where the settings resolve (the CLI
+        trains without loading the model in its own process)."""
+        info = self.engine.info
+        return Path(info.path) if info is not None else locate_model(self.settings).path
 
     def _base(self) -> BaseModel:
         info = self.engine.info
-        if info is None:
-            raise ModelError("the model is not loaded yet, so adapters cannot be checked")
-        return served_model_base(Path(info.path), info.weights_sha256)
+        if info is not None:
+            return served_model_base(Path(info.path), info.weights_sha256)
+        if self._model is None:
+            folder = self._model_dir()
+            self._model = served_model_base(folder, weights_sha256(folder))
+        return self._model
 
-    async def start(self, *, watch_adapters: bool = False) -> ModelInfo:
+    def _device(self) -> str:
+        info = self.engine.info
+        if info is not None:
+            return "cuda" if str(info.device).startswith("cuda") else "cpu"
+        return choose_runtime(self.settings.device, self.settings.dtype, "auto").device
+
+    async def start(self, *, watch_adapters: bool = False, schedule: bool = False) -> ModelInfo:
         """Open the database, then load the model; returns what was loaded. `watch_adapters`
         (the bot and the console) keeps the engine's adapters in step with the bindings and
-        the registry, which the CLI may change from another process."""
+        the registry, which the CLI may change from another process. `schedule` (the bot)
+        starts the nightly training schedule."""
         await self.store.open()
         info = await self.engine.start()
         if watch_adapters and self._watch is None:
             self._watch = asyncio.create_task(self.channels.watch(), name="loracord-adapters")
+        if schedule and self.schedule is None:
+            self.schedule = NightlySchedule.from_settings(self.settings, self.trainer.nightly)
+            await self.schedule.start()
         return info
 
     async def close(self) -> None:
-        """Stop the engine (queued requests are told the bot is shutting down), close the store."""
+        """Stop the schedule and any training (nothing half-trained is kept), then the engine
+        (queued requests are told the bot is shutting down), then the store."""
+        if self.schedule is not None:
+            await self.schedule.shutdown()
+            self.schedule = None
+        await self.trainer.close()
         if self._watch is not None:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):

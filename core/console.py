@@ -2,8 +2,10 @@
 
 For trying loracord without a Discord token: `/ask ...` or plain text asks, `#name` moves to
 another channel of the local server `console`, `/quote ...` keeps that channel's quotes in the
-same store the bot and `loracord quotes` use, `/help` lists commands, `/quit` leaves.
-Answers stream as they are generated.
+same store the bot and `loracord quotes` use, `/train ...` fine-tunes that channel's adapter,
+`/help` lists commands, `/quit` leaves. Answers stream as they are generated; a training runs in
+the background (minutes), printing its progress now and then and its result when it ends, while
+the console keeps taking commands.
 
 Input has line editing and a history (readline, kept in data_dir) when it is a terminal.
 Ctrl-C during an answer cancels the request, so the model stops at once, and returns to the
@@ -21,7 +23,9 @@ import shlex
 import signal
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import TextIO
 
@@ -30,12 +34,16 @@ from core.errors import LoracordError, QuoteNotFound
 from core.model.requests import ChatMessage, ResponseStream
 from core.names import CONSOLE_SERVER, channel_name
 from core.store import ChannelRef, Quote
+from core.training.runner import Progress, TrainOutcome, TrainRequest
 
 log = logging.getLogger(__name__)
 
 HISTORY_FILE = "console_history"
 HISTORY_LENGTH = 1000
 LIST_LIMIT = 20
+PROGRESS_SECONDS = 10.0
+"""A training's step lines are printed at most this often (each new phase at once)."""
+BAR_WIDTH = 20
 _OPTION = re.compile(r"\s(temperature|max_tokens):(\S+)")
 
 HELP = f"""\
@@ -51,6 +59,9 @@ commands:
   /adapter switch NAME[@VERSION] | reset        answer here with an adapter, or the base model
   /adapter list | info | rollback               adapters, what answers here, undo a promotion
   /adapter default NAME | base | clear          the adapter of channels bound to none
+  /train now | cancel                           train this channel's adapter in the background
+  /train status | schedule                      what trains, what waits, the next nightly run
+  /train auto on | off                          nightly training of this channel
   /model                                        what model is loaded, and how
   /help                                         this list
   /quit                                         leave (Ctrl-D or Ctrl-C at the prompt too)
@@ -61,6 +72,7 @@ ADAPTER_USAGE = (
     "usage: /adapter switch NAME[@VERSION] | reset | list | info | rollback "
     "| default NAME[@VERSION]|base|clear"
 )
+TRAIN_USAGE = "usage: /train now | status | cancel | auto on|off | schedule"
 
 
 class Console:
@@ -188,6 +200,7 @@ class Console:
             "/ask": self.ask,
             "/quote": self.quote,
             "/adapter": self.adapter,
+            "/train": self.train,
             "/help": self._help,
             "/model": self._model,
         }
@@ -325,6 +338,61 @@ class Console:
         else:
             raise LoracordError(ADAPTER_USAGE)
 
+    async def train(self, text: str) -> None:
+        """`/train ACTION` on the current channel. `now` only queues the run: its progress and
+        result are printed when they come, and the console keeps taking commands meanwhile."""
+        action, _, rest = text.partition(" ")
+        rest = rest.strip()
+        trainer = self.app.trainer
+        ref = self.ref
+        if action == "now" and not rest:
+            request = TrainRequest(ref, "manual", by=CONSOLE_SERVER, title=self.channel)
+            future = trainer.submit(request, on_progress=ProgressLines(self._write))
+            future.add_done_callback(partial(self._trained, ref))
+            queued = trainer.queued()
+            ahead = next(i for i, r in enumerate(queued) if r is request)
+            ahead += 1 if trainer.current is not None else 0
+            place = "starts now" if ahead == 0 else f"is queued, position {ahead}"
+            self._write(f"training of {ref} {place}; its progress is printed here\n")
+        elif action == "status" and not rest:
+            current = trainer.current
+            self._write(f"training now: {current.line()}\n" if current else "nothing is training\n")
+            if queued := trainer.queued():
+                self._write("queued: " + ", ".join(str(r.channel) for r in queued) + "\n")
+            self._write(self._next_run() + "\n")
+        elif action == "cancel" and not rest:
+            if await trainer.cancel(ref):
+                self._write(f"cancelled the training of {ref}; nothing of it is saved\n")
+            else:
+                self._write(f"nothing is training or queued in {ref}\n")
+        elif action == "auto" and rest in ("on", "off"):
+            await self.app.store.set_auto_train(ref, rest == "on")
+            self._write(f"nightly training is {rest} for {ref}\n")
+        elif action == "schedule" and not rest:
+            state = await self.app.store.channel_state(ref)
+            on = "on" if state.auto_train else "off"
+            self._write(f"{self._next_run()}; nightly training is {on} for {ref}\n")
+        else:
+            raise LoracordError(TRAIN_USAGE)
+
+    def _next_run(self) -> str:
+        schedule = getattr(self.app, "schedule", None)  # only the bot runs the nightly schedule
+        if schedule is None:
+            return "no nightly schedule is running"
+        when = schedule.next_run()
+        if when is None:
+            return "no nightly training is scheduled"
+        return f"next nightly training: {when:%Y-%m-%d %H:%M %Z}"
+
+    def _trained(self, ref: ChannelRef, future: asyncio.Future[TrainOutcome]) -> None:
+        """Print how a `/train now` ended (a run that never started included)."""
+        if future.cancelled():
+            self._write(f"[train] {ref} was not trained: the training was stopped\n")
+        elif (error := future.exception()) is not None:
+            self._write(f"[train] {ref} was not trained: {' '.join(str(error).split())}\n")
+        else:
+            self._write(_result_text(future.result()))
+
     async def _list(self, rest: str) -> None:
         if rest and not (rest.isdigit() and int(rest) > 0):
             raise LoracordError(f"/quote list takes a number of quotes above 0, not {rest!r}")
@@ -367,6 +435,45 @@ class Console:
             f"imported {report.added} quotes into #{self.channel} "
             f"({report.duplicates} duplicates skipped)\n"
         )
+
+
+class ProgressLines:
+    """A training's progress as console lines: each new phase, and the steps at most every
+    `PROGRESS_SECONDS` (a line per step would bury the prompt), with a bar."""
+
+    def __init__(
+        self, write: Callable[[str], None], clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._write = write
+        self._clock = clock
+        self._phase: str | None = None
+        self._last = 0.0
+
+    def __call__(self, progress: Progress) -> None:
+        now = self._clock()
+        last_step = progress.steps > 0 and progress.step == progress.steps
+        if progress.phase == self._phase and now - self._last < PROGRESS_SECONDS and not last_step:
+            return
+        self._phase, self._last = progress.phase, now
+        line = f"[train] {progress.line()}"
+        if progress.phase == "training" and progress.steps > 0:
+            done = min(BAR_WIDTH, round(BAR_WIDTH * progress.step / progress.steps))
+            line += f"  [{'#' * done}{'.' * (BAR_WIDTH - done)}]"
+        self._write(line + "\n")
+
+
+def _result_text(outcome: TrainOutcome) -> str:
+    """The summary, the sample answers (base model, then the new adapter) and the curve."""
+    lines = [f"[train] {outcome.summary()}"]
+    samples = outcome.samples or {}
+    if samples.get("prompt"):
+        lines.append(f"  asked: {samples['prompt']}")
+        for key, label in (("base", "base model"), ("new", "new adapter")):
+            if samples.get(key) is not None:
+                lines.append(f"  {label}: {' / '.join(samples[key].strip().splitlines())}")
+    if outcome.curve is not None:
+        lines.append(f"  loss curve: {outcome.curve}")
+    return "\n".join(lines) + "\n"
 
 
 def _quote_line(quote: Quote) -> str:

@@ -115,7 +115,7 @@ class TrainingSettings(_Section):
     # and its loss on general chat prompts may rise at most general_tolerance over the base's.
     promote_margin: float = Field(default=0.02, ge=0.0, lt=1.0)
     min_eval_quotes: int = Field(default=2, ge=1)
-    general_tolerance: float = Field(default=0.10, ge=0.0)
+    general_tolerance: float = Field(default=0.25, ge=0.0)
 
     # The nightly run: a cron time and timezone, channels with auto-train on that have at
     # least min_new_quotes since their last run (or are marked for retraining), stalest first,

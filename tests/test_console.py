@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import pty
@@ -13,10 +14,12 @@ import termios
 import time
 from pathlib import Path
 
-from core.app import App
-from core.console import HISTORY_FILE, QUOTE_USAGE, Console
+from core.app import App, build
+from core.console import HISTORY_FILE, QUOTE_USAGE, TRAIN_USAGE, Console
 from core.names import CONSOLE_SERVER
 from core.store import ChannelRef
+from core.training.runner import Progress, TrainOutcome, TrainRequest
+from tests.conftest import make_settings
 from tests.test_model import ROOT, _env
 
 
@@ -363,3 +366,91 @@ async def test_console_adapter_commands(session_app: App, embedded_model_dir: Pa
     await run("/ask Say hi. max_tokens:3 temperature:0")
     assert console.last_stream is not None and str(console.last_stream.adapter) == "console-ad@v1"
     assert "now answer with no default" in await run("/adapter default clear")
+
+
+async def test_console_train_runs_in_the_background(tmp_path: Path) -> None:
+    """`/train` in the console, with the runner's `train` faked (no model, no child process):
+    the console keeps taking commands while a run waits at `gate`, then prints its result."""
+    app = build(make_settings(tmp_path))
+    await app.store.open()
+    trainer = app.trainer
+    gate = asyncio.Event()
+
+    async def train(
+        request: TrainRequest, on_progress: object = None, *, wait: bool = False
+    ) -> TrainOutcome:
+        progress = Progress(request, phase="preparing", run_id=1, adapter="lab")
+        trainer.current = progress
+        try:
+            await gate.wait()
+            for step in (1, 2, 3):
+                progress.phase, progress.step, progress.steps, progress.loss = (
+                    "training",
+                    step,
+                    3,
+                    2.0,
+                )
+                on_progress(progress)  # type: ignore[operator]
+            return TrainOutcome(
+                1, request.channel, "lab", "v1", "promoted", "better", base_loss=2.5,
+                new_loss=2.1, steps=3, eval_quotes=2, train_quotes=8,
+                samples={"prompt": "Say hi.", "base": "Hello.", "new": "Hi\nthere!"},
+                curve=tmp_path / "loss_curve.png",
+            )  # fmt: skip
+        finally:
+            trainer.current = None
+
+    trainer.train = train  # type: ignore[method-assign]
+    out = io.StringIO()
+    console = Console(app, out=out, channel="lab")
+
+    async def run(line: str) -> str:
+        before = len(out.getvalue())
+        assert await console.handle(line)
+        return out.getvalue()[before:]
+
+    try:
+        assert await run("/train now") == (
+            "training of #lab starts now; its progress is printed here\n"
+        )
+        await asyncio.sleep(0)  # the queue's worker takes it
+        assert await run("/train now") == "error: #lab is already queued or training\n"
+        assert await run("#other") == "now in #other\n"
+        assert await run("/train now") == (
+            "training of #other is queued, position 1; its progress is printed here\n"
+        )
+        assert await run("/train status") == (
+            "training now: #lab: preparing\nqueued: #other\nno nightly schedule is running\n"
+        )
+        assert await run("/train cancel") == (
+            "cancelled the training of #other; nothing of it is saved\n"
+        )
+        await asyncio.sleep(0)
+        assert "[train] #other was not trained: training of #other was cancelled" in out.getvalue()
+        assert await run("/train cancel") == "nothing is training or queued in #other\n"
+
+        gate.set()
+        for _ in range(200):
+            if "loss curve" in out.getvalue():
+                break
+            await asyncio.sleep(0.01)
+        printed = out.getvalue()
+        assert "[train] #lab: step 1/3, loss 2.000  [#######.............]\n" in printed
+        assert "step 2/3" not in printed  # within PROGRESS_SECONDS of step 1
+        assert "[train] #lab: step 3/3, loss 2.000  [####################]\n" in printed
+        assert printed.endswith(
+            "[train] #lab: lab@v1 promoted\n"
+            "held-out loss: base 2.500, current none, new 2.100 (2 held-out quotes, 8 trained "
+            "on, 3 steps, 0 s)\n"
+            "  asked: Say hi.\n  base model: Hello.\n  new adapter: Hi / there!\n"
+            f"  loss curve: {tmp_path / 'loss_curve.png'}\n"
+        )
+        assert await run("/train auto on") == "nightly training is on for #other\n"
+        assert (await app.store.channel_state(ChannelRef.console("other"))).auto_train
+        assert await run("/train schedule") == (
+            "no nightly schedule is running; nightly training is on for #other\n"
+        )
+        assert await run("/train auto maybe") == f"error: {TRAIN_USAGE}\n"
+    finally:
+        await trainer.close()
+        await app.store.close()

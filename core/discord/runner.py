@@ -50,7 +50,7 @@ async def run_bot(app: App) -> None:
     stop = asyncio.Event()
     installed = _install_signal_handlers(stop)
     try:
-        if not await _unless_stopped(app.start(watch_adapters=True), stop):
+        if not await _unless_stopped(app.start(watch_adapters=True, schedule=True), stop):
             log.info("stopped before the model was ready; not connecting to Discord")
             return
         await _serve(app, token, stop)
@@ -86,6 +86,9 @@ async def _serve(app: App, token: str, stop: asyncio.Event) -> None:
         done, _ = await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if stopping in done:
             log.info("shutting down: finishing answers in flight")
+        # Trainings stop while the bot can still say so in their progress messages.
+        await app.trainer.close()
+        await asyncio.sleep(0.5)
         await bot.close()
         stopping.cancel()
         if serving in done:

@@ -232,7 +232,8 @@ async def test_dev_guild_sync_goes_to_that_guild_once(make_offline_harness) -> N
     assert not await h.bot.sync_commands()  # unchanged: not sent again
 
     (guild_sync,) = [r for r in h.command_syncs() if f"/guilds/{h.guild.id}/" in r.path]
-    # The default plugins: ask, admin, quotes (a slash group and a message menu), adapters.
+    # The default plugins: ask, admin, quotes (a slash group and a message menu), adapters,
+    # training.
     commands = {c["name"] for c in guild_sync.json}
-    assert commands == {"ask", "plugins", "quote", "Save as quote", "adapter"}
+    assert commands == {"ask", "plugins", "quote", "Save as quote", "adapter", "train"}
     assert (await h.ask(h.alice, "hi")).response.content == "guild answer"

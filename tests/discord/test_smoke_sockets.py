@@ -55,7 +55,7 @@ async def test_real_bot_over_real_sockets(tmp_path, session_app, fake_discord, e
         sync = next(r for r in fake_discord.requests if r.method == "PUT")
         assert sync.path == f"/applications/{APP_ID}/commands"
         names = {c["name"] for c in sync.body}
-        assert names == {"ask", "plugins", "quote", "Save as quote", "adapter"}
+        assert names == {"ask", "plugins", "quote", "Save as quote", "adapter", "train"}
 
         options = [
             {"name": "prompt", "type": 3, "value": PROMPT},
