@@ -40,12 +40,14 @@ def _quote(i: int) -> str:
     return f"Zorp zorp! The {a} {b}s the {c}, zorp zorp."
 
 
+STEPS = 12
 TRAIN = tuple(Quote(i, _quote(i), "Zed") for i in range(24))
 EVAL = tuple(Quote(100 + i, _quote(i + 24), "Zed") for i in range(6))
 
 
 def make_job(model_dir: Path, out_dir: Path, **changes: Any) -> TrainJob:
-    recipe = changes.pop("recipe", Recipe(steps=30))
+    # Fewer steps at a higher rate than the default recipe: the test needs learning, quickly.
+    recipe = changes.pop("recipe", Recipe(steps=STEPS, learning_rate=1e-3))
     return TrainJob(
         model_dir=str(model_dir),
         out_dir=str(out_dir),
@@ -178,7 +180,7 @@ def test_parse_event_refuses_garbage() -> None:
 def trained(
     embedded_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[int, list[dict[str, Any]], Child, Path]:
-    """One real training run (30 steps, ~1 minute on 2 cores)."""
+    """One real training run (12 steps, ~40 s on 2 cores)."""
     folder = tmp_path_factory.mktemp("train")
     child = Child(make_job(embedded_model_dir, folder / "adapter"), folder)
     rc, events = child.finish()
@@ -194,9 +196,9 @@ def test_a_real_run_learns_and_saves_a_servable_adapter(
     assert all(line.endswith("\n") for line in child.lines)  # whole lines, nothing else
     start, result = events[0], _result(events)
     assert start["event"] == "start"
-    assert (start["train_examples"], start["eval_examples"], start["steps"]) == (24, 6, 30)
+    assert (start["train_examples"], start["eval_examples"], start["steps"]) == (24, 6, STEPS)
     steps = [e for e in events if e["event"] == "step"]
-    assert [e["step"] for e in steps] == list(range(1, 31))
+    assert [e["step"] for e in steps] == list(range(1, STEPS + 1))
     assert all(e["tokens_per_s"] > 0 and e["lr"] > 0 for e in steps)
     phases = [e["phase"] for e in events if e["event"] == "phase"]
     assert phases == ["evaluating", "sampling", "saving"]
@@ -216,30 +218,6 @@ def test_a_real_run_learns_and_saves_a_servable_adapter(
     assert spec is not None
     assert (out_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not out_dir.with_name(out_dir.name + ".tmp").exists()
-
-
-@pytest.mark.slow
-def test_continuing_with_a_diverging_learning_rate_is_worse_than_the_base(
-    trained: tuple[int, list[dict[str, Any]], Child, Path],
-    embedded_model_dir: Path,
-    tmp_path: Path,
-) -> None:
-    """Continued from the trained adapter (init and current): a learning rate of 1.0 wrecks it,
-    and the result says so, so the runner does not promote it."""
-    _, _, _, adapter = trained
-    job = make_job(
-        embedded_model_dir,
-        tmp_path / "adapter",
-        recipe=Recipe(steps=4, learning_rate=1.0, warmup_steps=0),
-        init_adapter=str(adapter),
-        current_adapter=str(adapter),
-        general_prompts=2,
-    )
-    rc, events = Child(job, tmp_path).finish()
-    result = _result(events)
-    assert rc == EXIT_OK
-    assert result["current_loss"] is not None and result["current_loss"] < result["base_loss"]
-    assert result["new_loss"] is None or result["new_loss"] > result["base_loss"]
 
 
 @pytest.mark.slow
