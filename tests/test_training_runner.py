@@ -209,9 +209,7 @@ async def test_a_channel_bound_to_another_adapter_trains_that_one_but_not_at_nig
     assert skipped == [(GENERAL, "bound to the base model, not to its own adapter")]
 
 
-async def test_a_night_trains_channels_with_enough_new_quotes(
-    app: App, child: FakeChild
-) -> None:
+async def test_a_night_trains_channels_with_enough_new_quotes(app: App, child: FakeChild) -> None:
     for channel in (GENERAL, RANDOM):
         await app.store.set_auto_train(channel, True)
     report = await app.trainer.nightly()
@@ -255,3 +253,17 @@ async def test_an_unknown_error_is_one_failed_outcome(app: App, monkeypatch: Any
     assert outcome.status == "failed" and "out of memory" in (outcome.reason or "")
     assert app.registry.list() == [] or app.registry.info("general").versions == ()
     assert await app.store.training_lock_holder() is None
+
+
+async def test_a_quote_removed_during_the_run_marks_the_channel_for_retraining(
+    app: App, child: FakeChild, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def forget_while_training(*args: Any) -> dict[str, Any]:
+        result = await child(*args[1:])
+        await app.store.forget_quote(child.jobs[-1].train[0].id)
+        return result
+
+    monkeypatch.setattr(TrainingRunner, "_child_run", forget_while_training)
+    outcome = await app.trainer.train(TrainRequest(GENERAL))
+    assert outcome.promoted
+    assert (await app.store.channel_state(GENERAL)).needs_retrain

@@ -622,6 +622,12 @@ class TrainingRunner:
             if binding.source != "channel":
                 await self.store.bind(channel, name, by="training")
         await self.store.mark_trained(channel, as_of)
+        # A quote removed or edited while this run trained on it: the store could not know it
+        # was trained on yet, so the next run must retrain without it.
+        trained_on = [int(r["id"]) for r in train_rows]
+        if len(await self.store.unchanged_quote_ids(trained_on, as_of)) < len(trained_on):
+            await self.store.mark_retrain(channel, True)
+            log.info("%s: a quote changed during its training; marked for retraining", channel)
         await self.store.update_run(
             run_id,
             status="promoted" if promote else "kept",

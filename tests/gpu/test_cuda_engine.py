@@ -28,7 +28,7 @@ from core.app import App, build
 from core.model.build import Recipe, dequantized_dir, quote_corpus
 from core.model.decoding import render
 from core.model.fidelity import serving_messages
-from core.model.requests import GenerationParams, GenerationRequest
+from core.model.requests import AdapterRef, GenerationParams, GenerationRequest
 from tests.conftest import CACHE_DIR, make_settings
 
 pytestmark = pytest.mark.gpu
@@ -236,3 +236,39 @@ async def test_adapters_in_one_batch_on_cuda(cuda_app: App, tmp_path: Path) -> N
     assert [s.adapter for s in streams] == cases
     assert all(s.finish_reason in ("stop", "length") for s in streams)
     assert texts[1] != texts[0] or texts[2] != texts[0], "the adapters changed nothing"
+
+
+async def test_a_channel_trains_on_cuda_beside_the_engine_and_is_served(cuda_app: App) -> None:
+    """The trainer child on the same GPU as the serving engine (the `torch` kernel, its memory
+    share capped): the loss falls, the version is promoted and hot-loaded, and the channel's
+    answers come from it."""
+    from core.store import ChannelRef, NewQuote
+    from core.training.runner import TrainRequest
+
+    channel = ChannelRef.console("gpu-zorb")
+    words = ("zorblat", "quimble", "frondish", "glavering", "snorkwise")
+    quotes = [
+        f"The {words[n % 5]} {words[(n * 3 + 1) % 5]}s at dawn, {n} times." for n in range(40)
+    ]
+
+    await cuda_app.store.import_quotes(channel, [NewQuote(q) for q in quotes])
+    seen: list[float] = []
+
+    def progress(p: Any) -> None:
+        if p.phase == "training" and p.loss is not None:
+            seen.append(p.loss)
+
+    trainer = cuda_app.trainer
+    outcome = await trainer.train(TrainRequest(channel, "cli", steps=20), progress)
+    assert outcome.status in ("promoted", "kept"), outcome.reason
+    assert outcome.new_loss is not None and outcome.base_loss is not None
+    assert outcome.new_loss < outcome.base_loss, outcome.summary()
+    assert sum(seen[-3:]) / 3 < sum(seen[:3]) / 3, seen  # the train loss falls
+    if outcome.promoted:
+        ref = AdapterRef(outcome.adapter or "", outcome.version or "")
+        assert any(s.ref == ref for s in cuda_app.engine.adapters())
+        stream, served = await cuda_app.channels.submit(
+            channel, serving_messages(None, PROMPT)[1:], GenerationParams(max_new_tokens=8)
+        )
+        await stream.text()
+        assert served.adapter == ref

@@ -96,9 +96,7 @@ def test_quotes_removed_or_edited_since_a_training_are_found(
     store.edit_by_message(77, "said otherwise")
     assert store.unchanged_quote_ids(list(ids.values()), as_of) == {ids["kept"], ids["edited"]}
     # a training after the edit saw the new text: nothing changed since then
-    assert store.unchanged_quote_ids([ids["from a message"]], clock.now) == {
-        ids["from a message"]
-    }
+    assert store.unchanged_quote_ids([ids["from a message"]], clock.now) == {ids["from a message"]}
 
 
 def test_the_channels_adapter_is_recorded(store: QuoteStore) -> None:
