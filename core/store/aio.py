@@ -199,7 +199,7 @@ class AsyncQuoteStore:
 
     # -- training --------------------------------------------------------------------------
 
-    async def training_data(self, ref: ChannelRef) -> tuple[datasets.Dataset, datasets.Dataset]:
+    async def training_data(self, ref: ChannelRef) -> tuple[list[Quote], list[Quote]]:
         """See `QuoteStore.training_data`."""
         return await self._call(self.sync.training_data, ref)
 

@@ -218,11 +218,16 @@ class QuoteStore(TrainingMixin, BindingsMixin, QuoteImport):
         """
         return dataset.to_dataset(self.list_quotes(ref), self.eval_percent, split)
 
-    def training_data(self, ref: ChannelRef) -> tuple[datasets.Dataset, datasets.Dataset]:
-        """The channel's (train, eval) datasets from one read, so a quote added meanwhile is in
-        neither rather than in one; the time of the read is the data's `as of`."""
+    def training_data(self, ref: ChannelRef) -> tuple[list[Quote], list[Quote]]:
+        """The channel's (train, eval) quotes from one read, split as `to_dataset` splits them
+        (`dataset.split_of`), so a quote added meanwhile is in neither rather than in one.
+
+        Plain records, not `datasets.Dataset`s: the trainer child gets them as JSON, and the
+        bot need not load pyarrow and pandas for that.
+        """
         chosen = self.list_quotes(ref)
+        split = {q.id: dataset.split_of(q.text, self.eval_percent) for q in chosen}
         return (
-            dataset.to_dataset(chosen, self.eval_percent, "train"),
-            dataset.to_dataset(chosen, self.eval_percent, "eval"),
+            [q for q in chosen if split[q.id] == "train"],
+            [q for q in chosen if split[q.id] == "eval"],
         )

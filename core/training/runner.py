@@ -547,7 +547,12 @@ class TrainingRunner:
         await _notify(on_progress, progress)
         as_of = _now()
         train_set, eval_set = await self.store.training_data(channel)
-        train_rows, eval_rows = train_set.to_list(), eval_set.to_list()
+        train_rows: list[dict[str, Any]] = [
+            {"id": q.id, "quote": q.text, "author": q.author} for q in train_set
+        ]
+        eval_rows: list[dict[str, Any]] = [
+            {"id": q.id, "quote": q.text, "author": q.author} for q in eval_set
+        ]
         if len(train_rows) < MIN_TRAIN_QUOTES:
             raise TrainingError(
                 f"{channel} has {len(train_rows)} quote(s) to train on; at least "
