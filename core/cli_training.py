@@ -45,10 +45,23 @@ def add_parser(subparsers: Any) -> None:
     train.add_argument("--json", action="store_true", help="print JSON")
 
 
-def _progress_bar(enabled: bool) -> tuple[Any, Any]:
-    """A tqdm bar on stderr driven by the runner's progress, and a closer."""
-    if not enabled:
-        return None, lambda: None
+def _progress(terminal: bool) -> tuple[Any, Any]:
+    """A progress callback on stderr and its closer: a tqdm bar on a terminal, else (a log, a
+    pipe) one line per phase and about every tenth of the steps."""
+    if not terminal:
+        shown: dict[str, Any] = {"phase": None, "step": 0}
+
+        def lines(progress: Progress) -> None:
+            every = max(1, progress.steps // 10)
+            changed = progress.phase != shown["phase"]
+            stepped = progress.phase == "training" and (
+                progress.step - shown["step"] >= every or progress.step == progress.steps
+            )
+            if changed or stepped:
+                shown.update(phase=progress.phase, step=progress.step)
+                print(f"loracord: {progress.line()}", file=sys.stderr, flush=True)
+
+        return lines, lambda: None
     from tqdm import tqdm
 
     bar = tqdm(total=0, file=sys.stderr, unit="step", dynamic_ncols=True, leave=True)
@@ -81,7 +94,7 @@ async def _train(settings: Settings, args: argparse.Namespace) -> int:
         where = await asyncio.to_thread(
             resolve_channel, app.store.sync, channel_name(args.channel), args.server
         )
-        update, close = _progress_bar(sys.stderr.isatty() or not args.json)
+        update, close = _progress(sys.stderr.isatty())
         try:
             outcome = await app.trainer.train(
                 TrainRequest(where, "cli", steps=args.steps, by="cli"), update

@@ -142,10 +142,12 @@ def test_decide_needs_enough_held_out_quotes() -> None:
 async def test_too_few_quotes_fail_before_any_training(app: App, child: FakeChild) -> None:
     few = ChannelRef.console("few")
     await app.store.import_quotes(few, [NewQuote("only"), NewQuote("two")])
-    outcome = await app.trainer.train(TrainRequest(few))
-    assert outcome.status == "failed" and "at least 4 are needed" in (outcome.reason or "")
-    assert child.jobs == []
-    assert (await app.store.runs(few))[0].status == "failed"
+    with pytest.raises(TrainingError, match="at least 4 are needed"):
+        await app.trainer.train(TrainRequest(few))
+    # nothing started: no child, no run, no adapter name taken, the lock free
+    assert child.jobs == [] and await app.store.runs(few) == []
+    assert (await app.store.channel_state(few)).train_adapter is None
+    assert await app.store.training_lock_holder() is None
 
 
 async def test_a_removed_quote_retrains_from_scratch_and_its_versions_go(

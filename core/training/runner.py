@@ -438,6 +438,8 @@ class TrainingRunner:
     async def _run(self, progress: Progress, on_progress: ProgressCallback | None) -> TrainOutcome:
         request = progress.request
         channel = request.channel
+        # The data first: a channel that cannot be trained gets no run and no adapter name.
+        data = await self._data(channel)
         state = await self.store.channel_state(channel)
         name = await self._adapter_for(request, state)
         progress.adapter = name
@@ -454,7 +456,9 @@ class TrainingRunner:
         renewer = asyncio.create_task(self._renew(), name="loracord-training-lease")
         self._clean_stale_runs()
         try:
-            outcome = await self._train_and_publish(run.id, folder, progress, on_progress, state)
+            outcome = await self._train_and_publish(
+                run.id, folder, progress, on_progress, state, data
+            )
         except TrainingError as e:
             outcome = TrainOutcome(run.id, channel, name, None, "failed", str(e))
         except Exception as e:
@@ -538,6 +542,7 @@ class TrainingRunner:
         progress: Progress,
         on_progress: ProgressCallback | None,
         state: ChannelState,
+        data: tuple[datetime, list[dict[str, Any]], list[dict[str, Any]]],
     ) -> TrainOutcome:
         request = progress.request
         channel = request.channel
@@ -545,22 +550,7 @@ class TrainingRunner:
         assert name is not None
         progress.phase = "preparing"
         await _notify(on_progress, progress)
-        as_of = _now()
-        train_set, eval_set = await self.store.training_data(channel)
-        train_rows: list[dict[str, Any]] = [
-            {"id": q.id, "quote": q.text, "author": q.author} for q in train_set
-        ]
-        eval_rows: list[dict[str, Any]] = [
-            {"id": q.id, "quote": q.text, "author": q.author} for q in eval_set
-        ]
-        if len(train_rows) < MIN_TRAIN_QUOTES:
-            raise TrainingError(
-                f"{channel} has {len(train_rows)} quote(s) to train on; at least "
-                f"{MIN_TRAIN_QUOTES} are needed (save more with ⭐ or /quote add)"
-            )
-        if len(eval_rows) < self.training.min_eval_quotes:
-            # Nothing could be promoted: the run is not worth its minutes.
-            raise TrainingError(_too_few_eval(len(eval_rows), self.training))
+        as_of, train_rows, eval_rows = data
         info = await asyncio.to_thread(self._info, name)
         promoted = info.promoted if info is not None else None
         tainted = await self._tainted(name, info)
@@ -670,6 +660,25 @@ class TrainingRunner:
             tokens_per_s=result.get("tokens_per_s"),
             deleted=tuple(deleted),
         )
+
+    async def _data(
+        self, channel: ChannelRef
+    ) -> tuple[datetime, list[dict[str, Any]], list[dict[str, Any]]]:
+        """(as of, train rows, eval rows) of the channel, read once; `TrainingError` when they
+        are too few to train on or to judge the result."""
+        as_of = _now()
+        train_set, eval_set = await self.store.training_data(channel)
+        train_rows = [{"id": q.id, "quote": q.text, "author": q.author} for q in train_set]
+        eval_rows = [{"id": q.id, "quote": q.text, "author": q.author} for q in eval_set]
+        if len(train_rows) < MIN_TRAIN_QUOTES:
+            raise TrainingError(
+                f"{channel} has {len(train_rows)} quote(s) to train on; at least "
+                f"{MIN_TRAIN_QUOTES} are needed (save more with ⭐ or /quote add)"
+            )
+        if len(eval_rows) < self.training.min_eval_quotes:
+            # Nothing could be promoted: the run is not worth its minutes.
+            raise TrainingError(_too_few_eval(len(eval_rows), self.training))
+        return as_of, train_rows, eval_rows
 
     async def _tainted(self, name: str, info: Any) -> list[str]:
         """Versions of `name` trained on a quote that was removed or edited since."""

@@ -259,7 +259,10 @@ async def test_a_channel_trains_on_cuda_beside_the_engine_and_is_served(cuda_app
             seen.append(p.loss)
 
     trainer = cuda_app.trainer
-    outcome = await trainer.train(TrainRequest(channel, "cli", steps=20), progress)
+    # The remote GPU machine's model has random weights: a higher rate shows learning sooner.
+    trainer.training = trainer.training.model_copy(update={"learning_rate": 1e-3})
+    outcome = await trainer.train(TrainRequest(channel, "cli", steps=30), progress)
+    print(outcome.summary(), outcome.as_dict())
     assert outcome.status in ("promoted", "kept"), outcome.reason
     assert outcome.new_loss is not None and outcome.base_loss is not None
     assert outcome.new_loss < outcome.base_loss, outcome.summary()
