@@ -28,7 +28,7 @@ from core.app import App, build
 from core.model.build import Recipe, dequantized_dir, quote_corpus
 from core.model.decoding import render
 from core.model.fidelity import serving_messages
-from core.model.requests import AdapterRef, GenerationParams, GenerationRequest
+from core.model.requests import AdapterRef, ChatMessage, GenerationParams, GenerationRequest
 from tests.conftest import CACHE_DIR, make_settings
 
 pytestmark = pytest.mark.gpu
@@ -271,7 +271,7 @@ async def test_a_channel_trains_on_cuda_beside_the_engine_and_is_served(cuda_app
         ref = AdapterRef(outcome.adapter or "", outcome.version or "")
         assert any(s.ref == ref for s in cuda_app.engine.adapters())
         stream, served = await cuda_app.channels.submit(
-            channel, serving_messages(None, PROMPT)[1:], GenerationParams(max_new_tokens=8)
+            channel, (ChatMessage("user", PROMPT),), GenerationParams(max_new_tokens=8)
         )
         await stream.text()
         assert served.adapter == ref
