@@ -107,6 +107,9 @@ class TrainingSettings(_Section):
     # CPU threads of the trainer process (the bot keeps the rest for answering); None: half
     # of the cores, at least one.
     threads: int | None = Field(default=None, ge=1)
+    # How much lower the trainer's CPU priority is than the bot's (0-19): at 19 the answers
+    # served during a training start as fast as when idle (BENCHMARKS.md, 2 cores).
+    nice: int = Field(default=19, ge=0, le=19)
     # CUDA: the share of the GPU's memory the trainer process may take beside the bot.
     gpu_memory_fraction: float = Field(default=0.5, gt=0.0, le=1.0)
 

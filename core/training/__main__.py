@@ -56,7 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m core.training", description=__doc__)
     parser.add_argument("--job", required=True, type=Path, help="the job file (JSON)")
     parser.add_argument("--progress-fd", required=True, type=int, help="fd for the events")
+    parser.add_argument(
+        "--nice", type=int, default=0, help="lower this process's CPU priority by N (0-19)"
+    )
     args = parser.parse_args(argv)
+    if args.nice > 0:
+        # Before torch starts its threads, which inherit it: the bot's answers come first.
+        os.nice(min(args.nice, 19))
     try:
         progress: TextIO = os.fdopen(args.progress_fd, "w", buffering=1, encoding="utf-8")
     except OSError as e:

@@ -79,8 +79,10 @@ class StopSignal:
         _die_with_parent()
 
     def _on_term(self, signum: int, frame: object) -> None:
+        # Only the first SIGTERM raises: a second one must not break the clean-up of the first.
+        first = not self.requested
         self.requested = True
-        if not self._deferring:
+        if first and not self._deferring:
             raise Cancelled
 
     @contextmanager
@@ -157,14 +159,19 @@ def load(job: TrainJob) -> Loaded:
     dtype = resolve_dtype(job)
     kernel = "torch" if job.device == "cuda" else "auto_trainable"
     tokenizer = AutoTokenizer.from_pretrained(path)
+    # On CPU the checkpoint loads in fp32 and a small model is then made dense in `dtype`: the
+    # kernel's bf16 load took 160 MiB more than its fp32 one (measured, embedded model), and the
+    # weights are dequantized in fp32 and rounded once.
+    load_dtype = "float32" if job.device == "cpu" else dtype
     base = AutoModelForCausalLM.from_pretrained(
         path,
         quantization_config=GPTQConfig(bits=int(quant["bits"]), backend=kernel),
-        dtype=getattr(torch, dtype),
+        dtype=getattr(torch, load_dtype),
         device_map=job.device,
     )
     base.config.use_cache = False
-    _dequantize_once_if_small(base, getattr(torch, dtype))
+    if not _dequantize_once_if_small(base, getattr(torch, dtype)):
+        dtype = load_dtype  # too big to hold dense: it trains through the kernel as loaded
     # For GPTQ models this only freezes the base and turns on checkpointing: it does not upcast
     # the non-quantized weights (checked: all stay in `dtype`).
     base = prepare_model_for_kbit_training(
@@ -206,15 +213,16 @@ def load(job: TrainJob) -> Loaded:
 DENSE_BUDGET_BYTES = 2 * 2**30
 
 
-def _dequantize_once_if_small(model: Any, dtype: Any) -> None:
+def _dequantize_once_if_small(model: Any, dtype: Any) -> bool:
     """Replace the GPTQ linears by frozen dense ones holding the same dequantized weights.
 
     In training mode GPTQModel's trainable kernels dequantize each weight on every call: 0.3 s
     per forward on the embedded model (2 cores), paid again by gradient checkpointing's
-    recompute and on every generated token of the evaluation. The weights are computed exactly
-    as the kernel's training path computes them (`dequantize_weight`, cast to the activation
-    dtype; checked bit-identical), so the training is the same, only faster. The LoRA then
-    wraps plain `nn.Linear` modules under the same names: the saved adapter is unchanged.
+    recompute and on every generated token of the evaluation. The weights are computed as the
+    kernel's training path computes them (`dequantize_weight`), then rounded once to `dtype`;
+    the model's other floating-point weights (embeddings, norms) are cast to `dtype` too. The
+    LoRA then wraps plain `nn.Linear` modules under the same names: the saved adapter is
+    unchanged. Returns False (and changes nothing) when the dense weights would not fit.
     """
     import torch
 
@@ -225,7 +233,7 @@ def _dequantize_once_if_small(model: Any, dtype: Any) -> None:
     if not layers or sum(m.in_features * m.out_features for m in layers) * itemsize > (
         DENSE_BUDGET_BYTES
     ):
-        return
+        return False
     model.train()  # the kernels' training format (GPTQ v2 zero points) is what they dequantize
     names = {id(m): name for name, m in model.named_modules()}
     with torch.no_grad():
@@ -241,7 +249,11 @@ def _dequantize_once_if_small(model: Any, dtype: Any) -> None:
                 dense.bias = torch.nn.Parameter(layer.bias.to(dtype).clone(), requires_grad=False)
             parent, _, child = names[id(layer)].rpartition(".")
             setattr(model.get_submodule(parent), child, dense)
+        for param in model.parameters():  # transformers refuses `.to(dtype)` on a GPTQ model
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
     model.eval()
+    return True
 
 
 def summed_loss(loaded: Loaded, batch: Sequence[Example]) -> tuple[Any, int, int]:
