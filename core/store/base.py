@@ -58,6 +58,19 @@ def to_quote(row: Row[Any]) -> Quote:
     )
 
 
+def to_channel_state(row: Row[Any]) -> ChannelState:
+    """A `channels` row as the record the store returns."""
+    return ChannelState(
+        row.server,
+        row.channel,
+        row.collecting,
+        row.auto_train,
+        row.needs_retrain,
+        row.last_trained_at,
+        row.train_adapter,
+    )
+
+
 def checked(ref: ChannelRef) -> ChannelRef:
     """`ref` if both names are valid and as stored (`core.names`); defence in depth."""
     for value, canonical in ((ref.server, server_name), (ref.channel, channel_name)):
@@ -211,15 +224,7 @@ class StoreBase:
         row = self._channel_row(conn, ref)
         if row is None:
             return ChannelState(ref.server, ref.channel, False, False, False, None)
-        return ChannelState(
-            row.server,
-            row.channel,
-            row.collecting,
-            row.auto_train,
-            row.needs_retrain,
-            row.last_trained_at,
-            row.train_adapter,
-        )
+        return to_channel_state(row)
 
     def channel_state(self, ref: ChannelRef) -> ChannelState:
         """The channel's flags (defaults for a channel never seen)."""

@@ -22,7 +22,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
-from core.store.base import StoreBase, checked, insert_ignoring
+from core.store.base import StoreBase, checked, insert_ignoring, to_channel_state
 from core.store.records import ChannelRef, ChannelState
 from core.store.schema import (
     RUN_STATUSES,
@@ -330,21 +330,7 @@ class TrainingMixin(StoreBase):
                     channels.c.id,
                 )
             ).all()
-            return [
-                (
-                    ChannelState(
-                        r.server,
-                        r.channel,
-                        r.collecting,
-                        r.auto_train,
-                        r.needs_retrain,
-                        r.last_trained_at,
-                        r.train_adapter,
-                    ),
-                    int(r.new_quotes),
-                )
-                for r in rows
-            ]
+            return [(to_channel_state(r), int(r.new_quotes)) for r in rows]
 
         return self._read(work)
 
