@@ -106,13 +106,7 @@ async def _train(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(outcome.as_dict(), ensure_ascii=False))
     else:
-        print(outcome.summary())
-        if outcome.samples:
-            print(f"sample ({outcome.samples.get('prompt', '')}):")
-            print(f"  base: {outcome.samples.get('base', '')}")
-            print(f"  new:  {outcome.samples.get('new', '')}")
-        if outcome.curve:
-            print(f"loss curve: {outcome.curve}")
+        print("\n".join(outcome.report()))
     return 0 if outcome.status in ("promoted", "kept") else 1
 
 

@@ -463,17 +463,8 @@ class ProgressLines:
 
 
 def _result_text(outcome: TrainOutcome) -> str:
-    """The summary, the sample answers (base model, then the new adapter) and the curve."""
-    lines = [f"[train] {outcome.summary()}"]
-    samples = outcome.samples or {}
-    if samples.get("prompt"):
-        lines.append(f"  asked: {samples['prompt']}")
-        for key, label in (("base", "base model"), ("new", "new adapter")):
-            if samples.get(key) is not None:
-                lines.append(f"  {label}: {' / '.join(samples[key].strip().splitlines())}")
-    if outcome.curve is not None:
-        lines.append(f"  loss curve: {outcome.curve}")
-    return "\n".join(lines) + "\n"
+    """The outcome's report (summary, sample answers, curve), marked as the training's."""
+    return "[train] " + "\n".join(outcome.report()) + "\n"
 
 
 def _quote_line(quote: Quote) -> str:

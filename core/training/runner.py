@@ -141,6 +141,20 @@ class TrainOutcome:
         data["promoted"] = self.promoted
         return data
 
+    def report(self) -> list[str]:
+        """The summary's lines, then the sample answers (the base model's and the new
+        adapter's, each on one line) and the loss curve's file: what a terminal shows."""
+        lines = self.summary().splitlines()
+        samples = self.samples or {}
+        if samples.get("prompt"):
+            lines.append(f"  asked: {samples['prompt']}")
+            for key, label in (("base", "base model"), ("new", "new adapter")):
+                if samples.get(key) is not None:
+                    lines.append(f"  {label}: {' / '.join(samples[key].strip().splitlines())}")
+        if self.curve is not None:
+            lines.append(f"  loss curve: {self.curve}")
+        return lines
+
     def summary(self) -> str:
         """A few lines for a person: the outcome, then the held-out losses."""
         ref = f"{self.adapter}@{self.version}" if self.version else (self.adapter or "-")
@@ -247,10 +261,10 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _dataset_hash(rows: Sequence[dict[str, Any]]) -> str:
+def _dataset_hash(rows: Sequence[Quote]) -> str:
     digest = hashlib.sha256()
-    for row in sorted(rows, key=lambda r: int(r["id"])):
-        digest.update(json.dumps([row["id"], row["quote"], row["author"]]).encode("utf-8"))
+    for row in sorted(rows, key=lambda r: r.id):
+        digest.update(json.dumps([row.id, row.quote, row.author]).encode("utf-8"))
     return digest.hexdigest()
 
 
@@ -542,7 +556,7 @@ class TrainingRunner:
         progress: Progress,
         on_progress: ProgressCallback | None,
         state: ChannelState,
-        data: tuple[datetime, list[dict[str, Any]], list[dict[str, Any]]],
+        data: tuple[datetime, list[Quote], list[Quote]],
     ) -> TrainOutcome:
         request = progress.request
         channel = request.channel
@@ -564,7 +578,7 @@ class TrainingRunner:
             run_id,
             steps=steps,
             data_as_of=as_of,
-            quote_ids=[r["id"] for r in train_rows],
+            quote_ids=[r.id for r in train_rows],
         )
         job = self._job(folder, train_rows, eval_rows, steps, init_dir, current_dir)
         result = await self._child_run(job, folder, progress, on_progress)
@@ -585,7 +599,7 @@ class TrainingRunner:
             "general_new_loss": result.get("general_new_loss"),
             "eval_size": len(eval_rows),
             "steps": steps,
-            "quote_ids": sorted(int(r["id"]) for r in train_rows),
+            "quote_ids": sorted(r.id for r in train_rows),
             "data_as_of": as_of.isoformat(timespec="seconds"),
             "run": run_id,
             "channel": str(channel),
@@ -619,7 +633,7 @@ class TrainingRunner:
         await self.store.mark_trained(channel, as_of)
         # A quote removed or edited while this run trained on it: the store could not know it
         # was trained on yet, so the next run must retrain without it.
-        trained_on = [int(r["id"]) for r in train_rows]
+        trained_on = [r.id for r in train_rows]
         if len(await self.store.unchanged_quote_ids(trained_on, as_of)) < len(trained_on):
             await self.store.mark_retrain(channel, True)
             log.info("%s: a quote changed during its training; marked for retraining", channel)
@@ -661,15 +675,14 @@ class TrainingRunner:
             deleted=tuple(deleted),
         )
 
-    async def _data(
-        self, channel: ChannelRef
-    ) -> tuple[datetime, list[dict[str, Any]], list[dict[str, Any]]]:
+    async def _data(self, channel: ChannelRef) -> tuple[datetime, list[Quote], list[Quote]]:
         """(as of, train rows, eval rows) of the channel, read once; `TrainingError` when they
         are too few to train on or to judge the result."""
         as_of = _now()
         train_set, eval_set = await self.store.training_data(channel)
-        train_rows = [{"id": q.id, "quote": q.text, "author": q.author} for q in train_set]
-        eval_rows = [{"id": q.id, "quote": q.text, "author": q.author} for q in eval_set]
+        # As the child reads them (the job's own records).
+        train_rows = [Quote(q.id, q.text, q.author) for q in train_set]
+        eval_rows = [Quote(q.id, q.text, q.author) for q in eval_set]
         if len(train_rows) < MIN_TRAIN_QUOTES:
             raise TrainingError(
                 f"{channel} has {len(train_rows)} quote(s) to train on; at least "
@@ -703,8 +716,8 @@ class TrainingRunner:
     def _job(
         self,
         folder: Path,
-        train_rows: list[dict[str, Any]],
-        eval_rows: list[dict[str, Any]],
+        train_rows: list[Quote],
+        eval_rows: list[Quote],
         steps: int,
         init_dir: Path | None,
         current_dir: Path | None,
@@ -717,8 +730,8 @@ class TrainingRunner:
         return TrainJob(
             model_dir=str(self._model_dir()),
             out_dir=str(folder / "adapter"),
-            train=tuple(Quote(r["id"], r["quote"], r["author"]) for r in train_rows),
-            eval=tuple(Quote(r["id"], r["quote"], r["author"]) for r in eval_rows),
+            train=tuple(train_rows),
+            eval=tuple(eval_rows),
             system_prompt=self.settings.system_prompt,
             prompt=t.prompt,
             init_adapter=str(init_dir) if init_dir else None,
