@@ -415,7 +415,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 
     return {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": _machine(args.device),
+        "machine": machine(args.device),
         "model": info.name,
         "kernel": info.kernel,
         "dtype": info.dtype,
@@ -483,7 +483,8 @@ async def _profile(engine: Any, args: argparse.Namespace, params: Any, clock: St
     }
 
 
-def _machine(device: str) -> str:
+def machine(device: str) -> str:
+    """The machine in words, for a benchmark's record (CPU model, cores, torch, GPU)."""
     import torch
 
     cpu = platform.processor() or ""

@@ -34,7 +34,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -43,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.batching import machine
 
 QUESTIONS = (
     "Give me a short quote about courage.",
@@ -216,7 +217,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         await app.close()
     idle_s, busy_s = summary(idle), summary(busy)
     results = {
-        "machine": _machine(),
+        "machine": machine("cpu"),
         "model": {"name": info.name, "kernel": info.kernel, "dtype": info.dtype},
         "engine_threads": settings.threads or os.cpu_count(),
         "trainer_threads": trainer_threads(settings.training),
@@ -252,16 +253,6 @@ def quotes(n: int) -> list[str]:
     path = Path(inspirational_quotes.__file__).with_name("quotes.json")
     rows = json.loads(path.read_text(encoding="utf-8"))
     return [str(r["text"]).strip() for r in rows if str(r.get("text", "")).strip()][:n]
-
-
-def _machine() -> str:
-    cpu = platform.processor() or ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{platform.machine()}, {os.cpu_count()} cores, {cpu}"
 
 
 def _ms(value: float | None) -> str:

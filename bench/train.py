@@ -41,7 +41,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -52,6 +51,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.batching import machine  # noqa: E402
 
 EXAMPLES_PER_STEP = 4  # seed: batch 1 x accumulation 4; ours: batch 4 x accumulation 1
 EVAL_QUOTES = 4  # ours needs held-out quotes to finish its run; its evaluation is not timed
@@ -405,21 +406,6 @@ def summarize(side: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _machine(device: str) -> str:
-    import torch
-
-    cpu = platform.processor() or ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    text = f"{platform.machine()}, {os.cpu_count()} cores, {cpu}; torch {torch.__version__}"
-    if device == "cuda":
-        text += f"; {torch.cuda.get_device_name(0)}"
-    return text
-
-
 def resolve_model(name: str | None) -> Path:
     """A GPTQ folder, or any `model` setting (default: the embedded model, built once)."""
     from core import settings as settings_module
@@ -457,7 +443,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         s["vs_seed_quotes_per_s"] = s["quotes_per_s"] / seed["quotes_per_s"]
         s["vs_seed_peak_memory"] = s["peak_memory_bytes"] / seed["peak_memory_bytes"]
     return {
-        "machine": _machine(args.device),
+        "machine": machine(args.device),
         "model": str(model),
         "device": args.device,
         "steps": args.steps,
