@@ -193,7 +193,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 
     await _run(engine, _prompts(2), refs[:2], GenerationParams(max_new_tokens=4, temperature=0.0))
     results: dict[str, Any] = {"levels": {}}
-    for n in levels:
+    for n in [] if args.hot_load_only else levels:
         prompts = _prompts(n)
         rounds = []
         for _ in range(args.repeats):
@@ -272,6 +272,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peft-requests", type=int, default=8)
     parser.add_argument("--hot-loads", type=int, default=5)
+    parser.add_argument(
+        "--hot-load-only", action="store_true", help="measure only the hot-load latency"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     result = asyncio.run(bench(args))

@@ -154,6 +154,12 @@ async def test_bad_adapters_are_refused_and_the_old_one_keeps_answering(
     shutil.copytree(folders["b"], corrupt)
     weights = corrupt / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1000])
+    # NaN values in an intact file: found on the device after the copy into a free slot.
+    not_finite = tmp_path / "nan"
+    shutil.copytree(folders["b"], not_finite)
+    data = bytearray((not_finite / "adapter_model.safetensors").read_bytes())
+    data[-4096:] = b"\xff" * 4096  # all-ones bytes are NaN as fp32
+    (not_finite / "adapter_model.safetensors").write_bytes(bytes(data))
     other = BaseShapes(
         "llama", 30, {t: (640, 640) for t in ("q_proj", "k_proj", "v_proj", "o_proj")}
     )
@@ -163,6 +169,7 @@ async def test_bad_adapters_are_refused_and_the_old_one_keeps_answering(
     )
     for folder, why in (
         (corrupt, "corrupt"),
+        (not_finite, "not finite"),
         (mismatched, "does not fit the served model"),
         (too_big, "rank is 32, above"),
         (tmp_path / "missing", "no adapter_config.json"),
@@ -171,6 +178,9 @@ async def test_bad_adapters_are_refused_and_the_old_one_keeps_answering(
             await app.engine.load_adapter(AdapterRef("a", "v2"), folder)
     assert AdapterRef("a", "v2") not in {s.ref for s in app.engine.adapters()}
     assert await _alone(app, PROMPTS[1], a) == before
+    # The slot the NaN adapter was copied into was given back.
+    assert not _engine(app)._filling
+    assert (await app.engine.load_adapter(AdapterRef("b", "v1"), folders["b"])).slot is not None
 
 
 async def test_a_hot_load_mid_stream_loses_nothing_and_mixes_no_versions(

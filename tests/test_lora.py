@@ -263,3 +263,8 @@ def test_corrupt_weights_are_refused_with_one_line(
     message = str(caught.value)
     assert message.startswith("the adapter's weights cannot be read: ")
     assert "\n" not in message
+    if damage == "nan":  # read unchecked, it is refused after the copy and the slot emptied
+        slots = LoraSlots(BaseShapes.of_model(embedded_model_dir), 1, 8, torch.float32, "cpu")
+        with pytest.raises(AdapterError, match="not finite"):
+            slots.load(1, read_weights(spec, check=False), verify=True)
+        assert all(not bool(t[1].any()) for t in (*slots.a.values(), *slots.b.values()))

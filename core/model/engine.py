@@ -152,6 +152,7 @@ class LocalEngine:
         self._weights_lock = threading.Lock()
         self._steps = 0
         self._filling: set[int] = set()  # empty slots an adapter is being copied into
+        self._copy_stream: Any = None  # CUDA: the stream hot-loads copy on, beside the steps
 
     # -- what callers may read ---------------------------------------------------------------
     @property
@@ -546,7 +547,28 @@ class LocalEngine:
             if refusal := self._refusal():  # never started, closing, or the load failed
                 raise refusal
         await asyncio.shield(asyncio.wrap_future(self._ready))  # the model's shapes are needed
-        spec, weights = await asyncio.to_thread(self._read_adapter, path)
+        # One hop to a thread and back: each hop waits for the event loop and the interpreter
+        # lock, which the busy worker holds most of the time.
+        spec, weights, status = await asyncio.to_thread(self._load_beside, ref, path)
+        if status is None:  # no empty slot: between two steps, on the worker
+            status = await self.call(lambda: self._install(ref, spec, weights))
+        log.info(
+            "adapter %s loaded in %.1f ms (%s)",
+            ref,
+            (time.perf_counter() - started) * 1000,
+            f"slot {status.slot}" if status.slot else "waiting for a free slot",
+        )
+        return status
+
+    def _load_beside(
+        self, ref: AdapterRef, path: Path
+    ) -> tuple[AdapterSpec, AdapterWeights, AdapterStatus | None]:
+        """Read and check `path`; when a slot is empty, copy it there and register it (a
+        thread beside the worker). The status is None when no slot was empty.
+
+        Into an empty slot the values are checked after the copy, on the device (on a GPU one
+        batched reduction instead of two per matrix on the CPU)."""
+        spec, weights = self._read_adapter(path, check=False)
         with self._cond:
             known = self._adapters.get(ref)
             slot = None
@@ -560,21 +582,14 @@ class LocalEngine:
             if slot is not None:
                 self._filling.add(slot)
         if slot is None:
-            status = await self.call(lambda: self._install(ref, spec, weights))
-        else:
-            try:
-                await asyncio.to_thread(self._copy_into, slot, weights)
-                status = self._install(ref, spec, weights, slot=slot)
-            finally:
-                with self._cond:
-                    self._filling.discard(slot)
-        log.info(
-            "adapter %s loaded in %.1f ms (%s)",
-            ref,
-            (time.perf_counter() - started) * 1000,
-            f"slot {status.slot}" if status.slot else "waiting for a free slot",
-        )
-        return status
+            weights.check_finite()
+            return spec, weights, None
+        try:
+            self._copy_into(slot, weights)
+            return spec, weights, self._install(ref, spec, weights, slot=slot)
+        finally:
+            with self._cond:
+                self._filling.discard(slot)
 
     def _copy_into(self, slot: int, weights: AdapterWeights) -> None:
         """Copy an adapter into an empty, held slot (a thread beside the worker: on CUDA on a
@@ -584,12 +599,13 @@ class LocalEngine:
         assert self._batch is not None and self._batch.lora is not None
         lora = self._batch.lora
         if lora.device.type != "cuda":
-            lora.load(slot, weights)
+            lora.load(slot, weights, verify=True)
             return
-        stream = torch.cuda.Stream(device=lora.device)
-        with torch.cuda.stream(stream):
-            lora.load(slot, weights)
-        stream.synchronize()
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device=lora.device)
+        with torch.cuda.stream(self._copy_stream):
+            lora.load(slot, weights, verify=True)
+        self._copy_stream.synchronize()
 
     async def unload_adapter(self, ref: AdapterRef) -> None:
         """Stop taking requests for `ref`; it leaves its slot once the requests that started
@@ -610,13 +626,16 @@ class LocalEngine:
             ]
         return sorted(statuses, key=lambda s: (s.slot is None, s.slot or 0, str(s.ref)))
 
-    def _read_adapter(self, path: Path) -> tuple[AdapterSpec, AdapterWeights]:
-        """Check and read an adapter folder (off the worker thread)."""
+    def _read_adapter(
+        self, path: Path, *, check: bool = True
+    ) -> tuple[AdapterSpec, AdapterWeights]:
+        """Check and read an adapter folder (off the worker thread); `check=False` leaves its
+        values to be checked by the caller."""
         from core.model.lora import read_weights
 
         assert self._shapes is not None
         spec = inspect_adapter(path, self._shapes, self.adapter_max_rank)
-        return spec, read_weights(spec)
+        return spec, read_weights(spec, check=check)
 
     def _install(
         self,

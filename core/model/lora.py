@@ -40,44 +40,67 @@ class AdapterWeights:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for pair in self.tensors.values() for t in pair)
 
+    def check_finite(self) -> None:
+        """Raise `AdapterError` naming the first layer that holds NaN or infinite values."""
+        # The smallest and largest value of a matrix are finite iff all of its values are
+        # (both propagate NaN): no elementwise test and no temporary the size of the matrix.
+        peaks = torch.stack(
+            [torch.stack(torch.aminmax(m)) for pair in self.tensors.values() for m in pair]
+        )
+        _refuse_unless_finite(list(self.tensors), peaks.view(-1, 2).isfinite().all(dim=1))
+
+
+def _refuse_unless_finite(keys: list[tuple[int, str]], finite: torch.Tensor) -> None:
+    """`finite` holds one flag per matrix, A and B of each key in turn."""
+    if not bool(finite.all()):
+        layer, target = keys[int((~finite).nonzero()[0]) // 2]
+        raise AdapterError(
+            f"the adapter's weights cannot be read: layer {layer} {target} holds values that "
+            "are not finite"
+        )
+
 
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def read_weights(spec: AdapterSpec) -> AdapterWeights:
+def read_weights(spec: AdapterSpec, *, check: bool = True) -> AdapterWeights:
     """The matrices `spec` names, read from its safetensors file. Touches no model (it runs off
-    the engine's thread). Raises `AdapterError` (one line) when they cannot be read or are not
-    finite numbers."""
-    from safetensors import SafetensorError, safe_open
+    the engine's thread). Raises `AdapterError` (one line) when they cannot be read or (with
+    `check`) are not finite numbers; without it, the caller checks them (`LoraSlots.load`
+    can, on the device, after copying into an empty slot).
 
-    tensors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    A hot-load runs this beside a busy worker thread, where every call into torch may wait for
+    the interpreter lock: the file is read in one call, and the matrices are not touched
+    unless they must be converted to fp32 (PEFT saves fp32)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
-        with safe_open(str(spec.weights_file), framework="pt", device="cpu") as file:
-            for key, names in spec.tensors.items():
-                a, b = (file.get_tensor(name).to(torch.float32).contiguous() for name in names)
-                if (
-                    a.dim() != 2
-                    or b.dim() != 2
-                    or a.shape[0] != spec.rank
-                    or b.shape[1] != spec.rank
-                ):
-                    raise ValueError(
-                        f"layer {key[0]} {key[1]} has A {list(a.shape)} and B {list(b.shape)}, "
-                        f"not rank {spec.rank}"
-                    )
-                tensors[key] = (a, b)
-        # One pass per matrix: the largest magnitude is NaN or infinite iff some value is
-        # (max propagates NaN), ~5x cheaper than an elementwise isfinite over every value.
-        peaks = torch.stack([m.abs().amax() for pair in tensors.values() for m in pair])
-        if not bool(torch.isfinite(peaks).all()):
-            index = int((~torch.isfinite(peaks)).nonzero()[0]) // 2
-            layer, target = list(tensors)[index]
-            raise ValueError(f"layer {layer} {target} holds values that are not finite")
+        everything = load_file(str(spec.weights_file))
+        tensors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        for key, (a_name, b_name) in spec.tensors.items():
+            a, b = everything[a_name], everything[b_name]
+            if (
+                len(a.shape) != 2
+                or len(b.shape) != 2
+                or spec.rank != a.shape[0]
+                or spec.rank != b.shape[1]
+            ):
+                raise ValueError(
+                    f"layer {key[0]} {key[1]} has A {list(a.shape)} and B {list(b.shape)}, "
+                    f"not rank {spec.rank}"
+                )
+            if a.dtype != torch.float32 or b.dtype != torch.float32:
+                a, b = a.to(torch.float32), b.to(torch.float32)
+            tensors[key] = (a, b)
     except (SafetensorError, OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
         raise AdapterError(f"the adapter's weights cannot be read: {_first_line(e)}") from None
-    return AdapterWeights(spec.rank, spec.scale, tensors)
+    weights = AdapterWeights(spec.rank, spec.scale, tensors)
+    if check:
+        weights.check_finite()
+    return weights
 
 
 class LoraSlots:
@@ -108,6 +131,7 @@ class LoraSlots:
                 self.b[layer, target] = torch.zeros(
                     slots + 1, fan_out, max_rank, dtype=dtype, device=self.device
                 )
+        self._slot_views: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
     @property
     def nbytes(self) -> int:
@@ -118,9 +142,12 @@ class LoraSlots:
         if not 1 <= slot <= self.slots:
             raise ValueError(f"adapter slot {slot} is not one of 1..{self.slots}")
 
-    def load(self, slot: int, weights: AdapterWeights) -> None:
-        """Copy an adapter into `slot` (what it lacks is zeroed). Everything is checked before
-        anything is copied, so a refused adapter leaves the slot as it was."""
+    def load(self, slot: int, weights: AdapterWeights, *, verify: bool = False) -> None:
+        """Copy an adapter into `slot` (what it lacks is zeroed). Its shapes are checked before
+        anything is copied, so an adapter refused for them leaves the slot as it was. With
+        `verify` (for weights read without `check`, into an empty slot) its values are checked
+        after the copy, on the device, in one batched reduction: NaN or infinite values empty
+        the slot again and raise `AdapterError`."""
         self._check_slot(slot)
         if weights.rank > self.max_rank:
             raise AdapterError(
@@ -137,26 +164,52 @@ class LoraSlots:
                     f"the adapter does not fit the served model: layer {key[0]} {key[1]} has "
                     f"A {list(a.shape)} and B {list(b.shape)}"
                 )
-        rank = weights.rank
-        for key, a_slots in self.a.items():
-            a_slot, b_slot = a_slots[slot], self.b[key][slot]
+        # A few batched calls instead of several per matrix: a hot-load copies from a thread
+        # beside the busy worker, where each call into torch can wait for the interpreter lock.
+        a_whole, b_whole = self._views(slot, self.max_rank)
+        if weights.rank < self.max_rank or len(weights.tensors) < len(self.a):
+            torch._foreach_zero_(a_whole + b_whole)  # padding and the layers it lacks
+        a_part, b_part = self._views(slot, weights.rank)
+        into: list[torch.Tensor] = []
+        scaled: list[torch.Tensor] = []
+        sources: list[torch.Tensor] = []
+        copied: list[tuple[int, str]] = []
+        for index, key in enumerate(self.a):
             pair = weights.tensors.get(key)
-            if pair is None:
-                a_slot.zero_()
-                b_slot.zero_()
-                continue
-            a_slot[:rank].copy_(pair[0])
-            a_slot[rank:].zero_()
-            b_slot[:, :rank].copy_(pair[1])
-            b_slot[:, :rank].mul_(weights.scale)  # B held pre-scaled: no scaling per step
-            b_slot[:, rank:].zero_()
+            if pair is not None:
+                copied.append(key)
+                into += (a_part[index], b_part[index])
+                scaled.append(b_part[index])
+                sources += pair
+        torch._foreach_copy_(into, sources)
+        if verify:
+            if self.device.type == "cuda":  # one multi-tensor kernel
+                peaks = torch.stack(torch._foreach_norm(into, float("inf")))
+            else:  # CPU: foreach_norm is slow here; min and max say the same
+                peaks = torch.stack([torch.stack(torch.aminmax(m)) for m in into]).abs().amax(1)
+            try:
+                _refuse_unless_finite(copied, peaks.isfinite())
+            except AdapterError:
+                self.clear(slot)
+                raise
+        torch._foreach_mul_(scaled, weights.scale)  # B held pre-scaled: no scaling per step
+
+    def _views(self, slot: int, rank: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The first `rank` rows of A and columns of B of slot `slot`, for every projection in
+        the order of `self.a` (views, made once per slot and rank)."""
+        views = self._slot_views.get((slot, rank))
+        if views is None:
+            views = self._slot_views[slot, rank] = (
+                [a[slot, :rank] for a in self.a.values()],
+                [b[slot, :, :rank] for b in self.b.values()],
+            )
+        return views
 
     def clear(self, slot: int) -> None:
         """Empty `slot`: tokens on it then compute exactly the base model."""
         self._check_slot(slot)
-        for key, a_slots in self.a.items():
-            a_slots[slot].zero_()
-            self.b[key][slot].zero_()
+        a_whole, b_whole = self._views(slot, self.max_rank)
+        torch._foreach_zero_(a_whole + b_whole)
 
     def plan(self, token_slots: list[int]) -> LoraStep | None:
         """How one step applies the adapters, given each token's slot; None when every token
