@@ -223,7 +223,13 @@ def _proc_status(pid: int | str, key: str) -> int | None:
     return None
 
 
-def _env(threads: int | None) -> dict[str, str]:
+def _env(threads: int | None, *, runner: bool) -> dict[str, str]:
+    """Ours runs in the environment the runner gives its trainer child; the seed recipe as a
+    script is run: the same threads, nothing else changed."""
+    from core.training.runner import child_env
+
+    if runner:
+        return child_env(threads)
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
     if threads:
@@ -256,7 +262,11 @@ def seed_side(args: argparse.Namespace, model: Path, folder: Path) -> dict[str, 
         command += ["--threads", str(args.threads)]
     with open(folder / "seed.log", "wb") as log:
         code = subprocess.run(
-            command, cwd=ROOT, env=_env(args.threads), stdout=log, stderr=subprocess.STDOUT
+            command,
+            cwd=ROOT,
+            env=_env(args.threads, runner=False),
+            stdout=log,
+            stderr=subprocess.STDOUT,
         ).returncode
     if code != 0:
         tail = (folder / "seed.log").read_text(errors="replace")[-3000:]
@@ -333,7 +343,7 @@ def ours_side(
         child = subprocess.Popen(
             [sys.executable, *entry, "--job", str(job_file), "--progress-fd", str(write)],
             cwd=ROOT,
-            env=_env(args.threads),
+            env=_env(args.threads, runner=True),
             stdout=log,
             stderr=subprocess.STDOUT,
             pass_fds=(write,),
@@ -437,6 +447,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"unknown side {name!r} in --order")
         sides[name] = summarize(side)
         print(f"{name}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    if "seed" not in sides or "ours" not in sides:
+        return {"machine": machine(args.device), "sides": sides}
     ours, seed = sides["ours"], sides["seed"]
     for s in sides.values():
         s["vs_seed_tokens_per_s"] = s["tokens_per_s"] / seed["tokens_per_s"]
@@ -517,7 +529,8 @@ def main() -> None:
         Path(args.result).write_text(json.dumps(run_seed(args)), encoding="utf-8")
         return
     result = bench(args)
-    print_table(result)
+    if "ratio_tokens_per_s" in result:
+        print_table(result)
     text = json.dumps(result, indent=1)
     if args.json:
         Path(args.json).write_text(text, encoding="utf-8")

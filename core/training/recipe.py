@@ -159,26 +159,35 @@ def load(job: TrainJob) -> Loaded:
     dtype = resolve_dtype(job)
     kernel = "torch" if job.device == "cuda" else "auto_trainable"
     tokenizer = AutoTokenizer.from_pretrained(path)
-    # On CPU the checkpoint loads in fp32 and a small model is then made dense in `dtype`: the
-    # kernel's bf16 load took 160 MiB more than its fp32 one (measured, embedded model), and the
-    # weights are dequantized in fp32 and rounded once.
-    load_dtype = "float32" if job.device == "cpu" else dtype
-    base = AutoModelForCausalLM.from_pretrained(
-        path,
-        quantization_config=GPTQConfig(bits=int(quant["bits"]), backend=kernel),
-        dtype=getattr(torch, load_dtype),
-        device_map=job.device,
-    )
+    base = _dense_if_small(job, path, quant, getattr(torch, dtype))
+    if base is None:
+        # Through GPTQModel's trainable kernel. On CPU the checkpoint loads in fp32 and a small
+        # model is then made dense in `dtype`: the kernel's bf16 load took 160 MiB more than
+        # its fp32 one (measured, embedded model), and the weights are dequantized in fp32 and
+        # rounded once.
+        load_dtype = "float32" if job.device == "cpu" else dtype
+        base = AutoModelForCausalLM.from_pretrained(
+            path,
+            quantization_config=GPTQConfig(bits=int(quant["bits"]), backend=kernel),
+            dtype=getattr(torch, load_dtype),
+            device_map=job.device,
+        )
+        if not _dequantize_once_if_small(base, getattr(torch, dtype)):
+            dtype = load_dtype  # too big to hold dense: it trains through the kernel as loaded
+        # For GPTQ models this only freezes the base and turns on checkpointing: it does not
+        # upcast the non-quantized weights (checked: all stay in `dtype`).
+        base = prepare_model_for_kbit_training(
+            base,
+            use_gradient_checkpointing=job.recipe.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    else:  # what prepare_model_for_kbit_training does for GPTQ, without its upcast of a dense model
+        base.requires_grad_(False)
+        if job.recipe.gradient_checkpointing:
+            base.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
     base.config.use_cache = False
-    if not _dequantize_once_if_small(base, getattr(torch, dtype)):
-        dtype = load_dtype  # too big to hold dense: it trains through the kernel as loaded
-    # For GPTQ models this only freezes the base and turns on checkpointing: it does not upcast
-    # the non-quantized weights (checked: all stay in `dtype`).
-    base = prepare_model_for_kbit_training(
-        base,
-        use_gradient_checkpointing=job.recipe.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-    )
     if job.init_adapter:
         model = PeftModel.from_pretrained(base, job.init_adapter, is_trainable=True)
     else:
@@ -211,6 +220,42 @@ def load(job: TrainJob) -> Loaded:
 # Dense weights the trainer may hold instead of dequantizing every GPTQ layer on every forward
 # (the embedded model's take 0.2 GiB in bf16; a 7B model's would take 13 GiB and stay quantized).
 DENSE_BUDGET_BYTES = 2 * 2**30
+
+
+def _dense_if_small(job: TrainJob, path: Path, quant: dict[str, Any], dtype: Any) -> Any:
+    """On the CPU, a model whose dense weights fit `DENSE_BUDGET_BYTES`, read straight from its
+    checkpoint into dense `dtype` layers (`core.model.dense`); else None.
+
+    Peak memory is what this saves: loading through GPTQModel first and replacing its layers
+    afterwards kept the kernels' buffers alive beside the dense weights (the trainer's peak
+    was 1.19x the seed recipe's on the embedded model)."""
+    import json
+
+    import torch
+
+    from core.errors import ModelError
+    from core.model.dense import dense_model, supported
+
+    if job.device != "cpu" or not supported(quant):
+        return None
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        hidden, inner = int(config["hidden_size"]), int(config["intermediate_size"])
+        heads = int(config["num_attention_heads"])
+        kv = int(config.get("num_key_value_heads") or heads)
+        head_dim = int(config.get("head_dim") or hidden // heads)
+        layers = int(config["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not a Llama-shaped config: the kernel path decides
+    attention = hidden * head_dim * (2 * heads + 2 * kv)
+    per_layer = attention + 3 * hidden * inner
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if layers * per_layer * itemsize > DENSE_BUDGET_BYTES:
+        return None
+    try:
+        return dense_model(path, quant, dtype)
+    except ModelError:
+        return None
 
 
 def _dequantize_once_if_small(model: Any, dtype: Any) -> bool:
@@ -256,6 +301,9 @@ def _dequantize_once_if_small(model: Any, dtype: Any) -> bool:
     return True
 
 
+HEAD_ROWS = 32
+
+
 def summed_loss(loaded: Loaded, batch: Sequence[Example]) -> tuple[Any, int, int]:
     """(sum of cross-entropy over the batch's loss tokens, loss tokens, real tokens).
 
@@ -268,11 +316,17 @@ def summed_loss(loaded: Loaded, batch: Sequence[Example]) -> tuple[Any, int, int
     device = loaded.head.weight.device
     ids, mask, labels = (t.to(device) for t in collate(batch, loaded.pad_id))
     hidden = loaded.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    logits = loaded.head(hidden[:, :-1][keep]).float()
-    loss = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
-    return loss, int(keep.sum()), int(mask.sum())
+    targets = labels[:, 1:].reshape(-1)
+    where = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    n = where.numel()
+    # The head's rows are rounded up to a multiple of HEAD_ROWS (the extra rows' logits are
+    # dropped): a matmul shape that changed at every step made oneDNN cache a new primitive
+    # for the 49k x 576 head each time, ~10 MiB more resident per step (embedded model, CPU).
+    rows = -(-n // HEAD_ROWS) * HEAD_ROWS
+    where = torch.cat([where, where.new_zeros(rows - n)])
+    logits = loaded.head(hidden[:, :-1].reshape(-1, hidden.shape[-1])[where]).float()[:n]
+    loss = torch.nn.functional.cross_entropy(logits, targets[where[:n]], reduction="sum")
+    return loss, n, int(mask.sum())
 
 
 def mean_loss(loaded: Loaded, examples: Sequence[Example], batch_size: int) -> tuple[float, int]:

@@ -268,6 +268,23 @@ def _dataset_hash(rows: Sequence[Quote]) -> str:
     return digest.hexdigest()
 
 
+def child_env(threads: int | None) -> dict[str, str]:
+    """The trainer child's environment: this one, plus its thread count and memory settings."""
+    env = {
+        **os.environ,
+        "TOKENIZERS_PARALLELISM": "false",
+        # Large freed buffers go back to the system at once instead of raising glibc's mmap
+        # threshold: 130 MiB less resident while training (embedded model, CPU).
+        "MALLOC_MMAP_THRESHOLD_": "65536",
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p
+        ),
+    }
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    return env
+
+
 class TrainingRunner:
     """Runs trainings one at a time: now (`train`, the CLI) or queued (`submit`, the bot).
 
@@ -756,19 +773,7 @@ class TrainingRunner:
         job_file = folder / "job.json"
         job_file.write_text(job.to_json(), encoding="utf-8")
         read_fd, write_fd = os.pipe()
-        threads = str(job.threads)
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": threads,
-            "MKL_NUM_THREADS": threads,
-            "TOKENIZERS_PARALLELISM": "false",
-            # Large freed buffers go back to the system at once instead of raising glibc's
-            # mmap threshold: 130 MiB less resident while training (embedded model, CPU).
-            "MALLOC_MMAP_THRESHOLD_": "65536",
-            "PYTHONPATH": os.pathsep.join(
-                p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p
-            ),
-        }
+        env = child_env(job.threads)
         progress.phase = "loading the model"
         await _notify(on_progress, progress)
         with open(folder / "child.log", "ab") as child_log:
