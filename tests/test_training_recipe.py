@@ -251,3 +251,38 @@ def test_a_bad_job_file_is_one_error_event(tmp_path: Path) -> None:
     rc, events = Child(json.dumps({**data, "recipe": {"rank": 0}}), tmp_path).finish(120)
     assert rc == EXIT_ERROR
     assert events == [{"event": "error", "message": "recipe.rank must be at least 1"}]
+
+
+def test_a_quantized_layer_dequantizes_again_for_its_gradient_and_keeps_no_weight() -> None:
+    """`DequantizedMatmul` gives the plain product and its input gradient, and autograd keeps
+    no weight-sized tensor for the backward pass (it dequantizes again there)."""
+    import torch
+
+    from core.training.recipe import DequantizedMatmul
+
+    class Layer:  # what the function reads of a GPTQ layer
+        in_features, out_features = 64, 96
+
+        def __init__(self) -> None:
+            self.g_idx = torch.zeros(64, dtype=torch.int32)
+            self.weight = torch.randn(64, 96, generator=torch.Generator().manual_seed(0))
+            self.calls = 0
+
+        def dequantize_weight(self, num_itr: int = 1) -> torch.Tensor:
+            self.calls += 1
+            return self.weight.clone()
+
+    layer = Layer()
+    x = torch.randn(8, 64, requires_grad=True)
+    saved: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t.numel()) or t, lambda t: t
+    ):
+        out = DequantizedMatmul.apply(x, layer)
+    torch.testing.assert_close(out, x @ layer.weight)
+    assert all(n < layer.weight.numel() for n in saved)
+    grad = torch.randn(8, 96)
+    out.backward(grad)
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad, grad @ layer.weight.t())
+    assert layer.calls == 2  # once forward, once backward

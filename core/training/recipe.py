@@ -174,6 +174,8 @@ def load(job: TrainJob) -> Loaded:
         )
         if not _dequantize_once_if_small(base, getattr(torch, dtype)):
             dtype = load_dtype  # too big to hold dense: it trains through the kernel as loaded
+            if job.device == "cuda":
+                _dequantize_again_in_backward(base)
         # For GPTQ models this only freezes the base and turns on checkpointing: it does not
         # upcast the non-quantized weights (checked: all stay in `dtype`).
         base = prepare_model_for_kbit_training(
@@ -299,6 +301,56 @@ def _dequantize_once_if_small(model: Any, dtype: Any) -> bool:
                 param.data = param.data.to(dtype)
     model.eval()
     return True
+
+
+class DequantizedMatmul:
+    """`x @ W` for a frozen GPTQ layer that dequantizes `W` again for the backward pass.
+
+    Through the plain kernel, autograd keeps each layer's dequantized weight for the backward:
+    with gradient checkpointing that is every weight of the decoder layer being recomputed, at
+    once (~0.4 GiB in bf16 for a 7B layer). Dequantizing again when the gradient needs it
+    keeps one weight at a time; on a GPU a dequantization is a few milliseconds per model."""
+
+    _function: Any = None
+
+    @classmethod
+    def apply(cls, x: Any, layer: Any) -> Any:
+        if cls._function is None:
+            import torch
+
+            def weight(layer: Any, dtype: Any) -> Any:
+                num_itr = layer.g_idx.shape[0] // layer.in_features
+                return layer.dequantize_weight(num_itr=num_itr).to(dtype)  # [in, out]
+
+            class Function(torch.autograd.Function):
+                @staticmethod
+                def forward(ctx: Any, x: Any, layer: Any) -> Any:
+                    ctx.layer = layer
+                    return x @ weight(layer, x.dtype)
+
+                @staticmethod
+                def backward(ctx: Any, grad: Any) -> Any:
+                    return grad @ weight(ctx.layer, grad.dtype).t(), None
+
+            cls._function = Function
+        return cls._function.apply(x, layer)
+
+
+def _dequantize_again_in_backward(model: Any) -> None:
+    """Route the model's GPTQ layers through `DequantizedMatmul` while training (the `torch`
+    kernel's own forward is the same dequantize-then-matmul, so the numbers are the same)."""
+    from core.model.loader import quant_layers
+
+    for layer in quant_layers(model):
+        kernel_forward = layer.forward
+
+        def forward(x: Any, layer: Any = layer, kernel_forward: Any = kernel_forward) -> Any:
+            if not (layer.training or x.requires_grad) or layer.bias is not None:
+                return kernel_forward(x)
+            out = DequantizedMatmul.apply(x.reshape(-1, x.shape[-1]), layer)
+            return out.reshape(*x.shape[:-1], layer.out_features)
+
+        layer.forward = forward
 
 
 HEAD_ROWS = 32
@@ -444,6 +496,13 @@ def peak_memory_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
+def note_peak(device: str, after: str) -> None:
+    """One line in the child's log (stderr): the peak memory so far, phase by phase."""
+    print(
+        f"peak memory after {after}: {peak_memory_bytes(device) / 2**20:.0f} MiB", file=sys.stderr
+    )
+
+
 def plot_losses(path: Path, losses: Sequence[float], evals: dict[str, float | None]) -> None:
     """The train loss per step, the held-out losses as horizontal lines."""
     import matplotlib
@@ -486,6 +545,7 @@ def run(job: TrainJob, emit: Emit, stop: StopSignal) -> None:
     torch.manual_seed(job.recipe.seed)
 
     loaded = load(job)
+    note_peak(job.device, "loading")
     tok, recipe = loaded.tokenizer, job.recipe
 
     def quotes(items: Sequence[Any], name: str) -> list[Example]:
@@ -513,12 +573,14 @@ def run(job: TrainJob, emit: Emit, stop: StopSignal) -> None:
         dtype=loaded.dtype,
     )
     trained = train(loaded, train_examples, job, emit, stop)
+    note_peak(job.device, "training")
 
     emit("phase", phase="evaluating")
     model = loaded.model
     model.eval()
     model.get_base_model().config.use_cache = True  # generation below
     new_loss, eval_tokens = mean_loss(loaded, eval_examples, recipe.batch_size)
+    note_peak(job.device, "the held-out loss")
     current_loss = None
     if job.current_adapter:
         model.load_adapter(job.current_adapter, adapter_name="current")
@@ -541,12 +603,14 @@ def run(job: TrainJob, emit: Emit, stop: StopSignal) -> None:
         general_base = mean_loss(loaded, general, recipe.batch_size)[0] if general else None
     general_new = mean_loss(loaded, general, recipe.batch_size)[0] if general else None
 
+    note_peak(job.device, "the general prompts")
     emit("phase", phase="sampling")
     sample_ids = fidelity.render_prompts(tok, job.system_prompt, [job.sample_prompt])[0]
     with model.disable_adapter():
         sample_base = greedy_text(loaded, sample_ids)
     sample_new = greedy_text(loaded, sample_ids)
 
+    note_peak(job.device, "sampling")
     emit("phase", phase="saving")
     evals = {
         "base": finite(base_loss),
