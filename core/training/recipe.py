@@ -372,8 +372,8 @@ def summed_loss(loaded: Loaded, batch: Sequence[Example]) -> tuple[Any, int, int
     where = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     n = where.numel()
     # The head's rows are rounded up to a multiple of HEAD_ROWS (the extra rows' logits are
-    # dropped): a matmul shape that changed at every step made oneDNN cache a new primitive
-    # for the 49k x 576 head each time, ~10 MiB more resident per step (embedded model, CPU).
+    # dropped), as `collate` rounds the batch's width: on a CPU oneDNN caches a primitive per
+    # matmul shape, and shapes that changed at every step grew the trainer step by step.
     rows = -(-n // HEAD_ROWS) * HEAD_ROWS
     where = torch.cat([where, where.new_zeros(rows - n)])
     logits = loaded.head(hidden[:, :-1].reshape(-1, hidden.shape[-1])[where]).float()[:n]
