@@ -275,14 +275,19 @@ def test_a_quantized_layer_dequantizes_again_for_its_gradient_and_keeps_no_weigh
     layer = Layer()
     x = torch.randn(8, 64, requires_grad=True)
     saved: list[int] = []
-    with torch.autograd.graph.saved_tensors_hooks(
-        lambda t: saved.append(t.numel()) or t, lambda t: t
+    # Grad mode on whatever an earlier test in this process set (serving turns it off).
+    with (
+        torch.enable_grad(),
+        torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t.numel()) or t, lambda t: t
+        ),
     ):
         out = DequantizedMatmul.apply(x, layer)
-    torch.testing.assert_close(out, x @ layer.weight)
-    assert all(n < layer.weight.numel() for n in saved)
-    grad = torch.randn(8, 96)
-    out.backward(grad)
+        kept = list(saved)
+        grad = torch.randn(8, 96)
+        out.backward(grad)
+    assert all(n < layer.weight.numel() for n in kept)
+    torch.testing.assert_close(out.detach(), x.detach() @ layer.weight)
     assert x.grad is not None
     torch.testing.assert_close(x.grad, grad @ layer.weight.t())
     assert layer.calls == 2  # once forward, once backward
