@@ -31,7 +31,7 @@ def tunable(folder: Path) -> tuple[Any, list[Any]]:
     """The checkpoint as an fp32 model whose quantized linears have trainable log-scales."""
     import torch
 
-    from core.model.dense import QUANT_SUFFIXES, _Tensors, dense_model, unpack
+    from core.model.dense import QUANT_SUFFIXES, _Tensors, codes, dense_model, v1_zeros
     from core.model.source import read_quantization
 
     quant = read_quantization(folder)
@@ -56,10 +56,7 @@ def tunable(folder: Path) -> tuple[Any, list[Any]]:
             for name in sorted(n for n in f.names if n.endswith(".qweight")):
                 prefix = name[: -len(".qweight")]
                 qweight, qzeros, scales, g_idx = (f.read(prefix + s) for s in QUANT_SUFFIXES)
-                q = unpack(qweight, bits, 0)
-                z = unpack(qzeros, bits, 1)[:, : scales.shape[1]]
-                if (quant.get("checkpoint_format") or quant.get("format") or "gptq") == "gptq":
-                    z = z + 1
+                q, z = codes(qweight, qzeros, scales, bits, v1_zeros(quant))
                 layer = ScaledLinear(q, z, scales, g_idx)
                 parent, _, child = prefix.rpartition(".")
                 setattr(model.get_submodule(parent), child, layer)

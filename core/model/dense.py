@@ -26,11 +26,34 @@ from core.errors import ModelError
 QUANT_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
 
 
+def _checkpoint_format(quant: dict[str, Any]) -> str:
+    return str(quant.get("checkpoint_format") or quant.get("format") or "gptq")
+
+
 def supported(quant: dict[str, Any]) -> bool:
     """Whether `dense_model` reads this `quantization_config` (bits that pack evenly into int32
     words, one of the two GPTQ checkpoint formats)."""
-    fmt = str(quant.get("checkpoint_format") or quant.get("format") or "gptq")
+    fmt = _checkpoint_format(quant)
     return int(quant.get("bits", 0)) in (2, 4, 8) and fmt in ("gptq", "gptq_v2")
+
+
+def v1_zeros(quant: dict[str, Any]) -> bool:
+    """Whether the checkpoint stores its zero points minus one (the older "gptq" format)."""
+    return _checkpoint_format(quant) == "gptq"
+
+
+def dense_parameters(path: Path, quant: dict[str, Any]) -> int:
+    """How many weights the checkpoint's GPTQ layers hold once dense, from the files' headers
+    alone (each `qweight [in * bits / 32, out]`)."""
+    per_word = 32 // int(quant["bits"])
+    total = 0
+    for file in sorted(path.glob("*.safetensors")):
+        with _Tensors(file) as f:
+            for name in f.names:
+                if name.endswith(".qweight"):
+                    words, out = f.header[name]["shape"]
+                    total += words * per_word * out
+    return total
 
 
 def unpack(packed: Any, bits: int, dim: int) -> Any:
@@ -49,16 +72,20 @@ def unpack(packed: Any, bits: int, dim: int) -> Any:
     return codes.reshape(packed.shape[0], packed.shape[1] * per_word)
 
 
+def codes(qweight: Any, qzeros: Any, scales: Any, bits: int, v1_zeros: bool) -> tuple[Any, Any]:
+    """The layer's codes `q [in, out]` and zero points `z [groups, out]`, unpacked."""
+    q = unpack(qweight, bits, dim=0)
+    z = unpack(qzeros, bits, dim=1)[:, : scales.shape[1]]
+    return q, z + 1 if v1_zeros else z
+
+
 def dequantize(
     qweight: Any, qzeros: Any, scales: Any, g_idx: Any, bits: int, v1_zeros: bool
 ) -> Any:
     """The fp32 weight `[out, in]` of one GPTQ linear layer (see the module's docstring)."""
     import torch
 
-    q = unpack(qweight, bits, dim=0)  # [in, out]
-    z = unpack(qzeros, bits, dim=1)[:, : scales.shape[1]]  # [groups, out]
-    if v1_zeros:
-        z = z + 1
+    q, z = codes(qweight, qzeros, scales, bits, v1_zeros)
     groups = g_idx.long()
     weight = (q - z[groups]).to(torch.float32) * scales[groups].to(torch.float32)
     return weight.t()
@@ -76,7 +103,7 @@ def dense_model(path: Path, quant: dict[str, Any], dtype: Any) -> Any:
     if not supported(quant):
         raise ModelError(f"cannot read a {quant.get('bits')}-bit checkpoint densely")
     bits = int(quant["bits"])
-    v1_zeros = str(quant.get("checkpoint_format") or quant.get("format") or "gptq") == "gptq"
+    old_zeros = v1_zeros(quant)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelError(f"{path} has no safetensors weights")
@@ -95,7 +122,7 @@ def dense_model(path: Path, quant: dict[str, Any], dtype: Any) -> Any:
                             continue
                         prefix = name[: -len(".qweight")]
                         parts = [f.read(prefix + s) for s in QUANT_SUFFIXES]
-                        weight = dequantize(*parts, bits=bits, v1_zeros=v1_zeros)
+                        weight = dequantize(*parts, bits=bits, v1_zeros=old_zeros)
                         state[prefix + ".weight"] = weight.to(dtype).contiguous()
                     else:
                         state[name] = f.read(name).to(dtype)
@@ -107,13 +134,14 @@ def dense_model(path: Path, quant: dict[str, Any], dtype: Any) -> Any:
         model.tie_weights()
         missing = [m for m in missing if m != "lm_head.weight"]
     # Rotary frequencies and the like are buffers computed from the config, not weights.
-    missing = [m for m in missing if m not in dict(model.named_buffers())]
+    buffers = dict(model.named_buffers())
+    missing = [m for m in missing if m not in buffers]
     if missing or unexpected:
         raise ModelError(
             f"the weights in {path} do not fit its config.json "
             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
-    for name, buffer in list(model.named_buffers()):
+    for name, buffer in buffers.items():
         if buffer.is_meta:
             raise ModelError(f"the model's buffer {name} was not initialised")
     model.eval()

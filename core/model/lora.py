@@ -42,16 +42,23 @@ class AdapterWeights:
 
     def check_finite(self) -> None:
         """Raise `AdapterError` naming the first layer that holds NaN or infinite values."""
-        # The smallest and largest value of a matrix are finite iff all of its values are
-        # (both propagate NaN): no elementwise test and no temporary the size of the matrix.
-        peaks = torch.stack(
-            [torch.stack(torch.aminmax(m)) for pair in self.tensors.values() for m in pair]
-        )
-        _refuse_unless_finite(list(self.tensors), peaks.view(-1, 2).isfinite().all(dim=1))
+        matrices = [m for pair in self.tensors.values() for m in pair]
+        _refuse_unless_finite(list(self.tensors), matrices)
 
 
-def _refuse_unless_finite(keys: list[tuple[int, str]], finite: torch.Tensor) -> None:
-    """`finite` holds one flag per matrix, A and B of each key in turn."""
+def _refuse_unless_finite(keys: list[tuple[int, str]], matrices: list[torch.Tensor]) -> None:
+    """Raise `AdapterError` unless every matrix (A and B of each key in turn) is finite.
+
+    The largest magnitude of a matrix is finite iff all of its values are (NaN propagates):
+    on a GPU one multi-tensor kernel for them all; on a CPU, where that kernel is slow, each
+    matrix's smallest and largest value, without a temporary the size of the matrix."""
+    if not matrices:
+        return
+    if matrices[0].device.type == "cuda":
+        peaks = torch.stack(torch._foreach_norm(matrices, float("inf")))
+    else:
+        peaks = torch.stack([torch.stack(torch.aminmax(m)) for m in matrices]).abs().amax(1)
+    finite = peaks.isfinite()
     if not bool(finite.all()):
         layer, target = keys[int((~finite).nonzero()[0]) // 2]
         raise AdapterError(
@@ -183,12 +190,8 @@ class LoraSlots:
                 sources += pair
         torch._foreach_copy_(into, sources)
         if verify:
-            if self.device.type == "cuda":  # one multi-tensor kernel
-                peaks = torch.stack(torch._foreach_norm(into, float("inf")))
-            else:  # CPU: foreach_norm is slow here; min and max say the same
-                peaks = torch.stack([torch.stack(torch.aminmax(m)) for m in into]).abs().amax(1)
             try:
-                _refuse_unless_finite(copied, peaks.isfinite())
+                _refuse_unless_finite(copied, into)
             except AdapterError:
                 self.clear(slot)
                 raise

@@ -231,28 +231,19 @@ def _dense_if_small(job: TrainJob, path: Path, quant: dict[str, Any], dtype: Any
     Peak memory is what this saves: loading through GPTQModel first and replacing its layers
     afterwards kept the kernels' buffers alive beside the dense weights (the trainer's peak
     was 1.19x the seed recipe's on the embedded model)."""
-    import json
-
     import torch
 
     from core.errors import ModelError
-    from core.model.dense import dense_model, supported
+    from core.model.dense import dense_model, dense_parameters, supported
 
     if job.device != "cpu" or not supported(quant):
         return None
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        hidden, inner = int(config["hidden_size"]), int(config["intermediate_size"])
-        heads = int(config["num_attention_heads"])
-        kv = int(config.get("num_key_value_heads") or heads)
-        head_dim = int(config.get("head_dim") or hidden // heads)
-        layers = int(config["num_hidden_layers"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # not a Llama-shaped config: the kernel path decides
-    attention = hidden * head_dim * (2 * heads + 2 * kv)
-    per_layer = attention + 3 * hidden * inner
     itemsize = torch.empty((), dtype=dtype).element_size()
-    if layers * per_layer * itemsize > DENSE_BUDGET_BYTES:
+    try:
+        if dense_parameters(path, quant) * itemsize > DENSE_BUDGET_BYTES:
+            return None
+    except (OSError, ValueError, KeyError, TypeError) as e:  # the kernel path will say
+        log.debug("cannot size %s from its headers: %s", path, e)
         return None
     try:
         return dense_model(path, quant, dtype)

@@ -141,16 +141,26 @@ class TrainOutcome:
         data["promoted"] = self.promoted
         return data
 
+    def sample_answers(self) -> list[tuple[str, str]]:
+        """(who answered, the answer) for the sample prompt: the base model, then the new
+        adapter; empty when there is no sample."""
+        samples = self.samples or {}
+        if not samples.get("prompt"):
+            return []
+        return [
+            (label, samples[key])
+            for key, label in (("base", "base model"), ("new", "new adapter"))
+            if samples.get(key) is not None
+        ]
+
     def report(self) -> list[str]:
         """The summary's lines, then the sample answers (the base model's and the new
         adapter's, each on one line) and the loss curve's file: what a terminal shows."""
         lines = self.summary().splitlines()
-        samples = self.samples or {}
-        if samples.get("prompt"):
-            lines.append(f"  asked: {samples['prompt']}")
-            for key, label in (("base", "base model"), ("new", "new adapter")):
-                if samples.get(key) is not None:
-                    lines.append(f"  {label}: {' / '.join(samples[key].strip().splitlines())}")
+        if prompt := (self.samples or {}).get("prompt"):
+            lines.append(f"  asked: {prompt}")
+            for label, text in self.sample_answers():
+                lines.append(f"  {label}: {' / '.join(text.strip().splitlines())}")
         if self.curve is not None:
             lines.append(f"  loss curve: {self.curve}")
         return lines
@@ -273,8 +283,9 @@ def child_env(threads: int | None) -> dict[str, str]:
     env = {
         **os.environ,
         "TOKENIZERS_PARALLELISM": "false",
-        # Large freed buffers go back to the system at once instead of raising glibc's mmap
-        # threshold: 130 MiB less resident while training (embedded model, CPU).
+        # Buffers of 64 KiB and up come from their own mappings, given back when freed: the
+        # CPU trainer's peak stays under the seed recipe's (~150 MiB less), at about half the
+        # speed of glibc's default (every activation is a fresh mapping; BENCHMARKS.md).
         "MALLOC_MMAP_THRESHOLD_": "65536",
         "PYTHONPATH": os.pathsep.join(
             p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p

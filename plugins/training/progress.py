@@ -93,12 +93,10 @@ def result_text(outcome: TrainOutcome) -> str:
         return failed_text(ref, outcome.reason or "no reason given")
     icon = DONE.get(outcome.status, FAILED)
     lines = [f"{icon} {named(outcome.summary(), ref)}"]
-    samples = outcome.samples or {}
-    if samples.get("prompt"):
-        lines.append(f"**Asked:** {_cut(samples['prompt'])}")
-        for key, label in (("base", "Base model"), ("new", "New adapter")):
-            if samples.get(key) is not None:
-                lines.append(f"**{label}:**\n{_quoted(samples[key])}")
+    if prompt := (outcome.samples or {}).get("prompt"):
+        lines.append(f"**Asked:** {_cut(prompt)}")
+        for label, text in outcome.sample_answers():
+            lines.append(f"**{label.capitalize()}:**\n{_quoted(text)}")
     return "\n".join(lines)[:MESSAGE_LIMIT]
 
 
