@@ -148,6 +148,7 @@ def build(settings: Settings) -> App:
         max_context_tokens=settings.max_context_tokens,
         batch_rows=settings.batch_rows,
         prefill_tokens_per_step=settings.prefill_tokens_per_step,
+        fast_decode=settings.fast_decode,
         system_prompt=settings.system_prompt,
         threads=settings.threads,
         adapter_slots=settings.adapter_slots,

@@ -188,6 +188,9 @@ class Settings(_Section):
     batch_rows: int = Field(default=8, ge=1, le=256)
     # Prompt tokens read per engine step, so a long prompt does not stall the answers decoding.
     prefill_tokens_per_step: int = Field(default=256, ge=16)
+    # Decode steps through loracord's fused step (and CUDA graphs on a GPU); false runs every
+    # step through the model's own modules: slower, the same tokens (for comparison).
+    fast_decode: bool = True
     queue_size: int = Field(default=16, ge=1)
     # LoRA adapters resident in the engine's slots at once (the base model needs none); others
     # wait in a CPU-side cache of adapter_cache_size and load into a slot on use.

@@ -235,7 +235,7 @@ def test_slots_are_preallocated_and_load_only_copies(
     assert {key: t.data_ptr() for key, t in slots.a.items()} == before
     a, b = weights.tensors[0, "q_proj"]
     assert torch.equal(slots.a[0, "q_proj"][1, :4], a)
-    assert torch.equal(slots.b[0, "q_proj"][1, :, :4], b * weights.scale)  # held pre-scaled
+    assert torch.equal(slots.b[0, "q_proj"][1, :4], (b * weights.scale).T)  # B.T, pre-scaled
     assert not slots.a[0, "q_proj"][1, 4:].any() and not slots.a[0, "q_proj"][0].any()
     assert slots.plan([0, 0, 0]) is None
     with pytest.raises(ValueError):

@@ -109,6 +109,7 @@ class LocalEngine:
         max_context_tokens: int = 2048,
         batch_rows: int = 8,
         prefill_tokens_per_step: int = 256,
+        fast_decode: bool = True,
         system_prompt: str | None = None,
         threads: int | None = None,
         adapter_slots: int = 4,
@@ -123,6 +124,7 @@ class LocalEngine:
         self.max_context_tokens = max_context_tokens
         self.batch_rows = batch_rows
         self.prefill_tokens_per_step = prefill_tokens_per_step
+        self.fast_decode = fast_decode
         self.system_prompt = system_prompt
         self.threads = threads
         self.adapter_slots = adapter_slots
@@ -380,6 +382,7 @@ class LocalEngine:
                 info.context_tokens,
                 adapter_slots=self.adapter_slots,
                 adapter_max_rank=self.adapter_max_rank,
+                fast=self.fast_decode,
             )
         except torch.OutOfMemoryError as e:
             raise ModelError(
@@ -399,11 +402,12 @@ class LocalEngine:
             kv_cache_bytes=capacity.kv_cache_bytes,
             adapter_slots=self.adapter_slots,
             adapter_max_rank=self.adapter_max_rank,
+            decode_path=batch.decode_path,
         )
         self._tokenizer = tokenizer  # last: submit() prepares prompts from here on
         log.info(
             "model ready in %.1f s: %s, %d-bit g%d, %s, %s on %s; %d rows x %d tokens "
-            "(KV cache %.0f MiB)",
+            "(KV cache %.0f MiB); decode %s",
             seconds,
             info.name,
             info.bits,
@@ -414,6 +418,7 @@ class LocalEngine:
             capacity.rows,
             capacity.context_tokens,
             capacity.kv_cache_bytes / 2**20,
+            batch.decode_path,
         )
 
     def _next_step(self) -> bool:

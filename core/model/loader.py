@@ -36,6 +36,7 @@ class ModelInfo:
     kv_cache_bytes: int = 0  # memory of that cache: rows x context_tokens
     adapter_slots: int = 0  # LoRA adapters resident at once
     adapter_max_rank: int = 0  # the highest LoRA rank they may have
+    decode_path: str = ""  # how decode steps run: "fast (...)" or "plain"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

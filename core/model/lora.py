@@ -8,13 +8,16 @@ low-rank term. Punica calls the per-token gather "BGMV"; S-LoRA keeps many adapt
 preallocated slots and loads them in and out without disturbing the batch.
 
 Here the slots are `LoraSlots`: for every layer and attention projection one A buffer
-`[slots + 1, max_rank, in]` and one B buffer `[slots + 1, out, max_rank]`, allocated once, B
-held already multiplied by its adapter's scale. Slot 0 is "no adapter" and stays zero; ranks
-below `max_rank` are zero-padded, so every adapter computes with the same shapes and loading one
-is a plain copy. `LoraSlots.plan` looks at the step's per-token slots once: all on slot 0 gives
-None (the base path pays nothing), all on one slot gives two plain matmuls per projection, a mix
-gives plain matmuls for prompt chunks (SGMV's case) and the gathered batched matmul for
-decoding rows (vLLM's torch fallback for BGMV), where tokens on slot 0 get exactly 0 added.
+`[slots + 1, max_rank, in]` and one buffer of B transposed, `[slots + 1, max_rank, out]`,
+allocated once, B held already multiplied by its adapter's scale. Both read as one matrix of
+every slot's rows (`[(slots + 1) * max_rank, in]` and `[(slots + 1) * max_rank, out]`), which
+lets a CUDA graph apply any mix of adapters with two plain products (`core.model.fast`). Slot 0
+is "no adapter" and stays zero; ranks below `max_rank` are zero-padded, so every adapter
+computes with the same shapes and loading one is a plain copy. `LoraSlots.plan` looks at the
+step's per-token slots once: all on slot 0 gives None (the base path pays nothing), all on one
+slot gives two plain matmuls per projection, a mix gives plain matmuls for prompt chunks (SGMV's
+case) and the gathered batched matmul for decoding rows (vLLM's torch fallback for BGMV), where
+tokens on slot 0 get exactly 0 added.
 """
 
 from __future__ import annotations
@@ -128,7 +131,7 @@ class LoraSlots:
         self.dtype = dtype
         self.device = torch.device(device)
         self.a: dict[tuple[int, str], torch.Tensor] = {}  # [slots + 1, max_rank, in]
-        self.b: dict[tuple[int, str], torch.Tensor] = {}  # [slots + 1, out, max_rank]
+        self.b: dict[tuple[int, str], torch.Tensor] = {}  # B.T: [slots + 1, max_rank, out]
         for layer in range(shapes.layers):
             for target in SERVED_TARGETS:
                 fan_in, fan_out = shapes.modules[target]
@@ -136,7 +139,7 @@ class LoraSlots:
                     slots + 1, max_rank, fan_in, dtype=dtype, device=self.device
                 )
                 self.b[layer, target] = torch.zeros(
-                    slots + 1, fan_out, max_rank, dtype=dtype, device=self.device
+                    slots + 1, max_rank, fan_out, dtype=dtype, device=self.device
                 )
         self._slot_views: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
@@ -165,7 +168,7 @@ class LoraSlots:
             if key not in self.a:
                 raise AdapterError(f"the adapter has layer {key[0]} {key[1]}, which is not served")
             want_a = (weights.rank, self.a[key].shape[2])
-            want_b = (self.b[key].shape[1], weights.rank)
+            want_b = (self.b[key].shape[2], weights.rank)
             if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
                 raise AdapterError(
                     f"the adapter does not fit the served model: layer {key[0]} {key[1]} has "
@@ -187,7 +190,7 @@ class LoraSlots:
                 copied.append(key)
                 into += (a_part[index], b_part[index])
                 scaled.append(b_part[index])
-                sources += pair
+                sources += (pair[0], pair[1].T)
         torch._foreach_copy_(into, sources)
         if verify:
             try:
@@ -198,13 +201,13 @@ class LoraSlots:
         torch._foreach_mul_(scaled, weights.scale)  # B held pre-scaled: no scaling per step
 
     def _views(self, slot: int, rank: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The first `rank` rows of A and columns of B of slot `slot`, for every projection in
-        the order of `self.a` (views, made once per slot and rank)."""
+        """The first `rank` rows of A and of B.T of slot `slot`, for every projection in the
+        order of `self.a` (views, made once per slot and rank)."""
         views = self._slot_views.get((slot, rank))
         if views is None:
             views = self._slot_views[slot, rank] = (
                 [a[slot, :rank] for a in self.a.values()],
-                [b[slot, :, :rank] for b in self.b.values()],
+                [b[slot, :rank] for b in self.b.values()],
             )
         return views
 
@@ -276,28 +279,31 @@ class LoraStep:
     def add(self, layer: int, target: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """`y + scale[s_t] * (x_t @ A[s_t].T) @ B[s_t].T` for every token t on slot s_t.
         `x` is `[T, in]` or `[1, T, in]`, `y` the projection's output of the same leading shape."""
+        delta = self.delta(layer, target, x.reshape(-1, x.shape[-1]))
+        return y + delta.view(y.shape).to(y.dtype)
+
+    def delta(self, layer: int, target: str, flat: torch.Tensor) -> torch.Tensor:
+        """The LoRA term alone, `[T, out]` in the slots' dtype, for the inputs `flat [T, in]`."""
         slots = self.slots
-        a_slots, b_slots = slots.a[layer, target], slots.b[layer, target]
-        flat = x.reshape(-1, x.shape[-1]).to(slots.dtype)  # [T, in]
+        a_slots, bt_slots = slots.a[layer, target], slots.b[layer, target]
+        flat = flat.to(slots.dtype)
         if self.single is not None:  # one adapter for the whole step: two plain matmuls
             s = self.single
-            low = flat @ a_slots[s].T  # [T, max_rank]
-            delta = low @ b_slots[s].T  # [T, out]
-            return y + delta.view(y.shape).to(y.dtype)
+            return (flat @ a_slots[s].T) @ bt_slots[s]  # [T, max_rank] then [T, out]
         if self.covers_all:  # every token gathered: shrink, then expand, nothing to scatter
             assert self.gather is not None
             which = self.gather[1]
             a = a_slots.index_select(0, which)  # [T, max_rank, in]
-            b = b_slots.index_select(0, which)  # [T, out, max_rank]
-            delta = torch.bmm(b, torch.bmm(a, flat[:, :, None]))[:, :, 0]
-            return y + delta.view(y.shape).to(y.dtype)
-        delta = flat.new_zeros(flat.shape[0], b_slots.shape[1])  # slot-0 tokens add exactly 0
+            bt = bt_slots.index_select(0, which)  # [T, max_rank, out]
+            low = torch.bmm(a, flat[:, :, None])  # [T, max_rank, 1]
+            return torch.bmm(low.transpose(1, 2), bt)[:, 0]
+        delta = flat.new_zeros(flat.shape[0], bt_slots.shape[2])  # slot-0 tokens add exactly 0
         for start, end, s in self.runs:  # a prompt chunk: plain matmuls with its slot
-            delta[start:end] = (flat[start:end] @ a_slots[s].T) @ b_slots[s].T
+            delta[start:end] = (flat[start:end] @ a_slots[s].T) @ bt_slots[s]
         if self.gather is not None:  # decoding rows: per-token gather, shrink, then expand
             index, which = self.gather
             a = a_slots.index_select(0, which)  # [n, max_rank, in]
-            b = b_slots.index_select(0, which)  # [n, out, max_rank]
+            bt = bt_slots.index_select(0, which)  # [n, max_rank, out]
             low = torch.bmm(a, flat.index_select(0, index)[:, :, None])
-            delta.index_copy_(0, index, torch.bmm(b, low)[:, :, 0])
-        return y + delta.view(y.shape).to(y.dtype)
+            delta.index_copy_(0, index, torch.bmm(low.transpose(1, 2), bt)[:, 0])
+        return delta

@@ -127,10 +127,22 @@ async def test_serves_with_a_fast_cuda_kernel(cuda_app: App) -> None:
 
 
 async def test_greedy_tokens_equal_plain_generate_cuda(cuda_app: App) -> None:
+    """The engine's plain path (the model's own modules) equals `generate` token for token;
+    the fast path is held to the plain one by the next test."""
     engine = cuda_app.engine
+    batch = engine._batch
+    fast = batch.fast
     params = GenerationParams(max_new_tokens=24, temperature=0.0)
-    stream = await engine.submit(GenerationRequest.from_prompt(PROMPT, params))
-    answer = await stream.text()
+
+    def plain(on: bool) -> None:
+        batch.fast = None if on else fast
+
+    await engine.run_on_model(lambda _m, _t: plain(True))
+    try:
+        stream = await engine.submit(GenerationRequest.from_prompt(PROMPT, params))
+        answer = await stream.text()
+    finally:
+        await engine.run_on_model(lambda _m, _t: plain(False))
 
     messages = serving_messages(cuda_app.settings.system_prompt, PROMPT)
     tokenizer = await engine.run_on_model(lambda _model, tokenizer: tokenizer)
@@ -151,6 +163,73 @@ async def test_greedy_tokens_equal_plain_generate_cuda(cuda_app: App) -> None:
         new_ids = new_ids[: new_ids.index(eos)]
     assert stream.completion_tokens == len(new_ids)
     assert answer == tokenizer.decode(new_ids, skip_special_tokens=True)
+
+
+async def test_decode_replays_cuda_graphs_that_match_the_plain_path(
+    cuda_app: App, tmp_path: Path
+) -> None:
+    """Serving decodes through CUDA graphs where the kernel can be captured (GPTQModel's
+    ExLlamaV2 launches on the legacy default stream and cannot: the capture check must refuse
+    it, naming it), and the serving step computes what the plain step computes: fed the same
+    tokens (teacher forcing), rows on the base and on two adapters pick the same next token at
+    >= 90% of positions and their logits differ by < 5% of their range (fp16 kernels are not
+    bit-reproducible, and random weights give near-flat logits)."""
+    from core.adapters import BaseShapes
+    from core.model.scheduler import Segment
+    from tests.adapter_kit import write_adapter
+
+    engine = cuda_app.engine
+    info = engine.info
+    batch = engine._batch
+    assert info is not None and batch.graphs is not None
+    captured = batch.graphs.failed is None
+    if captured:
+        assert "CUDA graphs" in info.decode_path, info.decode_path
+    else:
+        assert "ExllamaV2" in info.kernel and "ExllamaV2" in batch.graphs.failed
+        assert info.decode_path == "fast (modules)", info.decode_path
+    path = "graph" if captured else "fast"
+    before = batch.paths[path]
+    params = GenerationParams(max_new_tokens=8, temperature=0.0)
+    await (await engine.submit(GenerationRequest.from_prompt(PROMPT, params))).text()
+    assert batch.paths[path] > before
+    shapes = BaseShapes.of_model(Path(info.path))
+    refs = [AdapterRef("ga", "v1"), AdapterRef("gb", "v1")]
+    slots = [0]
+    for i, ref in enumerate(refs):
+        folder = write_adapter(tmp_path / ref.name, shapes, seed=i + 7, strength=0.1)
+        status = await engine.load_adapter(ref, folder)
+        assert status.slot is not None
+        slots.append(status.slot)
+
+    def compare(_model: Any, tokenizer: Any) -> tuple[float, float, int]:
+        ids = render(tokenizer, serving_messages(None, PROMPT))
+        answer = [
+            int(t)
+            for t in torch.randint(100, 1000, (24,), generator=torch.Generator().manual_seed(1))
+        ]
+        runs = {}
+        for path in ("plain", "graph"):
+            for row, slot in enumerate(slots):
+                batch.plain_step([Segment(row, 0, ids, True, slot)])
+            logits = []
+            for i, token in enumerate(answer):
+                segments = [Segment(r, len(ids) + i, [token], True, s) for r, s in enumerate(slots)]
+                out = batch.plain_step(segments) if path == "plain" else batch.step(segments)
+                logits.append(out.float().cpu())
+            runs[path] = torch.stack(logits)  # [steps, rows, vocab]
+        plain, graph = runs["plain"], runs["graph"]
+        agree = float((plain.argmax(-1) == graph.argmax(-1)).float().mean())
+        spread = float(plain.amax(-1).sub(plain.amin(-1)).mean())
+        return agree, float((plain - graph).abs().max()) / spread, batch.paths[path]
+
+    steps_before = batch.paths[path]
+    agree, error, steps_after = await engine.run_on_model(compare)
+    print(f"{path} vs plain: top-1 agreement {agree:.3f}, max |diff| / logit range {error:.4f}")
+    assert steps_after - steps_before == 24
+    assert agree >= 0.9 and error < 0.05, (agree, error)
+    for ref in refs:
+        await engine.unload_adapter(ref)
 
 
 async def test_concurrent_requests_decode_together_on_cuda(cuda_app: App) -> None:

@@ -1,0 +1,525 @@
+"""The decode step made fast: what a step costs when every row feeds one token.
+
+The plain path (`BatchModel.step`) calls each layer's Hugging Face modules as they are: per
+layer three separate q/k/v products and two for gate/up, each through the kernel's Python
+wrapper, a norm of seven operations, rotary embedding from a table rebuilt every step, and an
+attention of a dozen small operations. On the 2-core CPU the embedded model spent about half of
+a 1-row step outside its matrix products; on a GPU a 7B step was 87% host time (BENCHMARKS.md).
+
+`FastDecode` runs the same arithmetic for the steady state of serving, when every running row
+decodes one token (prompt chunks and mixed steps stay on the plain path):
+
+- linears that read the same input run as one product: q/k/v and gate/up, their packed 4-bit
+  weights (the AVX512 CPU kernel) or dense weights concatenated once at start, the modules
+  keeping views of the fused weights so nothing is held twice;
+- each norm is one `torch.rms_norm`; q and k are rotated together from a precomputed table;
+- attention is one `scaled_dot_product_attention` per layer over each row's cache;
+- on a GPU, `CudaGraphs` captures the whole step as a CUDA graph per bucket of rows, cached
+  span and adapter mix, and replays it: one launch instead of ~1,500 per step.
+
+The fast and the plain path compute the same function: `tests/test_fast.py` checks that they
+choose the same greedy tokens in fp32, with and without adapters.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from core.model.batch import BatchModel
+    from core.model.lora import LoraStep
+    from core.model.scheduler import Segment
+
+log = logging.getLogger(__name__)
+
+
+class Projection:
+    """Linear layers that read the same input, as one `[T, sum(out)]` product where their
+    kernel allows it (`kind` says which: "avx512" or "dense" fused, else "modules", each
+    called in turn)."""
+
+    def __init__(self, modules: list[Any]) -> None:
+        self.modules = modules
+        self.sizes = [int(m.out_features) for m in modules]
+        self.kind = "modules"
+        self._call: Callable[[torch.Tensor], torch.Tensor] = self._each
+        biases = [getattr(m, "bias", None) for m in modules]
+        if any(b is not None for b in biases) and not all(b is not None for b in biases):
+            return  # a bias on some of them only: keep them apart
+        if all(type(m) is torch.nn.Linear for m in modules):
+            self._fuse_dense()
+        elif all(type(m).__name__ == "TorchCpuAvx512Linear" for m in modules):
+            self._fuse_avx512()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._call(x)
+
+    def _each(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [m(x) for m in self.modules]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+    def _share(self, name: str, fused: torch.Tensor, parameter: bool) -> None:
+        """Point each module's `name` at its rows of `fused`: the plain path keeps working on
+        the same memory."""
+        start = 0
+        for module, size in zip(self.modules, self.sizes, strict=True):
+            part = fused[start : start + size]
+            if parameter:
+                setattr(module, name, torch.nn.Parameter(part, requires_grad=False))
+            else:
+                setattr(module, name, part)
+            start += size
+
+    def _fuse_dense(self) -> None:
+        weight = self.modules[0].weight
+        bias = self.modules[0].bias
+        if len(self.modules) > 1:
+            weight = torch.cat([m.weight for m in self.modules])
+            self._share("weight", weight, parameter=True)
+            if bias is not None:
+                bias = torch.cat([m.bias for m in self.modules])
+                self._share("bias", bias, parameter=True)
+        self.kind = "dense"
+        self._call = lambda x: F.linear(x, weight, bias)
+
+    def _fuse_avx512(self) -> None:
+        first = self.modules[0]
+        kernel = type(first).gemm_int4_qzero_group_scaled_cpu_kernel
+        group = int(first.group_size)
+        if kernel is None or not all(
+            getattr(m, "linear_mode", None) == "inference"
+            and getattr(m, "_cpu_transformed", False)
+            and m._ret_idx_is_identity()
+            and int(m.group_size) == group
+            for m in self.modules
+        ):
+            return
+        # The kernel's packed layout keeps each block of 32 output rows together, so packed
+        # weights concatenate along the output dimension; scales and zero points are
+        # `[groups, out]`, concatenated along their second dimension (small, copied).
+        qweight = first.qweight
+        qzeros, scales, bias = first.qzeros, first.scales, first.bias
+        if len(self.modules) > 1:
+            qweight = torch.cat([m.qweight for m in self.modules])
+            self._share("qweight", qweight, parameter=False)
+            qzeros = torch.cat([m.qzeros for m in self.modules], dim=1)
+            scales = torch.cat([m.scales for m in self.modules], dim=1)
+            if bias is not None:
+                bias = torch.cat([m.bias for m in self.modules])
+        self.kind = "avx512"
+        self._call = lambda x: kernel(x.contiguous(), qweight, qzeros, scales, group, bias)
+
+
+def rms_norm(module: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An RMSNorm module as one `torch.rms_norm` call (seven operations in the module), or the
+    module itself when it is not the Llama family's plain RMSNorm."""
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", None)
+    if weight is None or eps is None or type(module).__name__ not in _RMS_NORMS:
+        return module
+    shape = (int(weight.shape[0]),)
+    return lambda x: torch.rms_norm(x, shape, weight, eps)
+
+
+_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+
+
+@dataclass
+class _Layer:
+    attn_norm: Callable[[torch.Tensor], torch.Tensor]
+    qkv: Projection
+    q_norm: Any
+    k_norm: Any
+    o: Projection
+    mlp_norm: Callable[[torch.Tensor], torch.Tensor]
+    gate_up: Projection
+    down: Projection
+    act: Callable[[torch.Tensor], torch.Tensor]
+
+
+# How a step's tokens reach the cache and read it: `(layer, k, v)` writes, `(layer, q)` attends
+# and returns `[T, heads * head_dim]`.
+Write = Callable[[int, torch.Tensor, torch.Tensor], None]
+Attend = Callable[[int, torch.Tensor], torch.Tensor]
+# The LoRA term of `(layer, target, x)`, or None for no adapter on this step.
+Delta = Callable[[int, str, torch.Tensor], torch.Tensor]
+
+
+class FastDecode:
+    """Decode steps of a `BatchModel`: one token per row, the same numbers as its plain path."""
+
+    def __init__(self, batch: BatchModel) -> None:
+        self.batch = batch
+        self.device = batch.device
+        self.heads, self.kv_heads, self.head_dim = batch.heads, batch.kv_heads, batch.head_dim
+        self._settle_kernels()
+        self.layers = [self._layer(layer) for layer in batch.layers]
+        self.norm = batch.norm
+        context = batch.cache.context
+        # Rotary table for every position, from the model's own rotary module (each position's
+        # angles are computed alone, so a row of the table equals what the plain path gets).
+        probe = torch.zeros(1, 1, dtype=batch.dtype, device=self.device)
+        positions = torch.arange(context, device=self.device)[None]
+        with torch.inference_mode():
+            cos, sin = batch.rotary(probe, position_ids=positions)
+        half = self.head_dim // 2
+        self.cos = cos[0].contiguous()  # [context, head_dim]
+        # rotate_half(x) * sin == roll(x, half) * [-sin_low, sin_high]
+        self.sin = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1).contiguous()
+        kinds = {p.kind for layer in self.layers for p in (layer.qkv, layer.gate_up)}
+        self.kind = "+".join(sorted(kinds))
+
+    def _settle_kernels(self) -> None:
+        """Run each quantized linear once: some kernels repack their weights on their first
+        call (GPTQModel's CPU kernels), which must happen before the weights are fused."""
+        batch = self.batch
+        with torch.inference_mode():
+            for layer in batch.layers:
+                for module in (
+                    layer.self_attn.q_proj,
+                    layer.self_attn.k_proj,
+                    layer.self_attn.v_proj,
+                    layer.self_attn.o_proj,
+                    layer.mlp.gate_proj,
+                    layer.mlp.up_proj,
+                    layer.mlp.down_proj,
+                ):
+                    if type(module) is not torch.nn.Linear:
+                        module(
+                            torch.zeros(
+                                1, module.in_features, dtype=batch.dtype, device=self.device
+                            )
+                        )
+
+    def _layer(self, layer: Any) -> _Layer:
+        attn, mlp = layer.self_attn, layer.mlp
+        return _Layer(
+            attn_norm=rms_norm(layer.input_layernorm),
+            qkv=Projection([attn.q_proj, attn.k_proj, attn.v_proj]),
+            q_norm=getattr(attn, "q_norm", None),
+            k_norm=getattr(attn, "k_norm", None),
+            o=Projection([attn.o_proj]),
+            mlp_norm=rms_norm(layer.post_attention_layernorm),
+            gate_up=Projection([mlp.gate_proj, mlp.up_proj]),
+            down=Projection([mlp.down_proj]),
+            act=mlp.act_fn,
+        )
+
+    # --- one step -------------------------------------------------------------------------
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        write: Write,
+        attend: Attend,
+        delta: Delta | None,
+    ) -> torch.Tensor:
+        """Logits `[T, vocab]` for T tokens, one per row, at `positions`."""
+        batch = self.batch
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        count = ids.shape[0]
+        q_width, k_width = heads * head_dim, kv_heads * head_dim
+        cos = self.cos.index_select(0, positions)[:, None]  # [T, 1, head_dim]
+        sin = self.sin.index_select(0, positions)[:, None]
+        half = head_dim // 2
+        hidden = batch.embed(ids)  # [T, hidden]
+        for index, layer in enumerate(self.layers):
+            x = layer.attn_norm(hidden)
+            qkv = layer.qkv(x)
+            if delta is not None:
+                qkv[:, :q_width] += delta(index, "q_proj", x).to(qkv.dtype)
+                qkv[:, q_width : q_width + k_width] += delta(index, "k_proj", x).to(qkv.dtype)
+                qkv[:, q_width + k_width :] += delta(index, "v_proj", x).to(qkv.dtype)
+            v = qkv[:, q_width + k_width :].view(count, kv_heads, head_dim)
+            if layer.q_norm is not None:  # Qwen3 normalises each head before the rotation
+                q = layer.q_norm(qkv[:, :q_width].view(count, heads, head_dim))
+                k = layer.k_norm(
+                    qkv[:, q_width : q_width + k_width].view(count, kv_heads, head_dim)
+                )
+                qk = torch.cat((q, k), dim=1)
+            else:
+                qk = qkv[:, : q_width + k_width].view(count, heads + kv_heads, head_dim)
+            qk = qk * cos + qk.roll(half, -1) * sin
+            write(index, qk[:, heads:], v)
+            out = attend(index, qk[:, :heads])  # [T, heads * head_dim]
+            o = layer.o(out)
+            if delta is not None:
+                o = o + delta(index, "o_proj", out).to(o.dtype)
+            hidden = hidden + o
+            gate_up = layer.gate_up(layer.mlp_norm(hidden))
+            inner = gate_up.shape[-1] // 2
+            hidden = hidden + layer.down(layer.act(gate_up[:, :inner]) * gate_up[:, inner:])
+        return batch.lm_head(self.norm(hidden))
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """`q [n, heads, head_dim]` over each row's `keys`/`values [n, kv_heads, span,
+        head_dim]`, `mask [n, 1, 1, span]` (None: every position); `[n, heads * head_dim]`.
+        On a CPU one `scaled_dot_product_attention` (its fp32 kernel is ~4x faster than the
+        products here); on a GPU the products, as in a graph."""
+        batch = self.batch
+        n = q.shape[0]
+        if self.device.type == "cpu":
+            out = F.scaled_dot_product_attention(
+                q.to(keys.dtype)[:, :, None],
+                keys,
+                values,
+                attn_mask=mask,
+                enable_gqa=self.kv_heads != self.heads,
+            )
+            return out.reshape(n, self.heads * self.head_dim).to(batch.dtype)
+        if mask is None:
+            mask = torch.ones(n, 1, 1, keys.shape[2], dtype=torch.bool, device=self.device)
+        out = _attention(q.to(keys.dtype), keys, values, mask, self.kv_heads, batch.scaling)
+        return out.to(batch.dtype)
+
+    def step(self, segments: list[Segment]) -> torch.Tensor:
+        """Logits `[n, vocab]` for n decoding segments (one token each), eagerly."""
+        batch = self.batch
+        device = self.device
+        cache = batch.cache
+        n = len(segments)
+        rows = [s.row for s in segments]
+        starts = [s.start for s in segments]
+        ids = torch.tensor([s.tokens[0] for s in segments], device=device)
+        positions = torch.tensor(starts, device=device)
+        span = max(starts) + 1
+        lora: LoraStep | None = None
+        if batch.lora is not None and any(s.slot for s in segments):
+            lora = batch.lora.plan([s.slot for s in segments])
+
+        if n == 1:  # one row: slice copies, and no mask (the span ends at its token)
+            row, start = rows[0], starts[0]
+
+            def write(index: int, k: torch.Tensor, v: torch.Tensor) -> None:
+                cache.keys[index][row, :, start] = k[0]
+                cache.values[index][row, :, start] = v[0]
+
+            def attend(index: int, q: torch.Tensor) -> torch.Tensor:
+                keys = cache.keys[index][row : row + 1, :, :span]
+                values = cache.values[index][row : row + 1, :, :span]
+                return self._attend(q, keys, values, None)
+
+        else:
+            rows_t = torch.tensor(rows, device=device)
+            prefix = rows == list(range(n))
+            mask = (torch.arange(span, device=device)[None, :] <= positions[:, None])[:, None, None]
+
+            def write(index: int, k: torch.Tensor, v: torch.Tensor) -> None:
+                cache.keys[index][rows_t, :, positions] = k.to(cache.keys[index].dtype)
+                cache.values[index][rows_t, :, positions] = v.to(cache.values[index].dtype)
+
+            def attend(index: int, q: torch.Tensor) -> torch.Tensor:
+                keys, values = cache.keys[index], cache.values[index]
+                if prefix:  # rows 0..n-1 in order: views, nothing copied
+                    keys, values = keys[:n, :, :span], values[:n, :, :span]
+                else:
+                    keys = keys[:, :, :span].index_select(0, rows_t)
+                    values = values[:, :, :span].index_select(0, rows_t)
+                return self._attend(q, keys, values, mask)
+
+        with torch.inference_mode():
+            return self.forward(ids, positions, write, attend, lora.delta if lora else None)
+
+
+def _attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    kv_heads: int,
+    scaling: float,
+) -> torch.Tensor:
+    """Decode attention on a GPU, as plain products (what the plain path computes): `q [B,
+    heads, head_dim]` over `keys`/`values [B, kv_heads, span, head_dim]` where `mask [B, 1, 1,
+    span]`; returns `[B, heads * head_dim]`. Inside a CUDA graph the launches cost nothing, and
+    this leaves no choice of fused attention kernel to the library at capture time."""
+    rows, heads, head_dim = q.shape
+    grouped = q.view(rows, kv_heads, heads // kv_heads, head_dim)
+    scores = (grouped @ keys.transpose(-1, -2)) * scaling  # [B, kv_heads, groups, span]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+    return (probs @ values).view(rows, heads * head_dim)
+
+
+def _bucket(value: int, buckets: list[int]) -> int:
+    for size in buckets:
+        if value <= size:
+            return size
+    return buckets[-1]
+
+
+def _powers_of_two(low: int, high: int) -> list[int]:
+    sizes = []
+    size = low
+    while size < high:
+        sizes.append(size)
+        size *= 2
+    sizes.append(high)
+    return sizes
+
+
+class CudaGraphs:
+    """Decode steps replayed from CUDA graphs, captured on first use per bucket.
+
+    A graph works on fixed tensors, so a step is computed over rows `0..B-1` (B the bucket
+    above the highest row decoding), attends over the first `span` positions of the cache (the
+    bucket above the longest row), and takes one of three adapter forms: none, one adapter for
+    all rows, or any mix (then every slot's A and B.T as one matrix each, with each row's slot
+    picked by a one-hot mask: two plain products that read every adapter once). Rows inside the
+    bucket that are not decoding are free (a decode-only step runs every running row); their
+    dummy token writes position 0 of a free row, which its next prompt overwrites before any
+    read. Capture runs once per bucket (tens of milliseconds on a 7B model); a failed capture
+    turns graphs off with one warning, and steps continue eagerly."""
+
+    def __init__(self, fast: FastDecode) -> None:
+        self.fast = fast
+        batch = fast.batch
+        device = fast.device
+        rows, context = batch.cache.rows, batch.cache.context
+        self.row_buckets = _powers_of_two(1, rows)
+        self.span_buckets = _powers_of_two(min(64, context), context)
+        # Each row's token, position and adapter slot: the graphs' inputs, filled every step
+        # with one copy from pinned memory. A bucket of B rows reads the first 3 * B values as
+        # `[3, B]`, so what is copied is always contiguous on both sides.
+        self.inputs = torch.zeros(3 * rows, dtype=torch.long, device=device)
+        self._host = torch.zeros(3 * rows, dtype=torch.long).pin_memory()
+        self._graphs: dict[tuple[int, int, str], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool: Any = None
+        self.failed: str | None = None
+        self.captures = 0
+
+    def step(self, segments: list[Segment]) -> torch.Tensor | None:
+        """Logits `[n, vocab]` for the segments, or None when graphs are off."""
+        if self.failed is not None:
+            return None
+        rows = [s.row for s in segments]
+        top = max(rows) + 1
+        count = _bucket(top, self.row_buckets)
+        span = _bucket(max(s.start for s in segments) + 1, self.span_buckets)
+        slots = {s.slot for s in segments}
+        lora = self.fast.batch.lora
+        if slots == {0} or lora is None:
+            mode = "none"
+        elif len(slots) == 1:
+            mode = "one"
+        else:
+            mode = "mixed"
+        values = [[0] * count for _ in range(3)]  # token, position, slot of each row
+        for s in segments:
+            values[0][s.row], values[1][s.row], values[2][s.row] = s.tokens[0], s.start, s.slot
+        if mode == "one":  # the free rows compute with the same adapter: harmless
+            values[2] = [segments[0].slot] * count
+        host = self._host[: 3 * count]
+        host.copy_(torch.tensor(values).view(-1))
+        self.inputs[: 3 * count].copy_(host, non_blocking=True)
+        key = (count, span, mode)
+        entry = self._graphs.get(key)
+        if entry is None:
+            try:
+                entry = self._capture(key)
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+                self.failed = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                log.warning("CUDA graphs are off, decoding eagerly: %s", self.failed)
+                torch.cuda.synchronize()
+                return None
+        graph, logits = entry
+        graph.replay()
+        if rows == list(range(len(rows))):
+            return logits[: len(rows)]
+        return logits[rows]
+
+    def _run(self, key: tuple[int, int, str]) -> torch.Tensor:
+        count, span, mode = key
+        fast = self.fast
+        batch = fast.batch
+        cache = batch.cache
+        ids, positions, slots = self.inputs[: 3 * count].view(3, count)
+        rows = torch.arange(count, device=fast.device)
+        mask = (torch.arange(span, device=fast.device)[None, :] <= positions[:, None])[
+            :, None, None
+        ]
+
+        def write(index: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            cache.keys[index][rows, :, positions] = k.to(cache.keys[index].dtype)
+            cache.values[index][rows, :, positions] = v.to(cache.values[index].dtype)
+
+        def attend(index: int, q: torch.Tensor) -> torch.Tensor:
+            keys = cache.keys[index][:count, :, :span]
+            values = cache.values[index][:count, :, :span]
+            out = _attention(q.to(keys.dtype), keys, values, mask, fast.kv_heads, batch.scaling)
+            return out.to(batch.dtype)
+
+        delta = None
+        lora = batch.lora
+        if mode != "none" and lora is not None:
+            if mode == "one":
+                first = slots[:1]
+
+                def delta(index: int, target: str, x: torch.Tensor) -> torch.Tensor:
+                    a = lora.a[index, target].index_select(0, first)[0]  # [max_rank, in]
+                    bt = lora.b[index, target].index_select(0, first)[0]  # [max_rank, out]
+                    return (x.to(lora.dtype) @ a.T) @ bt
+
+            else:
+                width = lora.slots + 1
+                # Each row's slot as a one-hot column (not `F.one_hot`, which checks its input
+                # on the host and so cannot be captured).
+                every = torch.arange(width, device=fast.device)
+                pick = (slots[:, None] == every).to(lora.dtype)[:, :, None]  # [B, width, 1]
+
+                def delta(index: int, target: str, x: torch.Tensor) -> torch.Tensor:
+                    a = lora.a[index, target]  # [slots + 1, max_rank, in]
+                    bt = lora.b[index, target]  # [slots + 1, max_rank, out]
+                    low = x.to(lora.dtype) @ a.view(-1, a.shape[-1]).T  # every slot at once
+                    low = (low.view(count, width, -1) * pick).view(count, -1)
+                    return low @ bt.view(-1, bt.shape[-1])
+
+        return fast.forward(ids, positions, write, attend, delta)
+
+    def _capture(self, key: tuple[int, int, str]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Warm up (lazy initialisations happen outside the graph), capture, then check.
+
+        The warm-up computes the real step eagerly; the new graph is replayed once on the same
+        inputs and must give the same logits. A kernel that launches on CUDA's legacy default
+        stream instead of the current one (GPTQModel's ExLlamaV2 does) is left out of the
+        graph without an error, and its replay computes garbage: the check turns that into a
+        `RuntimeError` naming the kernel. The replay's cache writes are undone by the caller,
+        which runs the step again eagerly."""
+        with torch.inference_mode():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                eager = self._run(key).float()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: a hot-load copying on its own thread must not break the capture
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                logits = self._run(key)
+            graph.replay()
+            finite = eager.isfinite()
+            error = float((logits.float() - eager).abs().where(finite, 0).max())
+            scale = float(eager.abs().where(finite, 0).max())
+            if not bool((logits.isfinite() == finite).all()) or error > 0.05 * scale + 1e-3:
+                kernels = sorted({type(m).__name__ for m in self.fast.batch.layers[0].modules()})
+                raise RuntimeError(
+                    f"a replayed step differs from the eager one (max difference {error:.3g} "
+                    f"of {scale:.3g}): a kernel here is not captured by CUDA graphs "
+                    f"({', '.join(k for k in kernels if 'Linear' in k)})"
+                )
+        self._pool = graph.pool()
+        self._graphs[key] = (graph, logits)
+        self.captures += 1
+        return graph, logits

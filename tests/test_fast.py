@@ -1,0 +1,201 @@
+"""The fast decode step (`core.model.fast`) against the plain one, on the real embedded model.
+
+In fp32 the two paths must choose the same greedy tokens, step after step, for one row, for
+rows decoding together in and out of order, and with adapters mixed in the batch. On the served
+bf16 path they round differently (one fused norm, another attention kernel), so there the
+measure is teacher-forced: fed the same tokens, the two paths pick the same next token at
+(nearly) every position. And the fast path must really be what serving runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from core.adapters import BaseShapes, inspect_adapter
+from core.model.batch import BatchModel
+from core.model.kernels import choose_runtime, cpu_supports_bf16
+from core.model.loader import load_for_serving
+from core.model.lora import read_weights
+from core.model.scheduler import Segment
+from tests.adapter_kit import write_adapter
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three primary colors.",
+]
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def loaded(embedded_model_dir: Path) -> Iterator[tuple[Any, Any]]:
+    model, tokenizer, _ = load_for_serving(
+        embedded_model_dir, choose_runtime("cpu", "float32", "auto")
+    )
+    yield model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def batch(
+    loaded: tuple[Any, Any], embedded_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> BatchModel:
+    batch = BatchModel(loaded[0], 4, 256, adapter_slots=2, adapter_max_rank=8)
+    shapes = BaseShapes.of_model(embedded_model_dir)
+    root = tmp_path_factory.mktemp("fast-adapters")
+    assert batch.lora is not None
+    for slot in (1, 2):
+        folder = write_adapter(root / str(slot), shapes, seed=slot, strength=0.15)
+        batch.lora.load(slot, read_weights(inspect_adapter(folder, shapes, 8)))
+    return batch
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True
+    )
+    return list(ids if isinstance(ids, list) else ids["input_ids"])
+
+
+def _greedy(
+    batch: BatchModel,
+    prompts: list[list[int]],
+    rows: list[int],
+    slots: list[int],
+    fast: bool,
+    decode_slots: list[int] | None = None,
+) -> list[list[int]]:
+    """Each prompt prefilled on its row (plain path), then STEPS greedy steps of all rows
+    together, through `step` (fast) or `plain_step`, on `decode_slots` (default `slots`)."""
+    tokens = []
+    for ids, row, slot in zip(prompts, rows, slots, strict=True):
+        logits = batch.plain_step([Segment(row, 0, ids, True, slot)])
+        tokens.append([int(logits[0].argmax())])
+    for i in range(STEPS):
+        segments = [
+            Segment(row, len(ids) + i, [out[-1]], True, slot)
+            for ids, row, slot, out in zip(
+                prompts, rows, decode_slots or slots, tokens, strict=True
+            )
+        ]
+        logits = batch.step(segments) if fast else batch.plain_step(segments)
+        for out, row_logits in zip(tokens, logits, strict=True):
+            out.append(int(row_logits.argmax()))
+    return tokens
+
+
+@pytest.mark.parametrize(
+    ("rows", "slots"),
+    [
+        ([0], [0]),  # one row: the slice-copy path
+        ([2], [1]),  # one row, not the first, on an adapter
+        ([0, 1, 2], [0, 0, 0]),  # rows packed from 0: the cache read as views
+        ([3, 1], [0, 0]),  # out of order: the rows gathered
+        ([0, 1, 2], [0, 1, 2]),  # base and two adapters in one step
+        ([1, 2, 3], [2, 2, 2]),  # one adapter for every row
+    ],
+)
+def test_fast_and_plain_paths_choose_the_same_greedy_tokens_in_fp32(
+    batch: BatchModel, loaded: tuple[Any, Any], rows: list[int], slots: list[int]
+) -> None:
+    tokenizer = loaded[1]
+    prompts = [_ids(tokenizer, text) for text in PROMPTS[: len(rows)]]
+    before = batch.paths["fast"]
+    plain = _greedy(batch, prompts, rows, slots, fast=False)
+    fast = _greedy(batch, prompts, rows, slots, fast=True)
+    assert batch.paths["fast"] - before == STEPS  # every decode step took the fast path
+    assert fast == plain
+    if any(slots):  # the adapters change the decoded tokens: the fast path had to apply them
+        assert _greedy(batch, prompts, rows, slots, True, decode_slots=[0] * len(rows)) != fast
+
+
+def test_projections_are_fused_over_shared_memory(batch: BatchModel) -> None:
+    assert batch.fast is not None
+    assert batch.decode_path == "fast (dense)"
+    layer = batch.layers[0]
+    fused = batch.fast.layers[0].qkv
+    assert fused.kind == "dense" and fused.modules == [
+        layer.self_attn.q_proj,
+        layer.self_attn.k_proj,
+        layer.self_attn.v_proj,
+    ]
+    storage = {m.weight.untyped_storage().data_ptr() for m in fused.modules}
+    assert len(storage) == 1  # the modules' weights are views of the fused weight: held once
+    x = torch.randn(2, layer.self_attn.q_proj.in_features)
+    expected = torch.cat([m(x) for m in fused.modules], dim=-1)
+    assert torch.allclose(fused(x), expected, atol=1e-5)
+
+
+def test_mixed_steps_and_prompt_chunks_take_the_plain_path(batch: BatchModel) -> None:
+    before = dict(batch.paths)
+    batch.step([Segment(0, 0, [1, 2, 3], True)])  # a prompt chunk
+    batch.step([Segment(0, 3, [4], True), Segment(1, 0, [1, 2], True)])  # decode + prefill
+    batch.step([Segment(0, 4, [5], False)])  # no logits wanted
+    assert batch.paths["plain"] - before.get("plain", 0) == 3
+    assert batch.paths["fast"] == before.get("fast", 0)
+
+
+def test_fast_decode_off_runs_the_plain_path(loaded: tuple[Any, Any]) -> None:
+    plain = BatchModel(loaded[0], 1, 64, fast=False)
+    assert plain.fast is None and plain.decode_path == "plain"
+    plain.step([Segment(0, 0, [1, 2], True)])
+    plain.step([Segment(0, 2, [3], True)])
+    assert plain.paths == {"plain": 2}
+
+
+async def test_the_engine_serves_through_the_fast_path(session_app: Any) -> None:
+    """What the bot runs: the default settings decode through the fused step."""
+    from core.model.requests import GenerationParams, GenerationRequest
+
+    engine = session_app.engine
+    info = await engine.start()
+    assert info.decode_path.startswith("fast (")
+    batch = engine._batch
+    before = batch.paths["fast"]
+    params = GenerationParams(max_new_tokens=8, temperature=0.0)
+    stream = await engine.submit(GenerationRequest.from_prompt("Say hello.", params))
+    await stream.text()
+    assert batch.paths["fast"] - before >= stream.completion_tokens - 1
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="the served bf16 path needs a bf16 CPU")
+def test_served_bf16_fast_path_agrees_with_the_plain_path(
+    embedded_model_dir: Path, loaded: tuple[Any, Any]
+) -> None:
+    """Teacher-forced over 3 answers of 24 tokens: the two bf16 paths pick the same next
+    token at >= 95% of positions (measured: 100%) and their logits stay close."""
+    model, tokenizer, _ = load_for_serving(
+        embedded_model_dir, choose_runtime("cpu", "bfloat16", "auto")
+    )
+    batch = BatchModel(model, 1, 256)
+    assert batch.fast is not None and batch.fast.kind == "avx512"
+    agree = total = 0
+    worst = 0.0
+    for text in PROMPTS:
+        ids = _ids(tokenizer, text)
+        logits = batch.plain_step([Segment(0, 0, ids, True)])
+        answer = [int(logits[0].argmax())]
+        for i in range(23):  # the plain path's greedy answer
+            logits = batch.plain_step([Segment(0, len(ids) + i, [answer[-1]], True)])
+            answer.append(int(logits[0].argmax()))
+        for fast in (False, True):
+            batch.plain_step([Segment(0, 0, ids, True)])
+            picks = []
+            for i, token in enumerate(answer[:-1]):
+                segment = [Segment(0, len(ids) + i, [token], True)]
+                step = batch.step(segment) if fast else batch.plain_step(segment)
+                picks.append(step[0].float())
+            if not fast:
+                reference = torch.stack(picks)
+            else:
+                got = torch.stack(picks)
+        agree += int((got.argmax(-1) == reference.argmax(-1)).sum())
+        total += len(answer) - 1
+        worst = max(worst, float((got - reference).abs().max() / reference.abs().max()))
+    assert batch.paths["fast"] == total
+    assert agree / total >= 0.95, (agree, total)
+    assert worst < 0.1, worst
