@@ -199,3 +199,19 @@ def test_served_bf16_fast_path_agrees_with_the_plain_path(
     assert batch.paths["fast"] == total
     assert agree / total >= 0.95, (agree, total)
     assert worst < 0.1, worst
+
+
+def test_cuda_auto_prefers_a_capturable_kernel_for_symmetric_checkpoints() -> None:
+    """The committed table (core/model/kernels.py): Marlin first where it can serve (CUDA
+    graphs capture it), ExLlamaV2 first for asymmetric checkpoints, which Marlin refuses; an
+    explicit kernel is kept as set."""
+    from core.model.kernels import Runtime
+    from core.model.loader import _kernels_for
+
+    auto = Runtime("cuda", torch.float16, "exllama_v2", ("marlin", "auto"))
+    assert _kernels_for(auto, {"sym": True}) == ("marlin", "exllama_v2", "auto")
+    assert _kernels_for(auto, {"sym": False}) == ("exllama_v2", "marlin", "auto")
+    chosen = Runtime("cuda", torch.float16, "exllama_v2")
+    assert _kernels_for(chosen, {"sym": True}) == ("exllama_v2",)
+    cpu = Runtime("cpu", torch.float32, "torch_fused")
+    assert _kernels_for(cpu, {"sym": False}) == ("torch",)

@@ -256,11 +256,21 @@ class BatchModel:
                 k_rows = keys[:, :, :span].index_select(0, plan.decode_rows_t)
                 v_rows = values[:, :, :span].index_select(0, plan.decode_rows_t)
             k_rows, v_rows = k_rows.to(dtype), v_rows.to(dtype)
-            qd = q[plan.decode_index].view(n, self.kv_heads, self.groups, self.head_dim)
-            scores = (qd @ k_rows.transpose(-1, -2)) * self.scaling  # [n, kv, groups, span]
-            scores = scores.masked_fill(~plan.decode_mask, float("-inf"))
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
-            out[plan.decode_index] = (probs @ v_rows).view(n, self.heads, self.head_dim)
+            if self.device.type == "cpu":  # the fast path's call: the two paths round alike
+                decoded = torch.nn.functional.scaled_dot_product_attention(
+                    q[plan.decode_index][:, :, None],
+                    k_rows,
+                    v_rows,
+                    attn_mask=plan.decode_mask,
+                    enable_gqa=self.groups > 1,
+                )
+                out[plan.decode_index] = decoded.view(n, self.heads, self.head_dim)
+            else:
+                qd = q[plan.decode_index].view(n, self.kv_heads, self.groups, self.head_dim)
+                scores = (qd @ k_rows.transpose(-1, -2)) * self.scaling  # [n, kv, groups, span]
+                scores = scores.masked_fill(~plan.decode_mask, float("-inf"))
+                probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+                out[plan.decode_index] = (probs @ v_rows).view(n, self.heads, self.head_dim)
         for first, count, row, start in plan.prefills:
             span = start + count
             qp = q[first : first + count].view(count, self.kv_heads, self.groups, self.head_dim)

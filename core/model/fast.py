@@ -116,6 +116,26 @@ class Projection:
         self._call = lambda x: kernel(x.contiguous(), qweight, qzeros, scales, group, bias)
 
 
+class Int8Linear(torch.nn.Module):
+    """`x @ W.T` with W in int8 and one scale per output row (`torch._weight_int8pack_mm`):
+    half the bytes of bf16. Serves the LM head on a bf16 CPU (`core.model.loader`)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        w = weight.detach().float()
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+        self.weight_int8: torch.Tensor
+        self.scale: torch.Tensor
+        self.register_buffer("weight_int8", torch.round(w / scale[:, None]).to(torch.int8))
+        self.register_buffer("scale", scale.to(weight.dtype))
+        self.out_features, self.in_features = int(w.shape[0]), int(w.shape[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        out = torch._weight_int8pack_mm(flat, self.weight_int8, self.scale)
+        return out.view(*x.shape[:-1], self.out_features)
+
+
 def rms_norm(module: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     """An RMSNorm module as one `torch.rms_norm` call (seven operations in the module), or the
     module itself when it is not the Llama family's plain RMSNorm."""

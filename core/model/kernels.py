@@ -26,11 +26,27 @@ KNOWN_KERNELS: tuple[str, ...] = (
     "gptq_torch_cpu_avx512",
 )
 
-# ExLlamaV2 first: on an H100 it decoded faster than Marlin on a 7B-wide model (measured: 135
-# vs 126 tok/s at batch 1, 1057 vs 1013 at batch 8) and 1.6x faster on SmolLM2's 576-wide
-# layers, which Marlin pads to its tiles on every forward (BENCHMARKS.md). Marlin next, then
-# GPTQModel's pick.
+# The CUDA kernel `auto` means, from measurements (BENCHMARKS.md, "Serving speed"), by
+# checkpoint. Eagerly ExLlamaV2 was the faster (H100: 135 vs 126 tok/s at batch 1 on a 7B-wide
+# model, 1.6x on SmolLM2's 576-wide layers, which Marlin pads on every call), but GPTQModel's
+# ExLlamaV2 launches on CUDA's legacy default stream and cannot be captured in a CUDA graph,
+# while Marlin can: on the H200's 7B-shaped checkpoint (g128, symmetric) the fast decode step
+# ran 212.4 tok/s with Marlin in graphs against 34-50 with ExLlamaV2 eagerly.
+#
+# | checkpoint                | measured (H200, batch 1)          | order                  |
+# |---------------------------|-----------------------------------|------------------------|
+# | symmetric (most on hubs)  | Marlin + graphs 212, ExLlamaV2 37 | marlin, exllama_v2     |
+# | asymmetric (the embedded) | Marlin refuses it                 | exllama_v2, marlin     |
+#
+# Marlin compiles itself for ~3.7 minutes on a fresh machine (cached afterwards). A `kernel`
+# setting other than "auto" overrides the table.
 _CUDA_SERVING_ORDER = ("exllama_v2", "marlin")
+_CUDA_SYMMETRIC_ORDER = ("marlin", "exllama_v2", "auto")
+
+
+def cuda_serving_order(symmetric: bool) -> tuple[str, ...]:
+    """The kernels `kernel = "auto"` tries on CUDA for a checkpoint, in order."""
+    return _CUDA_SYMMETRIC_ORDER if symmetric else (*_CUDA_SERVING_ORDER, "auto")
 
 
 @dataclass(frozen=True)
