@@ -149,6 +149,7 @@ def build(settings: Settings) -> App:
         batch_rows=settings.batch_rows,
         prefill_tokens_per_step=settings.prefill_tokens_per_step,
         fast_decode=settings.fast_decode,
+        compiled_dir=settings.cache_dir / "compiled",
         system_prompt=settings.system_prompt,
         threads=settings.threads,
         adapter_slots=settings.adapter_slots,

@@ -55,7 +55,7 @@ def base(embedded_model_dir: Path) -> tuple[BaseShapes, Fingerprint]:
 
 
 def _folder(root: Path, base: tuple[BaseShapes, Fingerprint], seed: int) -> Path:
-    return write_adapter(root / f"src-{seed}", base[0], seed=seed, strength=0.05)
+    return write_adapter(root / f"src-{seed}", base[0], seed=seed, strength=0.15)
 
 
 def _import(

@@ -19,6 +19,7 @@ GPTQ checkpoints are mostly made from; another architecture is refused at load w
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -75,6 +76,7 @@ class BatchModel:
         adapter_slots: int = 0,
         adapter_max_rank: int = 16,
         fast: bool = True,
+        build_dir: Path | None = None,
     ) -> None:
         config = model.config
         kind = getattr(config, "model_type", "?")
@@ -145,7 +147,7 @@ class BatchModel:
         # path ran, so a fallback is visible.
         from core.model.fast import CudaGraphs, FastDecode
 
-        self.fast = FastDecode(self) if fast else None
+        self.fast = FastDecode(self, build_dir=build_dir) if fast else None
         self.graphs = (
             CudaGraphs(self.fast) if self.fast is not None and self.device.type == "cuda" else None
         )

@@ -110,6 +110,7 @@ class LocalEngine:
         batch_rows: int = 8,
         prefill_tokens_per_step: int = 256,
         fast_decode: bool = True,
+        compiled_dir: Path | None = None,
         system_prompt: str | None = None,
         threads: int | None = None,
         adapter_slots: int = 4,
@@ -125,6 +126,7 @@ class LocalEngine:
         self.batch_rows = batch_rows
         self.prefill_tokens_per_step = prefill_tokens_per_step
         self.fast_decode = fast_decode
+        self.compiled_dir = compiled_dir  # where the C++ decode step is built, once per CPU
         self.system_prompt = system_prompt
         self.threads = threads
         self.adapter_slots = adapter_slots
@@ -383,6 +385,7 @@ class LocalEngine:
                 adapter_slots=self.adapter_slots,
                 adapter_max_rank=self.adapter_max_rank,
                 fast=self.fast_decode,
+                build_dir=self.compiled_dir,
             )
         except torch.OutOfMemoryError as e:
             raise ModelError(

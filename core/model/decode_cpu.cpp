@@ -1,0 +1,167 @@
+// One decode step of a Llama-family model on a CPU, every layer in one call.
+//
+// loracord's fast decode step (core/model/fast.py) spends most of a 1-row step on a 2-core
+// CPU in ~35 small torch operations per layer, each a few microseconds of dispatch. Here the
+// small work (RMSNorm, rotary embedding, the cache writes, attention over each row's cache,
+// residual adds, SiLU) runs as plain loops, and the 4-bit products go to GPTQModel's AVX512
+// kernel through the dispatcher. Activations are bf16 as the kernel wants them; the cache and
+// attention are fp32, as in the eager step. Built at first use with torch's cpp_extension and
+// cached under the cache dir.
+
+#include <torch/extension.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+using bf16 = at::BFloat16;
+
+at::Tensor gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& z, const at::Tensor& s,
+                int64_t group) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("gptqmodel_int4_qzero_group_scaled_cpu::gemm_int4_qzero_group_scaled_cpu_forward", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            int64_t, const std::optional<at::Tensor>&)>();
+  return op.call(x, w, z, s, group, std::nullopt);
+}
+
+// out[r] = x[r] / rms(x[r]) * weight, rounded to bf16 once.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const int64_t n = x.size(0), d = x.size(1);
+  auto out = at::empty_like(x);
+  const bf16* xp = x.data_ptr<bf16>();
+  const bf16* wp = weight.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  for (int64_t r = 0; r < n; ++r) {
+    const bf16* row = xp + r * d;
+    float sum = 0.f;
+    for (int64_t i = 0; i < d; ++i) {
+      const float v = static_cast<float>(row[i]);
+      sum += v * v;
+    }
+    const float inv = 1.f / std::sqrt(sum / static_cast<float>(d) + static_cast<float>(eps));
+    for (int64_t i = 0; i < d; ++i) {
+      op[r * d + i] = bf16(static_cast<float>(row[i]) * inv * static_cast<float>(wp[i]));
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+// hidden [n, d] bf16 (the embedded tokens), updated through every layer and returned.
+// weights: 14 per layer (norm1, qkv w/z/s, o w/z/s, norm2, gate_up w/z/s, down w/z/s).
+// keys/values: per layer [rows, kv_heads, context, head_dim] fp32. cos/sin: [n, head_dim] bf16,
+// sin with its first half negated (x*cos + roll(x, half)*sin is the rotation).
+at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& weights,
+                         const std::vector<at::Tensor>& keys, const std::vector<at::Tensor>& values,
+                         const at::Tensor& cos, const at::Tensor& sin, const std::vector<int64_t>& rows,
+                         const std::vector<int64_t>& positions, int64_t heads, int64_t kv_heads,
+                         int64_t head_dim, double eps, int64_t group) {
+  at::NoGradGuard no_grad;
+  const int64_t n = hidden.size(0), d = hidden.size(1);
+  const int64_t layers = static_cast<int64_t>(keys.size());
+  const int64_t groups = heads / kv_heads, half = head_dim / 2;
+  const int64_t q_width = heads * head_dim, k_width = kv_heads * head_dim;
+  const float scaling = 1.f / std::sqrt(static_cast<float>(head_dim));
+  const bf16* cp = cos.data_ptr<bf16>();
+  const bf16* sp = sin.data_ptr<bf16>();
+  hidden = hidden.contiguous().clone();
+  std::vector<float> qk((heads + kv_heads) * head_dim);
+  std::vector<float> scores;
+  auto attention = at::empty({n, q_width}, hidden.options());
+  for (int64_t l = 0; l < layers; ++l) {
+    const at::Tensor* w = &weights[l * 14];
+    auto x = rms_norm(hidden, w[0], eps);
+    auto qkv = gemm(x, w[1], w[2], w[3], group);
+    const int64_t width = qkv.size(1);
+    const bf16* qkvp = qkv.data_ptr<bf16>();
+    float* kp = keys[l].data_ptr<float>();
+    float* vp = values[l].data_ptr<float>();
+    const int64_t context = keys[l].size(2);
+    const int64_t row_stride = kv_heads * context * head_dim;
+    bf16* ap = attention.data_ptr<bf16>();
+    for (int64_t r = 0; r < n; ++r) {
+      const bf16* src = qkvp + r * width;
+      const bf16* c = cp + r * head_dim;
+      const bf16* s = sp + r * head_dim;
+      // rotate q and k together, each value rounded to bf16 as the model's dtype would
+      for (int64_t h = 0; h < heads + kv_heads; ++h) {
+        for (int64_t i = 0; i < head_dim; ++i) {
+          const float v = static_cast<float>(src[h * head_dim + i]);
+          const float rolled = static_cast<float>(src[h * head_dim + (i + half) % head_dim]);
+          qk[h * head_dim + i] = static_cast<float>(
+              bf16(v * static_cast<float>(c[i]) + rolled * static_cast<float>(s[i])));
+        }
+      }
+      const int64_t row = rows[r], pos = positions[r];
+      float* krow = kp + row * row_stride;
+      float* vrow = vp + row * row_stride;
+      for (int64_t g = 0; g < kv_heads; ++g) {
+        float* kdst = krow + (g * context + pos) * head_dim;
+        float* vdst = vrow + (g * context + pos) * head_dim;
+        for (int64_t i = 0; i < head_dim; ++i) {
+          kdst[i] = qk[(heads + g) * head_dim + i];
+          vdst[i] = static_cast<float>(src[q_width + k_width + g * head_dim + i]);
+        }
+      }
+      const int64_t span = pos + 1;
+      scores.resize(span);
+      for (int64_t h = 0; h < heads; ++h) {
+        const int64_t g = h / groups;
+        const float* q = qk.data() + h * head_dim;
+        const float* kbase = krow + g * context * head_dim;
+        const float* vbase = vrow + g * context * head_dim;
+        float peak = -INFINITY;
+        for (int64_t t = 0; t < span; ++t) {
+          const float* kt = kbase + t * head_dim;
+          float dot = 0.f;
+          for (int64_t i = 0; i < head_dim; ++i) dot += q[i] * kt[i];
+          scores[t] = dot * scaling;
+          peak = std::max(peak, scores[t]);
+        }
+        float total = 0.f;
+        for (int64_t t = 0; t < span; ++t) {
+          scores[t] = std::exp(scores[t] - peak);
+          total += scores[t];
+        }
+        float out[512];
+        for (int64_t i = 0; i < head_dim; ++i) out[i] = 0.f;
+        for (int64_t t = 0; t < span; ++t) {
+          const float p = scores[t] / total;
+          const float* vt = vbase + t * head_dim;
+          for (int64_t i = 0; i < head_dim; ++i) out[i] += p * vt[i];
+        }
+        for (int64_t i = 0; i < head_dim; ++i) ap[r * q_width + h * head_dim + i] = bf16(out[i]);
+      }
+    }
+    auto o = gemm(attention, w[4], w[5], w[6], group);
+    bf16* hp = hidden.data_ptr<bf16>();
+    const bf16* op = o.data_ptr<bf16>();
+    for (int64_t i = 0; i < n * d; ++i) hp[i] = bf16(static_cast<float>(hp[i]) + static_cast<float>(op[i]));
+    auto gu = gemm(rms_norm(hidden, w[7], eps), w[8], w[9], w[10], group);
+    const int64_t inner = gu.size(1) / 2;
+    auto act = at::empty({n, inner}, hidden.options());
+    const bf16* gp = gu.data_ptr<bf16>();
+    bf16* actp = act.data_ptr<bf16>();
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t i = 0; i < inner; ++i) {
+        const float g = static_cast<float>(gp[r * 2 * inner + i]);
+        const float u = static_cast<float>(gp[r * 2 * inner + inner + i]);
+        const float silu = static_cast<float>(bf16(g / (1.f + std::exp(-g))));
+        actp[r * inner + i] = bf16(silu * u);
+      }
+    }
+    auto down = gemm(act, w[11], w[12], w[13], group);
+    const bf16* dp = down.data_ptr<bf16>();
+    for (int64_t i = 0; i < n * d; ++i) hp[i] = bf16(static_cast<float>(hp[i]) + static_cast<float>(dp[i]));
+  }
+  return hidden;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_layers", &decode_layers, "every layer of one decode step (CPU, bf16, fp32 cache)");
+}
