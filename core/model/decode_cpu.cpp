@@ -38,6 +38,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   for (int64_t r = 0; r < n; ++r) {
     const bf16* row = xp + r * d;
     float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
     for (int64_t i = 0; i < d; ++i) {
       const float v = static_cast<float>(row[i]);
       sum += v * v;
@@ -119,6 +120,7 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& weigh
         for (int64_t t = 0; t < span; ++t) {
           const float* kt = kbase + t * head_dim;
           float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
           for (int64_t i = 0; i < head_dim; ++i) dot += q[i] * kt[i];
           scores[t] = dot * scaling;
           peak = std::max(peak, scores[t]);
@@ -133,6 +135,7 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& weigh
         for (int64_t t = 0; t < span; ++t) {
           const float p = scores[t] / total;
           const float* vt = vbase + t * head_dim;
+#pragma omp simd
           for (int64_t i = 0; i < head_dim; ++i) out[i] += p * vt[i];
         }
         for (int64_t i = 0; i < head_dim; ++i) ap[r * q_width + h * head_dim + i] = bf16(out[i]);
