@@ -167,12 +167,18 @@ async def test_the_engine_serves_through_the_fast_path(session_app: Any) -> None
 
 
 @pytest.fixture(scope="module")
-def served(embedded_model_dir: Path) -> BatchModel:
-    """The served bf16 model's batch, with the C++ decode step when this CPU takes it."""
+def served_model(embedded_model_dir: Path) -> Any:
+    """The model loaded as a bf16 CPU serves it."""
     if not cpu_supports_bf16():
         pytest.skip("the served bf16 path needs a bf16 CPU")
     model, _, _ = load_for_serving(embedded_model_dir, choose_runtime("cpu", "bfloat16", "auto"))
-    return BatchModel(model, 4, 256)
+    return model
+
+
+@pytest.fixture(scope="module")
+def served(served_model: Any) -> BatchModel:
+    """The served model's batch, with the C++ decode step when this CPU takes it."""
+    return BatchModel(served_model, 4, 256)
 
 
 @pytest.mark.parametrize("rows", [[0], [2, 0, 3]])
@@ -229,3 +235,29 @@ def test_cuda_auto_prefers_a_capturable_kernel_for_symmetric_checkpoints() -> No
     assert _kernels_for(chosen, {"sym": True}) == ("exllama_v2",)
     cpu = Runtime("cpu", torch.float32, "torch_fused")
     assert _kernels_for(cpu, {"sym": False}) == ("torch",)
+
+
+def test_a_build_lock_left_by_a_killed_process_does_not_stall_the_next_load(
+    served: BatchModel, served_model: Any
+) -> None:
+    """A killed build leaves its `lock` file behind; the next load must not wait on it (torch's
+    builder holds an OS lock on the file, not the file's existence, as its older versions did:
+    this holds loracord to that)."""
+    import hashlib
+    import tempfile
+    import threading
+
+    from core.model.fast import _cpu_flags
+
+    name = f"loracord_decode_cpu_{hashlib.sha256(_cpu_flags().encode()).hexdigest()[:10]}"
+    stale = Path(tempfile.gettempdir()) / "loracord" / name / "lock"
+    stale.write_text("", encoding="utf-8")
+    assert served.fast is not None and served.fast.native is not None  # built already
+    result: list[BatchModel] = []
+    loader = threading.Thread(
+        target=lambda: result.append(BatchModel(served_model, 1, 64)), daemon=True
+    )
+    loader.start()
+    loader.join(timeout=300)
+    assert not loader.is_alive(), "the load waited on a stale build lock"
+    assert result[0].fast is not None and result[0].fast.kind == "avx512, native"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -193,15 +194,18 @@ class _NativeLayers:
         batch = fast.batch
         flags = _cpu_flags()
         name = f"loracord_decode_cpu_{hashlib.sha256(flags.encode()).hexdigest()[:10]}"
-        if build_dir is not None:
-            build_dir = build_dir / name
-            build_dir.mkdir(parents=True, exist_ok=True)
+        root = build_dir if build_dir is not None else Path(tempfile.gettempdir()) / "loracord"
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        # Processes loading at once (the CLI beside the bot) build once: torch's builder holds
+        # an OS lock on `folder/lock` while it builds, which the kernel releases if the builder
+        # is killed, so a stopped build never stalls the next load.
         self.module = load(
             name=name,
             sources=[str(self.SOURCE)],
             # -fopenmp-simd: the `omp simd` reductions vectorise without OpenMP threads
             extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
-            build_directory=str(build_dir) if build_dir is not None else None,
+            build_directory=str(folder),
             verbose=False,
         )
         self.eps = float(batch.layers[0].input_layernorm.variance_epsilon)
