@@ -261,3 +261,33 @@ def test_a_build_lock_left_by_a_killed_process_does_not_stall_the_next_load(
     loader.join(timeout=300)
     assert not loader.is_alive(), "the load waited on a stale build lock"
     assert result[0].fast is not None and result[0].fast.kind == "avx512, native"
+
+
+def test_the_cpp_step_refuses_a_row_or_position_outside_the_cache(served: BatchModel) -> None:
+    """The C++ loops index the cache without checks: a bad row or position is refused first."""
+    fast = served.fast
+    assert fast is not None and fast.native is not None
+    native = fast.native
+    hidden = served.embed(torch.tensor([1]))
+
+    def call(row: int, position: int) -> Any:
+        return native.module.decode_layers(
+            hidden,
+            native.weights,
+            served.cache.keys,
+            served.cache.values,
+            fast.cos[:1],
+            fast.sin[:1],
+            [row],
+            [position],
+            fast.heads,
+            fast.kv_heads,
+            fast.head_dim,
+            native.eps,
+            native.group,
+        )
+
+    for row, position in ((0, served.cache.context), (served.cache.rows, 0), (-1, 0)):
+        with pytest.raises(RuntimeError, match="outside the cache"):
+            call(row, position)
+    assert call(0, 0).shape == hidden.shape

@@ -65,6 +65,26 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& weigh
   at::NoGradGuard no_grad;
   const int64_t n = hidden.size(0), d = hidden.size(1);
   const int64_t layers = static_cast<int64_t>(keys.size());
+  // What the loops below index without checking: refuse anything else here, once.
+  TORCH_CHECK(hidden.scalar_type() == at::kBFloat16 && cos.scalar_type() == at::kBFloat16 &&
+                  sin.scalar_type() == at::kBFloat16, "decode_layers: bf16 activations expected");
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == 14 * layers &&
+                  static_cast<int64_t>(values.size()) == layers, "decode_layers: weights per layer");
+  TORCH_CHECK(static_cast<int64_t>(rows.size()) == n && static_cast<int64_t>(positions.size()) == n &&
+                  cos.size(0) == n && sin.size(0) == n && cos.size(1) == head_dim,
+              "decode_layers: one row, position and rotation per token");
+  TORCH_CHECK(head_dim <= 512 && heads % kv_heads == 0, "decode_layers: head layout");
+  for (int64_t l = 0; l < layers; ++l) {
+    TORCH_CHECK(keys[l].scalar_type() == at::kFloat && values[l].scalar_type() == at::kFloat &&
+                    keys[l].is_contiguous() && values[l].is_contiguous() &&
+                    keys[l].size(1) == kv_heads && keys[l].size(3) == head_dim &&
+                    values[l].sizes() == keys[l].sizes(),
+                "decode_layers: fp32 caches [rows, kv_heads, context, head_dim]");
+  }
+  for (int64_t r = 0; r < n; ++r) {
+    TORCH_CHECK(rows[r] >= 0 && rows[r] < keys[0].size(0) && positions[r] >= 0 &&
+                    positions[r] < keys[0].size(2), "decode_layers: row or position outside the cache");
+  }
   const int64_t groups = heads / kv_heads, half = head_dim / 2;
   const int64_t q_width = heads * head_dim, k_width = kv_heads * head_dim;
   const float scaling = 1.f / std::sqrt(static_cast<float>(head_dim));
