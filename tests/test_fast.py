@@ -176,49 +176,82 @@ def served_model(embedded_model_dir: Path) -> Any:
 
 
 @pytest.fixture(scope="module")
-def served(served_model: Any) -> BatchModel:
-    """The served model's batch, with the C++ decode step when this CPU takes it."""
-    return BatchModel(served_model, 4, 256)
+def served(
+    served_model: Any, embedded_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> BatchModel:
+    """The served model's batch (the C++ decode step when this CPU takes it), two adapters in
+    its slots."""
+    batch = BatchModel(served_model, 4, 256, adapter_slots=2, adapter_max_rank=8)
+    shapes = BaseShapes.of_model(embedded_model_dir)
+    root = tmp_path_factory.mktemp("served-adapters")
+    assert batch.lora is not None
+    for slot in (1, 2):  # the same adapters as the fp32 `batch` fixture's
+        folder = write_adapter(root / str(slot), shapes, seed=slot, strength=0.15)
+        batch.lora.load(slot, read_weights(inspect_adapter(folder, shapes, 8)))
+    return batch
 
 
-@pytest.mark.parametrize("rows", [[0], [2, 0, 3]])
-def test_served_bf16_fast_path_agrees_with_the_plain_path(
-    served: BatchModel, loaded: tuple[Any, Any], rows: list[int]
+@pytest.mark.parametrize(
+    ("rows", "slots"), [([0], [0]), ([2, 0, 3], [0, 0, 0]), ([1], [2]), ([2, 0, 3], [1, 0, 2])]
+)
+def test_served_bf16_fast_path_is_as_close_to_fp32_as_the_plain_path(
+    served: BatchModel,
+    batch: BatchModel,
+    loaded: tuple[Any, Any],
+    rows: list[int],
+    slots: list[int],
 ) -> None:
-    """Teacher-forced over 24-token answers: the two bf16 paths pick the same next token at
-    >= 95% of positions (measured: 97-100%) and their logits stay close; rows decoding
-    together (out of order) each read their own cache."""
-    batch, tokenizer = served, loaded[1]
-    assert batch.fast is not None and batch.fast.kind == "avx512, native"
+    """The served bf16 step (C++ on this CPU) rounds differently from the plain bf16 path, so
+    near-tied tokens may flip between them; what must hold is that it is as faithful. Fed the
+    same tokens (the fp32 model's greedy answers, teacher-forced), with the same adapters: its
+    logits stay as close to fp32's as the plain bf16 path's (mean max-difference within 1.5x),
+    its top-1 agreement with fp32 within 5 points of the plain path's, and rows decoding
+    together (out of order, on different adapters) each read their own cache and adapter."""
+    tokenizer = loaded[1]
+    assert served.fast is not None and served.fast.kind == "avx512, native"
     prompts = [_ids(tokenizer, text) for text in PROMPTS[: len(rows)]]
     answers = []
-    for ids, row in zip(prompts, rows, strict=True):  # each row's plain greedy answer
-        logits = batch.plain_step([Segment(row, 0, ids, True)])
+    for ids, row, slot in zip(prompts, rows, slots, strict=True):  # fp32 greedy answers
+        logits = batch.plain_step([Segment(row, 0, ids, True, slot)])
         answer = [int(logits[0].argmax())]
         for i in range(23):
-            logits = batch.plain_step([Segment(row, len(ids) + i, [answer[-1]], True)])
+            logits = batch.plain_step([Segment(row, len(ids) + i, [answer[-1]], True, slot)])
             answer.append(int(logits[0].argmax()))
         answers.append(answer)
-    runs = {}
-    before = batch.paths["fast"]
-    for fast in (False, True):
-        for ids, row in zip(prompts, rows, strict=True):
-            batch.plain_step([Segment(row, 0, ids, True)])
+
+    def forced(model: BatchModel, fast: bool, decode_slots: list[int]) -> torch.Tensor:
+        for ids, row, slot in zip(prompts, rows, slots, strict=True):
+            model.plain_step([Segment(row, 0, ids, True, slot)])
         picks = []
         for i in range(23):
             segments = [
-                Segment(row, len(ids) + i, [answer[i]], True)
-                for ids, row, answer in zip(prompts, rows, answers, strict=True)
+                Segment(row, len(ids) + i, [answer[i]], True, slot)
+                for ids, row, answer, slot in zip(prompts, rows, answers, decode_slots, strict=True)
             ]
-            step = batch.step(segments) if fast else batch.plain_step(segments)
+            step = model.step(segments) if fast else model.plain_step(segments)
             picks.append(step.float())
-        runs[fast] = torch.stack(picks)  # [steps, rows, vocab]
-    reference, got = runs[False], runs[True]
-    assert batch.paths["fast"] - before == 23
-    agree = float((got.argmax(-1) == reference.argmax(-1)).float().mean())
-    worst = float((got - reference).abs().max() / reference.abs().max())
-    assert agree >= 0.95, agree
-    assert worst < 0.1, worst
+        return torch.stack(picks)  # [steps, rows, vocab]
+
+    reference = forced(batch, False, slots)  # fp32
+    before = served.paths["fast"]
+    plain, got = forced(served, False, slots), forced(served, True, slots)
+    assert served.paths["fast"] - before == 23
+
+    def error(x: torch.Tensor) -> float:
+        return float((x - reference).abs().amax(-1).mean())
+
+    def agreement(x: torch.Tensor) -> float:
+        return float((x.argmax(-1) == reference.argmax(-1)).float().mean())
+
+    print(
+        f"rows {rows} slots {slots}: error plain {error(plain):.3f} served {error(got):.3f}, "
+        f"agreement plain {agreement(plain):.3f} served {agreement(got):.3f}"
+    )
+    assert error(got) <= 1.5 * error(plain), (error(got), error(plain))
+    assert agreement(got) >= agreement(plain) - 0.05, (agreement(got), agreement(plain))
+    if any(slots):  # the adapters move the served step's logits far more than rounding does
+        without = forced(served, True, [0] * len(rows))
+        assert error(without) > 3 * error(got), (error(without), error(got))
 
 
 def test_cuda_auto_prefers_a_capturable_kernel_for_symmetric_checkpoints() -> None:
@@ -285,6 +318,9 @@ def test_the_cpp_step_refuses_a_row_or_position_outside_the_cache(served: BatchM
             fast.head_dim,
             native.eps,
             native.group,
+            [],
+            [],
+            [],
         )
 
     for row, position in ((0, served.cache.context), (served.cache.rows, 0), (-1, 0)):

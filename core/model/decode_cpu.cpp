@@ -51,6 +51,40 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return out;
 }
 
+// LoRA: y[r, offset : offset + out] += (x[r] @ A[s].T) @ B[s].T for each token r on a slot
+// s > 0, the term rounded to bf16 before the add (as the eager step adds it). A is
+// [slots + 1, rank, in] and bt (B transposed, pre-scaled) [slots + 1, rank, out], fp32.
+void add_lora(const bf16* x, int64_t in, bf16* y, int64_t y_stride, int64_t offset,
+              const at::Tensor& a, const at::Tensor& bt, const std::vector<int64_t>& slots) {
+  const int64_t rank = a.size(1), out = bt.size(2);
+  const float* ap = a.data_ptr<float>();
+  const float* bp = bt.data_ptr<float>();
+  std::vector<float> xf(in), low(rank), delta(out);
+  for (int64_t r = 0; r < static_cast<int64_t>(slots.size()); ++r) {
+    const int64_t s = slots[r];
+    if (s == 0) continue;
+    for (int64_t i = 0; i < in; ++i) xf[i] = static_cast<float>(x[r * in + i]);
+    const float* as = ap + s * rank * in;
+    for (int64_t j = 0; j < rank; ++j) {
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t i = 0; i < in; ++i) dot += xf[i] * as[j * in + i];
+      low[j] = dot;
+    }
+    std::fill(delta.begin(), delta.end(), 0.f);
+    const float* bs = bp + s * rank * out;
+    for (int64_t j = 0; j < rank; ++j) {
+      const float l = low[j];
+#pragma omp simd
+      for (int64_t o = 0; o < out; ++o) delta[o] += l * bs[j * out + o];
+    }
+    bf16* row = y + r * y_stride + offset;
+    for (int64_t o = 0; o < out; ++o) {
+      row[o] = bf16(static_cast<float>(row[o]) + static_cast<float>(bf16(delta[o])));
+    }
+  }
+}
+
 }  // namespace
 
 // hidden [n, d] bf16 (the embedded tokens), updated through every layer and returned.
@@ -61,7 +95,9 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& weigh
                          const std::vector<at::Tensor>& keys, const std::vector<at::Tensor>& values,
                          const at::Tensor& cos, const at::Tensor& sin, const std::vector<int64_t>& rows,
                          const std::vector<int64_t>& positions, int64_t heads, int64_t kv_heads,
-                         int64_t head_dim, double eps, int64_t group) {
+                         int64_t head_dim, double eps, int64_t group,
+                         const std::vector<at::Tensor>& lora_a, const std::vector<at::Tensor>& lora_b,
+                         const std::vector<int64_t>& slots) {
   at::NoGradGuard no_grad;
   const int64_t n = hidden.size(0), d = hidden.size(1);
   const int64_t layers = static_cast<int64_t>(keys.size());
@@ -74,6 +110,23 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& weigh
                   cos.size(0) == n && sin.size(0) == n && cos.size(1) == head_dim,
               "decode_layers: one row, position and rotation per token");
   TORCH_CHECK(head_dim <= 512 && heads % kv_heads == 0, "decode_layers: head layout");
+  // LoRA (q, k, v, o of every layer) when any token is on a slot; none otherwise.
+  const bool lora = !slots.empty();
+  if (lora) {
+    TORCH_CHECK(static_cast<int64_t>(slots.size()) == n &&
+                    static_cast<int64_t>(lora_a.size()) == 4 * layers &&
+                    static_cast<int64_t>(lora_b.size()) == 4 * layers,
+                "decode_layers: A and B.T of q, k, v, o per layer, a slot per token");
+    for (int64_t i = 0; i < 4 * layers; ++i) {
+      TORCH_CHECK(lora_a[i].scalar_type() == at::kFloat && lora_b[i].scalar_type() == at::kFloat &&
+                      lora_a[i].is_contiguous() && lora_b[i].is_contiguous() &&
+                      lora_a[i].size(0) == lora_b[i].size(0) && lora_a[i].size(1) == lora_b[i].size(1),
+                  "decode_layers: fp32 LoRA slots [slots + 1, rank, in|out]");
+    }
+    for (int64_t r = 0; r < n; ++r) {
+      TORCH_CHECK(slots[r] >= 0 && slots[r] < lora_a[0].size(0), "decode_layers: slot out of range");
+    }
+  }
   for (int64_t l = 0; l < layers; ++l) {
     TORCH_CHECK(keys[l].scalar_type() == at::kFloat && values[l].scalar_type() == at::kFloat &&
                     keys[l].is_contiguous() && values[l].is_contiguous() &&
@@ -99,6 +152,13 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& weigh
     auto x = rms_norm(hidden, w[0], eps);
     auto qkv = gemm(x, w[1], w[2], w[3], group);
     const int64_t width = qkv.size(1);
+    if (lora) {
+      const bf16* xp = x.data_ptr<bf16>();
+      bf16* yp = qkv.data_ptr<bf16>();
+      add_lora(xp, d, yp, width, 0, lora_a[4 * l], lora_b[4 * l], slots);
+      add_lora(xp, d, yp, width, q_width, lora_a[4 * l + 1], lora_b[4 * l + 1], slots);
+      add_lora(xp, d, yp, width, q_width + k_width, lora_a[4 * l + 2], lora_b[4 * l + 2], slots);
+    }
     const bf16* qkvp = qkv.data_ptr<bf16>();
     float* kp = keys[l].data_ptr<float>();
     float* vp = values[l].data_ptr<float>();
@@ -109,13 +169,15 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& weigh
       const bf16* src = qkvp + r * width;
       const bf16* c = cp + r * head_dim;
       const bf16* s = sp + r * head_dim;
-      // rotate q and k together, each value rounded to bf16 as the model's dtype would
+      // rotate q and k together, rounding to bf16 where the eager step's bf16 operations do
+      // (x * cos, roll(x) * sin, their sum), so both steps give the same bits here
       for (int64_t h = 0; h < heads + kv_heads; ++h) {
         for (int64_t i = 0; i < head_dim; ++i) {
           const float v = static_cast<float>(src[h * head_dim + i]);
           const float rolled = static_cast<float>(src[h * head_dim + (i + half) % head_dim]);
-          qk[h * head_dim + i] = static_cast<float>(
-              bf16(v * static_cast<float>(c[i]) + rolled * static_cast<float>(s[i])));
+          const float a = static_cast<float>(bf16(v * static_cast<float>(c[i])));
+          const float b = static_cast<float>(bf16(rolled * static_cast<float>(s[i])));
+          qk[h * head_dim + i] = static_cast<float>(bf16(a + b));
         }
       }
       const int64_t row = rows[r], pos = positions[r];
@@ -162,6 +224,10 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& weigh
       }
     }
     auto o = gemm(attention, w[4], w[5], w[6], group);
+    if (lora) {
+      add_lora(attention.data_ptr<bf16>(), q_width, o.data_ptr<bf16>(), d, 0, lora_a[4 * l + 3],
+               lora_b[4 * l + 3], slots);
+    }
     bf16* hp = hidden.data_ptr<bf16>();
     const bf16* op = o.data_ptr<bf16>();
     for (int64_t i = 0; i < n * d; ++i) hp[i] = bf16(static_cast<float>(hp[i]) + static_cast<float>(op[i]));

@@ -210,6 +210,14 @@ class _NativeLayers:
         )
         self.eps = float(batch.layers[0].input_layernorm.variance_epsilon)
         self.group = fast.layers[0].qkv.group
+        # LoRA slots (static buffers) of q, k, v, o of every layer, in the order the C++ wants
+        self.lora_a: list[torch.Tensor] = []
+        self.lora_b: list[torch.Tensor] = []
+        if batch.lora is not None:
+            for index in range(len(batch.layers)):
+                for target in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                    self.lora_a.append(batch.lora.a[index, target])
+                    self.lora_b.append(batch.lora.b[index, target])
         self.weights: list[torch.Tensor] = []
         for hf, layer in zip(batch.layers, fast.layers, strict=True):
             self.weights += [
@@ -245,6 +253,7 @@ class _NativeLayers:
                 for p in (layer.qkv, layer.o, layer.gate_up, layer.down)
             )
             and all(layer.q_norm is None for layer in fast.layers)
+            and (batch.lora is None or batch.lora.dtype == torch.float32)
         )
 
     def forward(
@@ -265,6 +274,9 @@ class _NativeLayers:
             fast.head_dim,
             self.eps,
             self.group,
+            self.lora_a,
+            self.lora_b,
+            [s.slot for s in segments] if any(s.slot for s in segments) else [],
         )
         return batch.lm_head(fast.norm(hidden))
 
@@ -460,6 +472,9 @@ class FastDecode:
         starts = [s.start for s in segments]
         ids = torch.tensor([s.tokens[0] for s in segments], device=device)
         positions = torch.tensor(starts, device=device)
+        if self.native is not None:  # the C++ step: every layer in one call
+            with torch.inference_mode():
+                return self.native.forward(self, ids, positions, segments)
         span = max(starts) + 1
         lora: LoraStep | None = None
         if batch.lora is not None and any(s.slot for s in segments):
@@ -496,8 +511,6 @@ class FastDecode:
                 return self._attend(q, keys, values, mask)
 
         with torch.inference_mode():
-            if self.native is not None and lora is None:
-                return self.native.forward(self, ids, positions, segments)
             return self.forward(ids, positions, write, attend, lora.delta if lora else None)
 
 
