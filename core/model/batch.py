@@ -26,6 +26,7 @@ import torch
 
 from core.adapters import BaseShapes
 from core.errors import ModelError
+from core.model.fast import CudaGraphs, FastDecode, decode_attention, rms_norm
 from core.model.loader import Capacity
 from core.model.lora import LoraSlots
 from core.model.scheduler import Segment
@@ -88,8 +89,6 @@ class BatchModel:
                 f"this model's architecture ({kind}) is not served; loracord serves the Llama "
                 f"family: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        from core.model.fast import rms_norm
-
         self.embed = inner.embed_tokens
         self.layers = list(inner.layers)
         # Both paths normalise through the same function, so a row that moves between them
@@ -145,8 +144,6 @@ class BatchModel:
         # Decode-only steps (every row feeds one token: the steady state of serving) go through
         # `core.model.fast`; on a GPU replayed from CUDA graphs. `paths` counts the steps each
         # path ran, so a fallback is visible.
-        from core.model.fast import CudaGraphs, FastDecode
-
         self.fast = FastDecode(self, build_dir=build_dir) if fast else None
         self.graphs = (
             CudaGraphs(self.fast) if self.fast is not None and self.device.type == "cuda" else None
@@ -159,7 +156,8 @@ class BatchModel:
 
     @property
     def decode_path(self) -> str:
-        """How decode steps run: "plain", "fast (<fused kinds>)", with "+ CUDA graphs"."""
+        """How decode steps run: "plain", or "fast (<kinds>)" with ", CUDA graphs" when they
+        serve."""
         if self.fast is None:
             return "plain"
         graphs = self.graphs is not None and self.graphs.failed is None
@@ -258,21 +256,11 @@ class BatchModel:
                 k_rows = keys[:, :, :span].index_select(0, plan.decode_rows_t)
                 v_rows = values[:, :, :span].index_select(0, plan.decode_rows_t)
             k_rows, v_rows = k_rows.to(dtype), v_rows.to(dtype)
-            if self.device.type == "cpu":  # the fast path's call: the two paths round alike
-                decoded = torch.nn.functional.scaled_dot_product_attention(
-                    q[plan.decode_index][:, :, None],
-                    k_rows,
-                    v_rows,
-                    attn_mask=plan.decode_mask,
-                    enable_gqa=self.groups > 1,
-                )
-                out[plan.decode_index] = decoded.view(n, self.heads, self.head_dim)
-            else:
-                qd = q[plan.decode_index].view(n, self.kv_heads, self.groups, self.head_dim)
-                scores = (qd @ k_rows.transpose(-1, -2)) * self.scaling  # [n, kv, groups, span]
-                scores = scores.masked_fill(~plan.decode_mask, float("-inf"))
-                probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
-                out[plan.decode_index] = (probs @ v_rows).view(n, self.heads, self.head_dim)
+            # the fast path's call, so a row rounds alike on either path
+            decoded = decode_attention(
+                q[plan.decode_index], k_rows, v_rows, plan.decode_mask, self.kv_heads, self.scaling
+            )
+            out[plan.decode_index] = decoded.view(n, self.heads, self.head_dim)
         for first, count, row, start in plan.prefills:
             span = start + count
             qp = q[first : first + count].view(count, self.kv_heads, self.groups, self.head_dim)

@@ -13,7 +13,8 @@ decodes one token (prompt chunks and mixed steps stay on the plain path):
   weights (the AVX512 CPU kernel) or dense weights concatenated once at start, the modules
   keeping views of the fused weights so nothing is held twice;
 - each norm is one `torch.rms_norm`; q and k are rotated together from a precomputed table;
-- attention is one `scaled_dot_product_attention` per layer over each row's cache;
+- attention is one call per layer over each row's cache (`decode_attention`, which the plain
+  path's decoding rows share);
 - on a GPU, `CudaGraphs` captures the whole step as a CUDA graph per bucket of rows, cached
   span and adapter mix, and replays it: one launch instead of ~1,500 per step.
 
@@ -435,33 +436,6 @@ class FastDecode:
             hidden = hidden + layer.down(layer.act(gate_up[:, :inner]) * gate_up[:, inner:])
         return batch.lm_head(self.norm(hidden))
 
-    def _attend(
-        self,
-        q: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """`q [n, heads, head_dim]` over each row's `keys`/`values [n, kv_heads, span,
-        head_dim]`, `mask [n, 1, 1, span]` (None: every position); `[n, heads * head_dim]`.
-        On a CPU one `scaled_dot_product_attention` (its fp32 kernel is ~4x faster than the
-        products here); on a GPU the products, as in a graph."""
-        batch = self.batch
-        n = q.shape[0]
-        if self.device.type == "cpu":
-            out = F.scaled_dot_product_attention(
-                q.to(keys.dtype)[:, :, None],
-                keys,
-                values,
-                attn_mask=mask,
-                enable_gqa=self.kv_heads != self.heads,
-            )
-            return out.reshape(n, self.heads * self.head_dim).to(batch.dtype)
-        if mask is None:
-            mask = torch.ones(n, 1, 1, keys.shape[2], dtype=torch.bool, device=self.device)
-        out = _attention(q.to(keys.dtype), keys, values, mask, self.kv_heads, batch.scaling)
-        return out.to(batch.dtype)
-
     def step(self, segments: list[Segment]) -> torch.Tensor:
         """Logits `[n, vocab]` for n decoding segments (one token each), eagerly."""
         batch = self.batch
@@ -490,7 +464,8 @@ class FastDecode:
             def attend(index: int, q: torch.Tensor) -> torch.Tensor:
                 keys = cache.keys[index][row : row + 1, :, :span]
                 values = cache.values[index][row : row + 1, :, :span]
-                return self._attend(q, keys, values, None)
+                out = decode_attention(q, keys, values, None, self.kv_heads, batch.scaling)
+                return out.to(batch.dtype)
 
         else:
             rows_t = torch.tensor(rows, device=device)
@@ -508,25 +483,37 @@ class FastDecode:
                 else:
                     keys = keys[:, :, :span].index_select(0, rows_t)
                     values = values[:, :, :span].index_select(0, rows_t)
-                return self._attend(q, keys, values, mask)
+                out = decode_attention(q, keys, values, mask, self.kv_heads, batch.scaling)
+                return out.to(batch.dtype)
 
         with torch.inference_mode():
             return self.forward(ids, positions, write, attend, lora.delta if lora else None)
 
 
-def _attention(
+def decode_attention(
     q: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     kv_heads: int,
     scaling: float,
 ) -> torch.Tensor:
-    """Decode attention on a GPU, as plain products (what the plain path computes): `q [B,
+    """Attention of one new token per row, for the plain, fast and graph steps alike: `q [B,
     heads, head_dim]` over `keys`/`values [B, kv_heads, span, head_dim]` where `mask [B, 1, 1,
-    span]`; returns `[B, heads * head_dim]`. Inside a CUDA graph the launches cost nothing, and
-    this leaves no choice of fused attention kernel to the library at capture time."""
+    span]` (None: every position); returns `[B, heads * head_dim]` in the cache's dtype.
+
+    On a CPU one `scaled_dot_product_attention` (its fp32 kernel is ~4x faster than the
+    products for these shapes). On a GPU plain products: inside a CUDA graph their launches
+    cost nothing, and they leave no choice of fused kernel to the library at capture time."""
     rows, heads, head_dim = q.shape
+    q = q.to(keys.dtype)
+    if q.device.type == "cpu":
+        out = F.scaled_dot_product_attention(
+            q[:, :, None], keys, values, attn_mask=mask, enable_gqa=kv_heads != heads
+        )
+        return out.reshape(rows, heads * head_dim)
+    if mask is None:
+        mask = torch.ones(rows, 1, 1, keys.shape[2], dtype=torch.bool, device=q.device)
     grouped = q.view(rows, kv_heads, heads // kv_heads, head_dim)
     scores = (grouped @ keys.transpose(-1, -2)) * scaling  # [B, kv_heads, groups, span]
     scores = scores.masked_fill(~mask, float("-inf"))
@@ -639,7 +626,7 @@ class CudaGraphs:
         def attend(index: int, q: torch.Tensor) -> torch.Tensor:
             keys = cache.keys[index][:count, :, :span]
             values = cache.values[index][:count, :, :span]
-            out = _attention(q.to(keys.dtype), keys, values, mask, fast.kv_heads, batch.scaling)
+            out = decode_attention(q, keys, values, mask, fast.kv_heads, batch.scaling)
             return out.to(batch.dtype)
 
         delta = None

@@ -40,13 +40,15 @@ KNOWN_KERNELS: tuple[str, ...] = (
 #
 # Marlin compiles itself for ~3.7 minutes on a fresh machine (cached afterwards). A `kernel`
 # setting other than "auto" overrides the table.
-_CUDA_SERVING_ORDER = ("exllama_v2", "marlin")
-_CUDA_SYMMETRIC_ORDER = ("marlin", "exllama_v2", "auto")
+_CUDA_SERVING_ORDER = {
+    True: ("marlin", "exllama_v2", "auto"),  # symmetric
+    False: ("exllama_v2", "marlin", "auto"),  # asymmetric, and before the checkpoint is read
+}
 
 
 def cuda_serving_order(symmetric: bool) -> tuple[str, ...]:
     """The kernels `kernel = "auto"` tries on CUDA for a checkpoint, in order."""
-    return _CUDA_SYMMETRIC_ORDER if symmetric else (*_CUDA_SERVING_ORDER, "auto")
+    return _CUDA_SERVING_ORDER[symmetric]
 
 
 @dataclass(frozen=True)
@@ -91,9 +93,8 @@ def choose_runtime(device: str = "auto", dtype: str = "auto", kernel: str = "aut
     torch_dtype = getattr(torch, dtype)
     if kernel == "auto" and device == "cuda":
         # Neither kernel takes every group size / layout: fall back in order.
-        return Runtime(
-            device, torch_dtype, _CUDA_SERVING_ORDER[0], (*_CUDA_SERVING_ORDER[1:], "auto")
-        )
+        first, *rest = cuda_serving_order(False)
+        return Runtime(device, torch_dtype, first, tuple(rest))
     if kernel == "auto" and torch_dtype == torch.float32:
         # GPTQModel's auto pick on CPU (AVX512-BF16) dequantizes every call in fp32.
         kernel = "torch_fused"

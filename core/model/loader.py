@@ -183,7 +183,7 @@ def _kernels_for(runtime: Runtime, quant: dict[str, Any]) -> tuple[str, ...]:
     if not symmetric and "torch_fused" in kernels:
         log.info("asymmetric checkpoint: serving with the torch kernel instead of torch_fused")
         kernels = tuple("torch" if k == "torch_fused" else k for k in kernels)
-    if runtime.device == "cuda" and runtime.fallbacks and symmetric:
+    if runtime.device == "cuda" and runtime.fallbacks:  # `auto`: the table, by checkpoint
         kernels = cuda_serving_order(symmetric)
     return kernels
 
