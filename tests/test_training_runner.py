@@ -5,6 +5,7 @@ quote are deleted), the lock, the queue, and which channels a night trains."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -269,3 +270,36 @@ async def test_a_quote_removed_during_the_run_marks_the_channel_for_retraining(
     outcome = await app.trainer.train(TrainRequest(GENERAL))
     assert outcome.promoted
     assert (await app.store.channel_state(GENERAL)).needs_retrain
+
+
+class SlowChannels:
+    """A bot's adapters whose hot-load takes a while: the run is cancelled during it."""
+
+    def __init__(self) -> None:
+        self.loading = asyncio.Event()
+        self.loaded = False
+
+    async def refresh(self, force: bool = False) -> None:
+        self.loading.set()
+        await asyncio.sleep(0.3)
+        self.loaded = True
+
+
+async def test_a_cancellation_while_the_run_commits_waits_for_it(
+    app: App, child: FakeChild
+) -> None:
+    """The scheduler shutting down as the new version is hot-loaded: the commit finishes (the
+    run stays promoted, the version bound and loaded), then the cancellation goes on."""
+    channels = SlowChannels()
+    app.trainer.channels = channels  # type: ignore[assignment]
+    task = asyncio.create_task(app.trainer.train(TrainRequest(GENERAL, "nightly")))
+    await asyncio.wait_for(channels.loading.wait(), 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert channels.loaded
+    (run,) = await app.store.runs(GENERAL)
+    assert (run.status, run.version) == ("promoted", "v1")
+    assert app.registry.info("general").promoted == "v1"
+    assert (await app.store.binding(GENERAL)).adapter == "general"
+    assert app.trainer.current is None

@@ -86,6 +86,8 @@ class Progress:
     tokens_per_s: float | None = None
     eta_s: float | None = None
     started: float = field(default_factory=time.monotonic)
+    # Set when a cancellation came while the run was committing: the run still finished.
+    committed: TrainOutcome | None = None
 
     def line(self) -> str:
         """One line: `#general: step 12/40, loss 2.31, 410 tokens/s, about 35 s left`."""
@@ -507,7 +509,8 @@ class TrainingRunner:
             log.exception("training %s failed", channel)
             outcome = TrainOutcome(run.id, channel, name, None, "failed", f"unexpected error: {e}")
         except asyncio.CancelledError:
-            await self.store.update_run(run.id, status="cancelled", reason="the bot shut down")
+            if progress.committed is None:
+                await self.store.update_run(run.id, status="cancelled", reason="the bot shut down")
             raise
         finally:
             renewer.cancel()
@@ -615,7 +618,6 @@ class TrainingRunner:
         promote, reason = decide(result, self.training, against_base=current_dir is None)
         progress.phase = "saving"
         await _notify(on_progress, progress)
-        shapes, fingerprint = self._base()
         meta = {
             "dataset": {"hash": _dataset_hash(train_rows), "size": len(train_rows)},
             "train_loss": result.get("train_loss"),
@@ -636,6 +638,48 @@ class TrainingRunner:
             "seconds": result.get("seconds"),
             "tokens_per_s": result.get("tokens_per_s"),
         }
+        # From here the run commits: publish, bind, record, hot-load. A cancellation (the
+        # scheduler or the bot shutting down) waits for it rather than leaving a version
+        # published under a run recorded as cancelled.
+        commit = asyncio.ensure_future(
+            self._commit(
+                run_id,
+                channel,
+                name,
+                result,
+                promote,
+                reason,
+                meta,
+                tainted,
+                train_rows,
+                as_of,
+                steps,
+                len(eval_rows),
+            )
+        )
+        try:
+            return await asyncio.shield(commit)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):  # a failed commit stays a cancelled run
+                progress.committed = await commit
+            raise
+
+    async def _commit(
+        self,
+        run_id: int,
+        channel: ChannelRef,
+        name: str,
+        result: dict[str, Any],
+        promote: bool,
+        reason: str,
+        meta: dict[str, Any],
+        tainted: list[str],
+        train_rows: list[Quote],
+        as_of: datetime,
+        steps: int,
+        eval_quotes: int,
+    ) -> TrainOutcome:
+        shapes, fingerprint = self._base()
         try:
             saved = await asyncio.to_thread(
                 self.registry.publish,
@@ -695,7 +739,7 @@ class TrainingRunner:
             general_new_loss=result.get("general_new_loss"),
             train_loss=result.get("train_loss"),
             steps=steps,
-            eval_quotes=len(eval_rows),
+            eval_quotes=eval_quotes,
             train_quotes=len(train_rows),
             samples=result.get("samples"),
             curve=curve if curve.is_file() else None,

@@ -276,5 +276,8 @@ async def _stepping(app) -> bool:
 
 
 async def _finished_runs(app, ref: ChannelRef) -> list[Any]:
+    """The channel's runs once none is running and the bot's trainer is idle: a run is
+    recorded before the bot hot-loads its version, within the same job."""
     runs = await app.store.runs(ref)
-    return runs if runs and all(r.status != "running" for r in runs) else []
+    done = runs and all(r.status != "running" for r in runs) and app.trainer.current is None
+    return runs if done else []
