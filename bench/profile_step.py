@@ -8,7 +8,7 @@ ratio of kernel time to wall time says whether a step is bound by the device or 
 (Python and launches); on a CPU the table says which ops the time goes to.
 
     python bench/profile_step.py [--model M] [--device cpu|cuda] [--kernel K] [--rows 1]
-        [--steps 32] [--json F]
+        [--steps 32] [--path plain|fast|graphs] [--json F]
 """
 
 from __future__ import annotations
@@ -33,6 +33,13 @@ def main() -> int:
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument(
+        "--path",
+        default="fast",
+        choices=("plain", "fast", "graphs"),
+        help="plain: the model's own modules; fast: the fast step run eagerly (every kernel "
+        "visible to the profiler); graphs: as served on a GPU (CUDA graphs replayed)",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -52,8 +59,10 @@ def main() -> int:
     model, _, seconds = load_for_serving(resolved.path, runtime)
     info = describe(resolved.name, resolved.path, model, runtime, seconds)
     context = args.prompt + 2 * args.steps + 8
-    batch = BatchModel(model, args.rows, context)
+    batch = BatchModel(model, args.rows, context, fast=args.path != "plain")
     cuda = model.device.type == "cuda"
+    if args.path != "graphs":
+        batch.graphs = None
 
     def sync() -> None:
         if cuda:
@@ -85,12 +94,14 @@ def main() -> int:
         events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[: args.top]
     device_us = sum(getattr(e, key) for e in events) / args.steps
+    launches = sum(e.count for e in events) / args.steps
     result: dict[str, Any] = {
         "model": info.name,
         "kernel": info.kernel,
         "dtype": info.dtype,
         "device": info.device,
         "rows": args.rows,
+        "path": batch.decode_path if args.path != "plain" else "plain",
         "step_ms": round(wall * 1e3, 3),
         "tokens_per_s": round(args.rows / wall, 1),
         ("kernel_ms_per_step" if cuda else "op_self_ms_per_step"): round(device_us / 1e3, 3),
@@ -104,6 +115,7 @@ def main() -> int:
         ],
     }
     if cuda:
+        result["kernels_per_step"] = round(launches, 1)
         result["device_busy_share"] = round(device_us / 1e3 / (wall * 1e3), 3)
     print(
         f"{info.name} ({info.kernel}, {info.dtype}, {info.device}), {args.rows} rows: "
@@ -112,7 +124,10 @@ def main() -> int:
     for row in result["top"]:
         print(f"  {row['ms_per_step']:8.3f} ms  {row['calls_per_step']:6.1f} calls  {row['op']}")
     if cuda:
-        print(f"kernels busy {result['device_busy_share']:.0%} of the step")
+        print(
+            f"{result['kernels_per_step']} kernels per step, busy "
+            f"{result['device_busy_share']:.0%} of the step"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1), encoding="utf-8")
     return 0

@@ -150,6 +150,7 @@ def build(settings: Settings) -> App:
         prefill_tokens_per_step=settings.prefill_tokens_per_step,
         fast_decode=settings.fast_decode,
         compiled_dir=settings.cache_dir / "compiled",
+        gpu_memory_fraction=settings.gpu_memory_fraction,
         system_prompt=settings.system_prompt,
         threads=settings.threads,
         adapter_slots=settings.adapter_slots,

@@ -191,6 +191,9 @@ class Settings(_Section):
     # Decode steps through loracord's fused step (and CUDA graphs on a GPU); false runs every
     # step through the model's own modules: slower, the same tokens (for comparison).
     fast_decode: bool = True
+    # CUDA: the share of the GPU's memory the bot may take (weights, KV cache, adapter slots
+    # and a step's work); the nightly trainer takes training.gpu_memory_fraction beside it.
+    gpu_memory_fraction: float = Field(default=0.45, gt=0.0, le=1.0)
     queue_size: int = Field(default=16, ge=1)
     # LoRA adapters resident in the engine's slots at once (the base model needs none); others
     # wait in a CPU-side cache of adapter_cache_size and load into a slot on use.
@@ -254,6 +257,17 @@ class Settings(_Section):
             top_p=self.top_p,
             repetition_penalty=self.repetition_penalty,
         )
+
+    @model_validator(mode="after")
+    def _gpu_shares_fit(self) -> Settings:
+        bot, trainer = self.gpu_memory_fraction, self.training.gpu_memory_fraction
+        if bot + trainer > 1.0 + 1e-9:
+            raise ValueError(
+                f"gpu_memory_fraction ({bot:g}, the bot) and training.gpu_memory_fraction "
+                f"({trainer:g}, the trainer beside it) add up to more than the whole GPU; "
+                "lower one so they sum to at most 1"
+            )
+        return self
 
     @model_validator(mode="after")
     def _default_within_cap(self) -> Settings:

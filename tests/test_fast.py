@@ -24,6 +24,19 @@ from core.model.lora import read_weights
 from core.model.scheduler import Segment
 from tests.adapter_kit import write_adapter
 
+
+def _has_vnni() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return "avx512_vnni" in f.read()
+    except OSError:
+        return False
+
+
+# What the served bf16 CPU step is on this machine: the C++ step, with the VNNI LM head where
+# the CPU has AVX512-VNNI (every AVX512-BF16 CPU so far does).
+EXPECTED_NATIVE = "avx512, native" + (", VNNI head" if _has_vnni() else "")
+
 PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -155,7 +168,7 @@ async def test_the_engine_serves_through_the_fast_path(session_app: Any) -> None
     info = await engine.start()
     assert info.decode_path.startswith("fast (")
     if cpu_supports_bf16():  # the served bf16 CPU path runs the C++ step, built in cache_dir
-        assert info.decode_path == "fast (avx512, native)"
+        assert info.decode_path == f"fast ({EXPECTED_NATIVE})"
         built = session_app.settings.cache_dir / "compiled"
         assert any(p.suffix == ".so" for p in built.rglob("*")), list(built.rglob("*"))
     batch = engine._batch
@@ -208,7 +221,7 @@ def test_served_bf16_fast_path_is_as_close_to_fp32_as_the_plain_path(
     its top-1 agreement with fp32 within 5 points of the plain path's, and rows decoding
     together (out of order, on different adapters) each read their own cache and adapter."""
     tokenizer = loaded[1]
-    assert served.fast is not None and served.fast.kind == "avx512, native"
+    assert served.fast is not None and served.fast.kind == EXPECTED_NATIVE
     prompts = [_ids(tokenizer, text) for text in PROMPTS[: len(rows)]]
     answers = []
     for ids, row, slot in zip(prompts, rows, slots, strict=True):  # fp32 greedy answers
@@ -293,7 +306,7 @@ def test_a_build_lock_left_by_a_killed_process_does_not_stall_the_next_load(
     loader.start()
     loader.join(timeout=300)
     assert not loader.is_alive(), "the load waited on a stale build lock"
-    assert result[0].fast is not None and result[0].fast.kind == "avx512, native"
+    assert result[0].fast is not None and result[0].fast.kind == EXPECTED_NATIVE
 
 
 def test_the_cpp_step_refuses_a_row_or_position_outside_the_cache(served: BatchModel) -> None:
@@ -327,3 +340,34 @@ def test_the_cpp_step_refuses_a_row_or_position_outside_the_cache(served: BatchM
         with pytest.raises(RuntimeError, match="outside the cache"):
             call(row, position)
     assert call(0, 0).shape == hidden.shape
+
+
+def test_the_vnni_lm_head_is_at_least_as_exact_as_torchs_int8_one(served: BatchModel) -> None:
+    """The C++ LM head (int16 activations x int8 weights, integer products, fp32 logits)
+    against the exact product of the same int8 matrix in fp32, beside torch's int8 kernel (bf16
+    activations and logits): on the real model's normed embeddings it is closer, and it picks
+    the same top token. Bad inputs are refused before any unchecked loop."""
+    from core.model.fast import Int8Linear
+
+    head = served.lm_head
+    assert isinstance(head, Int8Linear)
+    if not _has_vnni():
+        pytest.skip("this CPU has no AVX512-VNNI")
+    assert head.native is not None  # switched on when the C++ step was built
+    torch.manual_seed(0)
+    hidden = served.norm(served.embed(torch.randint(0, 49152, (24,))) * 8).to(torch.bfloat16)
+    exact = hidden.float() @ (head.weight_int8.float() * head.scale.float()[:, None]).T
+    native = head(hidden).float()
+    torch_int8 = torch._weight_int8pack_mm(hidden, head.weight_int8, head.scale).float()
+    assert head(hidden).dtype == torch.float32
+    native_error = (native - exact).abs().mean()
+    torch_error = (torch_int8 - exact).abs().mean()
+    assert native_error <= torch_error / 4, (native_error, torch_error)
+    assert bool((native.argmax(-1) == exact.argmax(-1)).all())
+    module = head.native
+    with pytest.raises(RuntimeError, match="int8 weight"):
+        module.lm_head_int8(hidden, head.weight_int8.float(), head._scale_f32)
+    with pytest.raises(RuntimeError, match="k % 32"):
+        module.lm_head_int8(
+            hidden[:, :100], head.weight_int8[:, :100].contiguous(), head._scale_f32
+        )

@@ -111,6 +111,7 @@ class LocalEngine:
         prefill_tokens_per_step: int = 256,
         fast_decode: bool = True,
         compiled_dir: Path | None = None,
+        gpu_memory_fraction: float = 0.45,
         system_prompt: str | None = None,
         threads: int | None = None,
         adapter_slots: int = 4,
@@ -127,6 +128,8 @@ class LocalEngine:
         self.prefill_tokens_per_step = prefill_tokens_per_step
         self.fast_decode = fast_decode
         self.compiled_dir = compiled_dir  # where the C++ decode step is built, once per CPU
+        # On a GPU: this process's share of its memory (`core.model.memory`).
+        self.gpu_memory_fraction = gpu_memory_fraction
         self.system_prompt = system_prompt
         self.threads = threads
         self.adapter_slots = adapter_slots
@@ -368,15 +371,43 @@ class LocalEngine:
         import torch
 
         from core.model.batch import BatchModel
+        from core.model.memory import ServingMemory, apply_gpu_budget
         from core.model.sampling import SeenTokens
 
         if self.runtime.device == "cpu":
             torch.set_num_threads(self.threads or max(1, os.cpu_count() or 1))
         self.source = source = self.locate()  # may build the embedded model: minutes, once
+        budget = None
+        if self.runtime.device == "cuda":
+            # Before the weights load: nothing this process allocates may take the trainer's
+            # share of the GPU.
+            budget = apply_gpu_budget(self.gpu_memory_fraction)
+            free, _ = torch.cuda.mem_get_info()
+            if free < budget.limit:
+                log.warning(
+                    "the GPU has %.1f GiB free, less than the bot's budget of %.1f GiB "
+                    "(gpu_memory_fraction %g): another process is using it",
+                    free / 2**30,
+                    budget.limit / 2**30,
+                    self.gpu_memory_fraction,
+                )
         model, tokenizer, seconds = load_for_serving(source.path, self.runtime)
         info = describe(
             source.name, source.path, model, self.runtime, seconds, self.max_context_tokens
         )
+        if budget is not None:
+            budget.check(
+                ServingMemory.plan(
+                    model.config,
+                    torch.cuda.memory_allocated(),
+                    rows=self.batch_rows,
+                    context=info.context_tokens,
+                    slots=self.adapter_slots,
+                    max_rank=self.adapter_max_rank,
+                    element_size=model.dtype.itemsize,
+                )
+            )
+            info = dataclasses.replace(info, gpu_budget_bytes=budget.limit)
         try:
             batch = BatchModel(
                 model,
@@ -388,10 +419,11 @@ class LocalEngine:
                 build_dir=self.compiled_dir,
             )
         except torch.OutOfMemoryError as e:
+            within = f" within the bot's GPU budget ({info.gpu_budget_bytes / 2**30:.1f} GiB)"
             raise ModelError(
                 f"no memory for a KV cache of {self.batch_rows} rows x {info.context_tokens} "
-                f"tokens and {self.adapter_slots} adapter slots; lower batch_rows, "
-                "max_context_tokens or adapter_slots"
+                f"tokens and {self.adapter_slots} adapter slots{within if budget else ''}; "
+                "lower batch_rows, max_context_tokens or adapter_slots"
             ) from e
         self._shapes = BaseShapes.from_config(model.config.to_dict())
         capacity = batch.capacity

@@ -37,6 +37,7 @@ class ModelInfo:
     adapter_slots: int = 0  # LoRA adapters resident at once
     adapter_max_rank: int = 0  # the highest LoRA rank they may have
     decode_path: str = ""  # how decode steps run: "fast (...)" or "plain"
+    gpu_budget_bytes: int = 0  # on a GPU: the bot's share of its memory (0: no limit, a CPU)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -216,9 +216,9 @@ async def test_stars_to_a_nightly_adapter_served_live_and_what_cannot_go_wrong(
     # and the dead process's lock expires (lease_seconds = 6) so the next training can start.
     versions = app.registry.info(name).versions
     killed = _train_cli(h, ref, _cli_env(h, steps=500))
-    holder = await _until(app.store.training_lock_holder, 60, "the CLI to take the lock")
+    holder = await _until(app.store.training_lock_holder, 180, "the CLI to take the lock")
     children = await _until(
-        lambda: _async(_trainer_children(str(app.settings.data_dir))), 60, "the trainer child"
+        lambda: _async(_trainer_children(str(app.settings.data_dir))), 180, "the trainer child"
     )
     os.kill(killed.pid, signal.SIGKILL)
     killed.wait(10)
@@ -239,10 +239,10 @@ async def test_stars_to_a_nightly_adapter_served_live_and_what_cannot_go_wrong(
 
     # /train cancel in the middle of a /train now: nothing saved, the run says cancelled.
     await h.slash(h.admin, "train now", channel=zorb)
-    await _until(lambda: _stepping(app), 120, "the training to step")
+    await _until(lambda: _stepping(app), 240, "the training to step")
     cancelled = await h.slash(h.admin, "train cancel", channel=zorb)
     assert "cancel" in h.response_text(cancelled).lower()
-    await _until(lambda: _async(app.trainer.current is None), 60, "the cancel")
+    await _until(lambda: _async(app.trainer.current is None), 180, "the cancel")
     runs = await app.store.runs(ref)
     assert [r.status for r in runs[:3]] == ["cancelled", "interrupted", "kept"]
     assert app.registry.info(name).versions == versions

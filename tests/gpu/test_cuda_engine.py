@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from core.app import App, build
+from core.errors import ModelError
 from core.model.build import Recipe, dequantized_dir, quote_corpus
 from core.model.decoding import render
 from core.model.fidelity import serving_messages
@@ -356,3 +357,50 @@ async def test_a_channel_trains_on_cuda_beside_the_engine_and_is_served(cuda_app
         )
         await stream.text()
         assert served.adapter == ref
+
+
+async def test_the_bot_stays_within_its_share_of_the_gpu(cuda_app: App, tmp_path: Path) -> None:
+    """The bot's share (`gpu_memory_fraction`) is PyTorch's limit for the process from before
+    the weights load: answering (prompts, decode steps, the CUDA graphs they capture) reserves
+    no more than it. A plan that cannot fit is refused at start, in one line with what fits."""
+    info = cuda_app.engine.info
+    assert info is not None
+    total = torch.cuda.get_device_properties(0).total_memory
+    share = cuda_app.settings.gpu_memory_fraction
+    assert info.gpu_budget_bytes == int(total * share)
+    torch.cuda.reset_peak_memory_stats()
+    streams = [
+        await cuda_app.engine.submit(
+            GenerationRequest.from_prompt(
+                f"{PROMPT} ({i})", GenerationParams(max_new_tokens=24, temperature=0.0)
+            )
+        )
+        for i in range(4)
+    ]
+    await asyncio.gather(*(s.text() for s in streams))
+    peak = torch.cuda.max_memory_reserved()
+    print(
+        f"peak reserved {peak / 2**20:.0f} MiB of a {info.gpu_budget_bytes / 2**20:.0f} MiB share"
+    )
+    assert peak <= info.gpu_budget_bytes
+
+    # 256 rows x 8192 tokens of this model's cache is ~23 GiB; a 1% share (~1.4 GiB) is too small.
+    # The limit is per process: the shared app's own share is restored afterwards.
+    settings = make_settings(
+        tmp_path,
+        model=cuda_app.settings.model,
+        device="cuda",
+        gpu_memory_fraction=0.01,
+        batch_rows=256,
+        max_context_tokens=8192,
+    )
+    small = build(settings)
+    try:
+        with pytest.raises(ModelError) as caught:
+            await small.start()
+        message = str(caught.value)
+        assert "gpu_memory_fraction 0.01" in message and "set batch_rows to" in message, message
+        assert "\n" not in message
+    finally:
+        await small.close()
+        torch.cuda.set_per_process_memory_fraction(share)
