@@ -125,3 +125,28 @@ def test_the_fp32_serving_path_answers_like_fp32_too(
     pad = tokenizer.pad_token_id
     agreement, kl, _ = fidelity.teacher_forced(reference, candidate, prompts, answers, pad)
     assert agreement >= gate.MIN_TOP1_AGREEMENT, (agreement, kl)
+
+
+def test_the_reference_perplexity_is_computed_once_per_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every build and every check scores the same fp32 model on the same quotes: the second
+    time reads the number back; other quotes are computed anew; a damaged cache file is
+    computed again, and a read-only folder only means no cache."""
+    from core.model import quality
+
+    calls: list[list[str]] = []
+
+    def fake(model: object, tokenizer: object, texts: list[str]) -> float:
+        calls.append(texts)
+        return 12.5 + len(calls)
+
+    monkeypatch.setattr(quality, "perplexity", fake)
+    assert gate.reference_perplexity(tmp_path, None, None, ["a", "b"]) == 13.5
+    assert gate.reference_perplexity(tmp_path, None, None, ["a", "b"]) == 13.5
+    assert gate.reference_perplexity(tmp_path, None, None, ["c"]) == 14.5
+    assert len(calls) == 2
+    (cached,) = [f for f in tmp_path.glob("heldout-perplexity-*.json") if "13.5" in f.read_text()]
+    cached.write_text("{half", encoding="utf-8")
+    assert gate.reference_perplexity(tmp_path, None, None, ["a", "b"]) == 15.5
+    assert gate.reference_perplexity(tmp_path / "missing", None, None, ["d"]) == 16.5

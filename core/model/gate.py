@@ -10,6 +10,8 @@ The candidate is loaded exactly as it will be served on this machine's CPU (kern
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +88,27 @@ def reference_answers(
     return cached_token_lists(fp_dir, "eval-answers", key, answers)
 
 
+def reference_perplexity(fp_dir: Path, model: Any, tokenizer: Any, texts: list[str]) -> float:
+    """The full-precision model's perplexity on `texts`, cached beside it (the model never
+    changes; every build and every check of one would otherwise compute it again)."""
+    from core.model.quality import perplexity
+
+    digest = hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode()).hexdigest()[:12]
+    cache_file = fp_dir / f"heldout-perplexity-{digest}.json"
+    try:
+        return float(json.loads(cache_file.read_text(encoding="utf-8"))["perplexity"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    value = perplexity(model, tokenizer, texts)
+    tmp = cache_file.with_suffix(".tmp")
+    try:  # written whole or not at all; a read-only folder just means no cache
+        tmp.write_text(json.dumps({"perplexity": value}), encoding="utf-8")
+        tmp.replace(cache_file)
+    except OSError:
+        log.debug("could not cache the reference perplexity in %s", fp_dir)
+    return value
+
+
 def load_reference(fp_dir: Path) -> tuple[Any, Any]:
     """The full-precision model and its tokenizer."""
     import torch
@@ -108,7 +131,7 @@ def check(
     return GateResult(
         fidelity=fidelity,
         perplexity=perplexity(candidate, tokenizer, heldout),
-        reference_perplexity=perplexity(reference, tokenizer, heldout),
+        reference_perplexity=reference_perplexity(fp_dir, reference, tokenizer, list(heldout)),
     )
 
 
