@@ -23,6 +23,11 @@ from core.model.loader import load_for_serving
 from core.model.lora import read_weights
 from core.model.scheduler import Segment
 from tests.adapter_kit import write_adapter
+from tests.conftest import CACHE_DIR
+
+# Where the engine builds the C++ step (the cache dir's `compiled/`): the tests load that build
+# rather than compiling a second one (~40 s on 2 cores).
+COMPILED = CACHE_DIR / "compiled"
 
 
 def _has_vnni() -> bool:
@@ -194,7 +199,9 @@ def served(
 ) -> BatchModel:
     """The served model's batch (the C++ decode step when this CPU takes it), two adapters in
     its slots."""
-    batch = BatchModel(served_model, 4, 256, adapter_slots=2, adapter_max_rank=8)
+    batch = BatchModel(
+        served_model, 4, 256, adapter_slots=2, adapter_max_rank=8, build_dir=COMPILED
+    )
     shapes = BaseShapes.of_model(embedded_model_dir)
     root = tmp_path_factory.mktemp("served-adapters")
     assert batch.lora is not None
@@ -290,18 +297,18 @@ def test_a_build_lock_left_by_a_killed_process_does_not_stall_the_next_load(
     builder holds an OS lock on the file, not the file's existence, as its older versions did:
     this holds loracord to that)."""
     import hashlib
-    import tempfile
     import threading
 
     from core.model.fast import _cpu_flags
 
     name = f"loracord_decode_cpu_{hashlib.sha256(_cpu_flags().encode()).hexdigest()[:10]}"
-    stale = Path(tempfile.gettempdir()) / "loracord" / name / "lock"
+    stale = COMPILED / name / "lock"
     stale.write_text("", encoding="utf-8")
     assert served.fast is not None and served.fast.native is not None  # built already
     result: list[BatchModel] = []
     loader = threading.Thread(
-        target=lambda: result.append(BatchModel(served_model, 1, 64)), daemon=True
+        target=lambda: result.append(BatchModel(served_model, 1, 64, build_dir=COMPILED)),
+        daemon=True,
     )
     loader.start()
     loader.join(timeout=300)
