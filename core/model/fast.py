@@ -208,25 +208,8 @@ class _NativeLayers:
     SOURCE = Path(__file__).with_name("decode_cpu.cpp")
 
     def __init__(self, fast: FastDecode, build_dir: Path | None) -> None:
-        from torch.utils.cpp_extension import load
-
         batch = fast.batch
-        flags = _cpu_flags()
-        name = f"loracord_decode_cpu_{hashlib.sha256(flags.encode()).hexdigest()[:10]}"
-        root = build_dir if build_dir is not None else Path(tempfile.gettempdir()) / "loracord"
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        # Processes loading at once (the CLI beside the bot) build once: torch's builder holds
-        # an OS lock on `folder/lock` while it builds, which the kernel releases if the builder
-        # is killed, so a stopped build never stalls the next load.
-        self.module = load(
-            name=name,
-            sources=[str(self.SOURCE)],
-            # -fopenmp-simd: the `omp simd` reductions vectorise without OpenMP threads
-            extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
-            build_directory=str(folder),
-            verbose=False,
-        )
+        self.module = native_module(build_dir)
         self.eps = float(batch.layers[0].input_layernorm.variance_epsilon)
         self.group = fast.layers[0].qkv.group
         # LoRA slots (static buffers) of q, k, v, o of every layer, in the order the C++ wants
@@ -298,6 +281,29 @@ class _NativeLayers:
             [s.slot for s in segments] if any(s.slot for s in segments) else [],
         )
         return batch.lm_head(fast.norm(hidden))
+
+
+def native_module(build_dir: Path | None) -> Any:
+    """The C++ extension (`decode_cpu.cpp`: the decode step and the VNNI LM head), built for
+    this CPU under `build_dir` (the temp dir when None) at first use, loaded from there after."""
+    from torch.utils.cpp_extension import load
+
+    flags = _cpu_flags()
+    name = f"loracord_decode_cpu_{hashlib.sha256(flags.encode()).hexdigest()[:10]}"
+    root = build_dir if build_dir is not None else Path(tempfile.gettempdir()) / "loracord"
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    # Processes loading at once (the CLI beside the bot) build once: torch's builder holds an OS
+    # lock on `folder/lock` while it builds, which the kernel releases if the builder is killed,
+    # so a stopped build never stalls the next load.
+    return load(
+        name=name,
+        sources=[str(_NativeLayers.SOURCE)],
+        # -fopenmp-simd: the `omp simd` reductions vectorise without OpenMP threads
+        extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
+        build_directory=str(folder),
+        verbose=False,
+    )
 
 
 def _cpu_flags() -> str:
