@@ -121,9 +121,20 @@ class TrainingMixin(StoreBase):
             ).first()
             if current is not None and current.holder != holder and current.expires_at > now:
                 return _holder(current)
-            if current is not None and current.holder != holder:
-                self._interrupt(conn, current.holder, now)
-            conn.execute(sa.delete(training_lock).where(training_lock.c.name == TRAINING_LOCK))
+            if current is not None:
+                if current.holder != holder:
+                    self._interrupt(conn, current.holder, now)
+                # Only the row read above (expired, or ours): under PostgreSQL's read committed
+                # a plain delete would also remove a lock another process took since that read,
+                # and both would win. A row taken meanwhile is left; the insert below is then
+                # ignored and the read after it names the winner.
+                conn.execute(
+                    sa.delete(training_lock).where(
+                        (training_lock.c.name == TRAINING_LOCK)
+                        & (training_lock.c.holder == current.holder)
+                        & (training_lock.c.expires_at == current.expires_at)
+                    )
+                )
             values = {
                 "name": TRAINING_LOCK,
                 "holder": holder,

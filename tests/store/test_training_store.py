@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import multiprocessing
 from datetime import timedelta
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from core.store import ChannelRef, NewQuote, QuoteStore
 from tests.store.conftest import FakeClock
@@ -123,6 +125,35 @@ def test_processes_racing_for_the_lock_get_one_winner(db_url: str) -> None:
         w.join(60)
     won = [queue.get(timeout=5) for _ in workers]
     assert won.count(True) == 1
+
+
+def test_a_lock_taken_between_the_read_and_the_write_is_not_stolen(
+    db_url: str, clock: FakeClock
+) -> None:
+    """The interleaving behind a rare double win on PostgreSQL (read committed): B reads "no
+    lock", A takes it and commits, then B writes. B must see A's lock, not delete it and win
+    too. Driven by a hook on B's first write to the lock table. SQLite serialises writers, so
+    that interleaving cannot happen there."""
+    if db_url.startswith("sqlite"):
+        pytest.skip("SQLite's writers are serialised: B's read and write cannot be split")
+    with QuoteStore(db_url, clock=clock) as a, QuoteStore(db_url, clock=clock) as b:
+        fired: list[bool] = []
+
+        def between(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            verb = statement.lstrip().split()[0].upper()
+            if not fired and verb in ("DELETE", "INSERT") and "training_lock" in statement:
+                fired.append(True)
+                assert a.acquire_training_lock("a", LEASE) is None  # A commits first
+
+        sa.event.listen(b.engine, "before_cursor_execute", between)
+        try:
+            holder = b.acquire_training_lock("b", LEASE)
+        finally:
+            sa.event.remove(b.engine, "before_cursor_execute", between)
+        assert fired
+        assert holder is not None and holder.holder == "a"
+        current = a.training_lock_holder()
+        assert current is not None and current.holder == "a"
 
 
 def test_a_lease_is_timed_by_the_store_clock(store: QuoteStore, clock: FakeClock) -> None:
