@@ -35,12 +35,19 @@ LLAMA_7B = LlamaConfig(
     num_key_value_heads=32,
     vocab_size=32000,
 )
+SHAPES_7B = BaseShapes.from_config(LLAMA_7B.to_dict())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_the_plan_is_what_the_engine_allocates(dtype: torch.dtype) -> None:
     plan = ServingMemory.plan(
-        SMALL, 0, rows=3, context=96, slots=2, max_rank=8, element_size=dtype.itemsize
+        BaseShapes.from_config(SMALL.to_dict()),
+        0,
+        rows=3,
+        context=96,
+        slots=2,
+        max_rank=8,
+        element_size=dtype.itemsize,
     )
     cache = KVCache(30, 3, 3, 96, 64, dtype, "cpu")
     slots = LoraSlots(BaseShapes.from_config(SMALL.to_dict()), 2, 8, dtype, "cpu")
@@ -50,7 +57,7 @@ def test_the_plan_is_what_the_engine_allocates(dtype: torch.dtype) -> None:
 def test_a_7b_model_fits_a_fair_share_of_an_h200() -> None:
     # 3.9 GB of 4-bit weights, 8 rows x 4096 tokens of fp16 cache (16 GiB), 4 slots of rank 16.
     plan = ServingMemory.plan(
-        LLAMA_7B, 3_900_000_000, rows=8, context=4096, slots=4, max_rank=16, element_size=2
+        SHAPES_7B, 3_900_000_000, rows=8, context=4096, slots=4, max_rank=16, element_size=2
     )
     assert plan.kv_cache == 16 * GIB
     GpuBudget(139 * GIB, 0.45).check(plan)  # 62.6 GiB: fits
@@ -58,7 +65,7 @@ def test_a_7b_model_fits_a_fair_share_of_an_h200() -> None:
 
 def test_a_plan_too_big_is_refused_with_the_rows_that_fit() -> None:
     plan = ServingMemory.plan(
-        LLAMA_7B, 3_900_000_000, rows=64, context=4096, slots=4, max_rank=16, element_size=2
+        SHAPES_7B, 3_900_000_000, rows=64, context=4096, slots=4, max_rank=16, element_size=2
     )
     budget = GpuBudget(80 * GIB, 0.45)  # 36 GiB; 64 rows of 2 GiB do not fit
     with pytest.raises(ModelError) as caught:
@@ -69,13 +76,13 @@ def test_a_plan_too_big_is_refused_with_the_rows_that_fit() -> None:
     # The rows it names fit, and one more would not.
     GpuBudget(80 * GIB, 0.45).check(
         ServingMemory.plan(
-            LLAMA_7B, 3_900_000_000, rows=fit, context=4096, slots=4, max_rank=16, element_size=2
+            SHAPES_7B, 3_900_000_000, rows=fit, context=4096, slots=4, max_rank=16, element_size=2
         )
     )
     with pytest.raises(ModelError):
         budget.check(
             ServingMemory.plan(
-                LLAMA_7B,
+                SHAPES_7B,
                 3_900_000_000,
                 rows=fit + 1,
                 context=4096,
@@ -88,7 +95,7 @@ def test_a_plan_too_big_is_refused_with_the_rows_that_fit() -> None:
 
 def test_weights_beyond_the_share_are_refused_without_a_row_count() -> None:
     plan = ServingMemory.plan(
-        LLAMA_7B, 3_900_000_000, rows=1, context=512, slots=1, max_rank=8, element_size=2
+        SHAPES_7B, 3_900_000_000, rows=1, context=512, slots=1, max_rank=8, element_size=2
     )
     with pytest.raises(ModelError, match="serve a smaller model") as caught:
         GpuBudget(8 * GIB, 0.3).check(plan)  # 2.4 GiB: less than the weights

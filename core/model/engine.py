@@ -395,10 +395,11 @@ class LocalEngine:
         info = describe(
             source.name, source.path, model, self.runtime, seconds, self.max_context_tokens
         )
+        shapes = BaseShapes.from_config(model.config.to_dict())
         if budget is not None:
             budget.check(
                 ServingMemory.plan(
-                    model.config,
+                    shapes,
                     torch.cuda.memory_allocated(),
                     rows=self.batch_rows,
                     context=info.context_tokens,
@@ -425,7 +426,7 @@ class LocalEngine:
                 f"tokens and {self.adapter_slots} adapter slots{within if budget else ''}; "
                 "lower batch_rows, max_context_tokens or adapter_slots"
             ) from e
-        self._shapes = BaseShapes.from_config(model.config.to_dict())
+        self._shapes = shapes
         capacity = batch.capacity
         self._seen = SeenTokens(capacity.rows, int(model.config.vocab_size), model.device)
         self._stops = stop_token_ids(model, tokenizer)

@@ -48,7 +48,7 @@ class ServingMemory:
     @classmethod
     def plan(
         cls,
-        config: Any,
+        shapes: BaseShapes,
         weights: int,
         *,
         rows: int,
@@ -57,15 +57,13 @@ class ServingMemory:
         max_rank: int,
         element_size: int,
     ) -> ServingMemory:
-        """The sizes `BatchModel` will allocate for this model config (a transformers config)."""
-        heads = int(config.num_attention_heads)
-        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-        layers = int(config.num_hidden_layers)
-        kv_cache = 2 * layers * rows * kv_heads * context * head_dim * element_size
+        """The sizes `BatchModel` will allocate for a model of these shapes: a key and a value
+        per token (each as wide as k_proj's output) in every layer and row, and A and B.T of
+        every served projection in each slot plus the base model's empty one."""
+        kv_width = shapes.modules["k_proj"][1]  # kv_heads * head_dim
+        kv_cache = 2 * shapes.layers * rows * context * kv_width * element_size
         lora = 0
         if slots > 0:
-            shapes = BaseShapes.from_config(config.to_dict())
             widths = sum(sum(shapes.modules[target]) for target in SERVED_TARGETS)
             lora = (slots + 1) * shapes.layers * max_rank * widths * element_size
         return cls(weights, kv_cache, lora, rows, context, slots)
