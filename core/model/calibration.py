@@ -101,22 +101,33 @@ def chat_answers(
     return cached_token_lists(fp_dir, "chat-answers", key, conversations)
 
 
-def cached_token_lists(
-    folder: Path, prefix: str, key: object, compute: Callable[[], list[list[int]]]
-) -> list[list[int]]:
-    """Token lists kept as JSON in `folder`, named by a hash of `key`; computed when absent.
+def cached_json(folder: Path, prefix: str, key: object, compute: Callable[[], Any]) -> Any:
+    """A JSON value kept in `folder`, named by a hash of `key`; computed when absent.
 
-    Written to a temporary file and renamed, so a killed process never leaves half a file.
+    Written to a temporary file and renamed, so a killed process never leaves half a file; a
+    damaged file is computed again, and a folder that cannot be written only means no cache.
     """
     digest = hashlib.sha256(json.dumps(key, ensure_ascii=False).encode()).hexdigest()[:12]
     cache_file = folder / f"{prefix}-{digest}.json"
-    if cache_file.is_file():
-        return [list(map(int, row)) for row in json.loads(cache_file.read_text())]
-    rows = compute()
+    try:
+        return json.loads(cache_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    value = compute()
     tmp = cache_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows))
-    tmp.replace(cache_file)
-    return rows
+    try:
+        tmp.write_text(json.dumps(value), encoding="utf-8")
+        tmp.replace(cache_file)
+    except OSError:
+        log.debug("could not cache %s in %s", prefix, folder)
+    return value
+
+
+def cached_token_lists(
+    folder: Path, prefix: str, key: object, compute: Callable[[], list[list[int]]]
+) -> list[list[int]]:
+    """Token lists kept as JSON in `folder` (see `cached_json`)."""
+    return [list(map(int, row)) for row in cached_json(folder, prefix, key, compute)]
 
 
 def pack(sequences: list[list[int]], chunk_tokens: int) -> list[list[int]]:

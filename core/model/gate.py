@@ -10,14 +10,12 @@ The candidate is loaded exactly as it will be served on this machine's CPU (kern
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.model.calibration import cached_token_lists, quote_corpus
+from core.model.calibration import cached_json, cached_token_lists, quote_corpus
 from core.model.fidelity import (
     Fidelity,
     eval_prompts,
@@ -93,20 +91,10 @@ def reference_perplexity(fp_dir: Path, model: Any, tokenizer: Any, texts: list[s
     changes; every build and every check of one would otherwise compute it again)."""
     from core.model.quality import perplexity
 
-    digest = hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode()).hexdigest()[:12]
-    cache_file = fp_dir / f"heldout-perplexity-{digest}.json"
-    try:
-        return float(json.loads(cache_file.read_text(encoding="utf-8"))["perplexity"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    value = perplexity(model, tokenizer, texts)
-    tmp = cache_file.with_suffix(".tmp")
-    try:  # written whole or not at all; a read-only folder just means no cache
-        tmp.write_text(json.dumps({"perplexity": value}), encoding="utf-8")
-        tmp.replace(cache_file)
-    except OSError:
-        log.debug("could not cache the reference perplexity in %s", fp_dir)
-    return value
+    value = cached_json(
+        fp_dir, "heldout-perplexity", texts, lambda: perplexity(model, tokenizer, texts)
+    )
+    return float(value)
 
 
 def load_reference(fp_dir: Path) -> tuple[Any, Any]:
