@@ -296,13 +296,11 @@ def test_a_build_lock_left_by_a_killed_process_does_not_stall_the_next_load(
     """A killed build leaves its `lock` file behind; the next load must not wait on it (torch's
     builder holds an OS lock on the file, not the file's existence, as its older versions did:
     this holds loracord to that)."""
-    import hashlib
     import threading
 
-    from core.model.fast import _cpu_flags
+    from core.model.fast import native_build_folder
 
-    name = f"loracord_decode_cpu_{hashlib.sha256(_cpu_flags().encode()).hexdigest()[:10]}"
-    stale = COMPILED / name / "lock"
+    stale = native_build_folder(COMPILED) / "lock"
     stale.write_text("", encoding="utf-8")
     assert served.fast is not None and served.fast.native is not None  # built already
     result: list[BatchModel] = []

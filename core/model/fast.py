@@ -135,7 +135,8 @@ class Int8Linear(torch.nn.Module):
     By default through `torch._weight_int8pack_mm` (bf16 activations). Once the C++ decode
     step is built with AVX512-VNNI (`use_native`), through its `lm_head_int8`: each row of x
     quantized to int16 with one scale (finer than bf16), then integer dot products, so reading
-    W is the whole cost (~2.5x faster on the 2-core CPU). Every path of the engine (plain,
+    W is the whole cost (2.1x faster for one row on the 2-core CPU, ~0.9x at 4-8 rows:
+    BENCHMARKS.md). Every path of the engine (plain,
     eager, C++) calls this one module, so they keep choosing the same tokens."""
 
     def __init__(self, weight: torch.Tensor) -> None:
@@ -288,22 +289,26 @@ def native_module(build_dir: Path | None) -> Any:
     this CPU under `build_dir` (the temp dir when None) at first use, loaded from there after."""
     from torch.utils.cpp_extension import load
 
-    flags = _cpu_flags()
-    name = f"loracord_decode_cpu_{hashlib.sha256(flags.encode()).hexdigest()[:10]}"
-    root = build_dir if build_dir is not None else Path(tempfile.gettempdir()) / "loracord"
-    folder = root / name
+    folder = native_build_folder(build_dir)
     folder.mkdir(parents=True, exist_ok=True)
     # Processes loading at once (the CLI beside the bot) build once: torch's builder holds an OS
     # lock on `folder/lock` while it builds, which the kernel releases if the builder is killed,
     # so a stopped build never stalls the next load.
     return load(
-        name=name,
+        name=folder.name,
         sources=[str(_NativeLayers.SOURCE)],
         # -fopenmp-simd: the `omp simd` reductions vectorise without OpenMP threads
         extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
         build_directory=str(folder),
         verbose=False,
     )
+
+
+def native_build_folder(build_dir: Path | None) -> Path:
+    """Where `native_module` builds for this CPU kind (its name is the extension's name)."""
+    digest = hashlib.sha256(_cpu_flags().encode()).hexdigest()[:10]
+    root = build_dir if build_dir is not None else Path(tempfile.gettempdir()) / "loracord"
+    return root / f"loracord_decode_cpu_{digest}"
 
 
 def _cpu_flags() -> str:
