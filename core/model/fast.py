@@ -55,6 +55,7 @@ class Projection:
         self.sizes = [int(m.out_features) for m in modules]
         self.kind = "modules"
         self.packed: tuple[torch.Tensor, ...] = ()
+        self.triton: Any = None  # GptqWeights of the fused Triton product
         self.group = 0
         self.bias: torch.Tensor | None = None
         self._call: Callable[[torch.Tensor], torch.Tensor] = self._each
@@ -65,6 +66,8 @@ class Projection:
             self._fuse_dense()
         elif all(type(m).__name__ == "TorchCpuAvx512Linear" for m in modules):
             self._fuse_avx512()
+        elif all(type(m).__name__ == "TorchLinear" for m in modules):
+            self._fuse_triton()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self._call(x)
@@ -126,6 +129,63 @@ class Projection:
         self.packed = (qweight, qzeros, scales)  # for the C++ step
         self.group = group
         self._call = lambda x: kernel(x.contiguous(), qweight, qzeros, scales, group, bias)
+
+    def _fuse_triton(self) -> None:
+        """GPTQModel's `torch` kernel on CUDA keeps the checkpoint's layout, which the Triton
+        products read as it is (`core.model.gptq_triton`): q/k/v and gate/up are concatenated
+        along their outputs, each module keeps a view of its columns and is served by the
+        same kernels (the plain path's prompts included), so nothing is held twice and the
+        kernel never dequantizes a whole matrix per call."""
+        from core.model import gptq_triton as gt
+
+        parts = []
+        for m in self.modules:
+            if not (
+                gt.available()
+                and m.qweight.is_cuda
+                and int(m.bits) == 4
+                and m.qweight.dtype == torch.int32
+                and m.bias is None
+                and gt.supported_group(int(m.group_size), int(m.in_features))
+                and _trivial_g_idx(m)
+            ):
+                return
+            offset = 1 if m.qzero_format() == 1 else 0
+            zeros = gt.unpack_zeros(m.qzeros, int(m.out_features), offset).to(m.scales.dtype)
+            parts.append(gt.GptqWeights(m.qweight, m.scales, zeros, int(m.group_size)))
+        fused = gt.GptqWeights.concat(parts)
+        start = 0
+        for module, size in zip(self.modules, self.sizes, strict=True):
+            view = fused.columns(start, start + size)
+            if len(self.modules) > 1:
+                module.qweight = view.qweight
+                module.scales = view.scales
+            module.forward = _triton_forward(view, module.out_features)
+            start += size
+        self.triton = fused
+        self.group = fused.group
+        self.kind = "triton"
+        self._call = lambda x: gt.matmul(x, fused)
+
+
+def _trivial_g_idx(module: Any) -> bool:
+    """True when the checkpoint's groups are consecutive runs of K (no act-order)."""
+    g_idx = getattr(module, "g_idx", None)
+    if g_idx is None:
+        return True
+    group = int(module.group_size)
+    expected = torch.arange(g_idx.shape[0], device=g_idx.device) // group
+    return bool(torch.equal(g_idx.to(expected.dtype), expected))
+
+
+def _triton_forward(weights: Any, out_features: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    from core.model import gptq_triton as gt
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        return gt.matmul(flat, weights).view(*x.shape[:-1], out_features)
+
+    return forward
 
 
 class Int8Linear(torch.nn.Module):
@@ -355,9 +415,16 @@ class FastDecode:
         kinds = {p.kind for layer in self.layers for p in (layer.qkv, layer.gate_up)}
         self.kind = "+".join(sorted(kinds))
         self.native: _NativeLayers | None = None
+        self.triton: Any = None  # core.model.triton_step.TritonLayers on CUDA
         self.build_seconds = 0.0
         if native and _NativeLayers.applies(self):
             self._build_native(build_dir)
+        if native:
+            from core.model.triton_step import TritonLayers
+
+            if TritonLayers.applies(self):
+                self.triton = TritonLayers(self)
+                self.kind += ", Triton step"
 
     def _build_native(self, build_dir: Path | None) -> None:
         """Build (or load the cached build of) the C++ step and check it once against the
@@ -410,7 +477,9 @@ class FastDecode:
                     layer.mlp.up_proj,
                     layer.mlp.down_proj,
                 ):
-                    if type(module) is not torch.nn.Linear:
+                    if type(module) is not torch.nn.Linear and not (
+                        type(module).__name__ == "TorchLinear" and module.qweight.is_cuda
+                    ):  # (the torch kernel repacks nothing; its first call would compile)
                         module(
                             torch.zeros(
                                 1, module.in_features, dtype=batch.dtype, device=self.device
@@ -495,6 +564,10 @@ class FastDecode:
         lora: LoraStep | None = None
         if batch.lora is not None and any(s.slot for s in segments):
             lora = batch.lora.plan([s.slot for s in segments])
+        if self.triton is not None:  # eight Triton kernels per layer
+            with torch.inference_mode():
+                rows_t = torch.tensor(rows, device=device)
+                return self.triton.forward(ids, positions, rows_t, lora.delta if lora else None)
 
         if n == 1:  # one row: slice copies, and no mask (the span ends at its token)
             row, start = rows[0], starts[0]
@@ -696,6 +769,8 @@ class CudaGraphs:
                     low = (low.view(count, width, -1) * pick).view(count, -1)
                     return low @ bt.view(-1, bt.shape[-1])
 
+        if fast.triton is not None:
+            return fast.triton.forward(ids, positions, rows, delta)
         return fast.forward(ids, positions, write, attend, delta)
 
     def _capture(self, key: tuple[int, int, str]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:

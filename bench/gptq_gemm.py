@@ -1,0 +1,141 @@
+"""The 4-bit GPTQ products of a 7B decode step on CUDA: loracord's Triton kernels against the
+fp16 dense product (cuBLAS) that reads four times the bytes, per shape and row count.
+
+    python3 bench/gptq_gemm.py [--rows 1,2,4,8,16,32] [--json F]
+
+Random packed weights in GPTQ's layout (g128) of Llama-2-7B's four products per layer
+(q/k/v and gate/up fused, as the fast decode step runs them). Each configuration in a small
+sweep is timed as 20 calls captured in one CUDA graph (as a served step replays them), the
+median of 5 replays; the result is checked against the dequantized matrix. Effective bandwidth
+is the 4-bit matrix's bytes (weights, scales, zero points) over the time; the card's own limit
+is printed beside it from a plain device-to-device copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from core.model import gptq_triton as gt
+
+SHAPES = {  # name: (K, N) of Llama-2-7B, fused as the decode step runs them
+    "qkv": (4096, 3 * 4096),
+    "o": (4096, 4096),
+    "gate_up": (4096, 2 * 11008),
+    "down": (11008, 4096),
+}
+
+
+def random_weights(k: int, n: int, group: int = 128) -> gt.GptqWeights:
+    qweight = torch.randint(-(2**31), 2**31 - 1, (k // 8, n), dtype=torch.int32, device="cuda")
+    scales = (torch.rand(k // group, n, device="cuda") * 0.01 + 0.001).half()
+    zeros = torch.randint(0, 16, (k // group, n), device="cuda").half()
+    return gt.GptqWeights(qweight, scales, zeros, group)
+
+
+def graph_time(fn, calls: int = 20, replays: int = 5) -> float:
+    """Seconds per call of `fn`, captured `calls` times in one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000 / calls)
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    a = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    seconds = graph_time(lambda: b.copy_(a), calls=5)
+    return 2 * a.numel() / seconds
+
+
+def configs(rows: int) -> list[tuple[str, object]]:
+    out: list[tuple[str, object]] = []
+    if rows <= 8:
+        for block_n, split, warps in itertools.product((32, 64, 128, 256), (1, 2, 4, 8), (2, 4, 8)):
+            out.append(("gemv", gt.GemvConfig(block_n, split, warps)))
+    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
+    sweep = itertools.product((64, 128), (64, 128), (1, 2, 4), (3, 4))
+    for block_n, block_k, split, stages in sweep:
+        out.append(("gemm", gt.GemmConfig(block_m, block_n, block_k, split, 4, stages)))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="1,2,4,8,16,32")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    limit = copy_bandwidth()
+    name = torch.cuda.get_device_name()
+    print(f"{name}: device copy {limit / 1e12:.2f} TB/s, triton {gt.triton.__version__}")
+    results = []
+    for name, (k, n) in SHAPES.items():
+        w = random_weights(k, n)
+        dense = gt.dequantize(w).half()
+        for rows in [int(r) for r in args.rows.split(",")]:
+            x = torch.randn(rows, k, device="cuda", dtype=torch.float16)
+            ref = x.float() @ dense.float()
+            cublas = graph_time(lambda x=x, dense=dense: x @ dense)
+            best = None
+            for kind, cfg in configs(rows):
+                if kind == "gemv":
+                    kwargs = {"gemv_config": cfg, "gemv_rows": 8}
+                else:
+                    kwargs = {"gemm_config": cfg, "gemv_rows": 0}
+                try:
+                    got = gt.matmul(x, w, **kwargs).float()
+                    seconds = graph_time(lambda x=x, w=w, kw=kwargs: gt.matmul(x, w, **kw))
+                except Exception as e:  # a config the compiler refuses (registers, shared memory)
+                    print(f"  {name} rows={rows} {cfg}: {type(e).__name__}", file=sys.stderr)
+                    continue
+                error = float((got - ref).abs().max() / ref.abs().max())
+                if error > 2e-3:
+                    raise SystemExit(f"{name} rows={rows} {cfg}: wrong result ({error:.2e})")
+                if best is None or seconds < best[0]:
+                    best = (seconds, kind, cfg, error)
+            seconds, kind, cfg, error = best
+            row = {
+                "shape": name, "K": k, "N": n, "rows": rows, "kernel": kind, "config": cfg.__dict__,
+                "us": seconds * 1e6, "cublas_fp16_us": cublas * 1e6, "speedup": cublas / seconds,
+                "tb_s": w.nbytes / seconds / 1e12, "of_copy": w.nbytes / seconds / limit,
+                "error": error,
+            }  # fmt: skip
+            results.append(row)
+            print(
+                f"{name:8s} {k:5d}x{n:5d} rows {rows:3d}: {kind} {seconds * 1e6:7.1f} us "
+                f"({row['tb_s']:.2f} TB/s, {row['of_copy']:.0%} of copy), cuBLAS fp16 "
+                f"{cublas * 1e6:7.1f} us -> {row['speedup']:.2f}x  {cfg}",
+                flush=True,
+            )
+    if args.json:
+        args.json.write_text(json.dumps({"copy_tb_s": limit / 1e12, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,337 @@
+"""GPTQ 4-bit products on CUDA as Triton kernels: the GEMV that batch-1 decode is made of.
+
+Decoding one token reads every weight once and does two flops with each, so a step's speed is
+the speed at which the 4-bit weights stream from GPU memory. GPTQModel's CUDA kernels were
+written for batched products: on an H200, a 7B-shaped model's decode step spent ~2.6 ms in its
+224 products where reading their 3.2 GB at the card's 4.8 TB/s takes 0.7 ms (BENCHMARKS.md).
+
+Two kernels read GPTQ's own layout, so the checkpoint is used as loaded (no repacking, nothing
+held twice): `qweight [K/8, N]` int32 with eight 4-bit values of consecutive k per int32,
+`scales [G, N]` and zero points `[G, N]` for groups of `group` consecutive k.
+
+- `_gemv` (1 to 8 rows): each program takes `block_n` outputs and a `1/split` share of K; a
+  warp reads whole rows of `qweight` (contiguous along N), so loads are coalesced. The 4-bit
+  values become floats without a conversion instruction: `q | 0x4B000000` read as fp32 is
+  `2^23 + q` exactly, so `(q - z)` is one subtraction of `2^23 + z` (conversions run at a
+  quarter of the rate of the other arithmetic on these GPUs and would bound the kernel).
+  The group's scale multiplies the group's partial sum, once per output.
+- `_gemm` (more rows, prompts): tiles of `qweight` unpacked to fp16 in registers the same way
+  (`q | 0x6400` read as fp16 is `1024 + q`), then `tl.dot` on tensor cores.
+
+Each program writes its share of K to `partial[split, M, N]` in fp32 and the shares are summed
+after: the order of the sum is fixed, so a replayed step gives the same numbers every time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+try:  # Triton comes with CUDA builds of torch; without it the kernels are not offered
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the torch build
+    triton = None
+    tl = None
+
+
+def available() -> bool:
+    return triton is not None
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """How `_gemv` splits a product: outputs per program, K shares, warps."""
+
+    block_n: int = 128
+    split: int = 4
+    warps: int = 4
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 128
+    split: int = 1
+    warps: int = 4
+    stages: int = 3
+
+
+class GptqWeights:
+    """One 4-bit GPTQ matrix (or several concatenated along N) in the kernels' form.
+
+    `zeros` are unpacked once to fp16 `[G, N]` (a quarter of `qweight`'s bytes over a group
+    of 128: 1.6% more to read). Asymmetric and symmetric checkpoints are the same to the
+    kernel; act-order checkpoints (a non-trivial `g_idx`) are refused by `from_modules`."""
+
+    def __init__(
+        self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int
+    ) -> None:
+        k8, n = qweight.shape
+        self.in_features, self.out_features = k8 * 8, n
+        self.group = group if group > 0 else self.in_features
+        if not supported_group(self.group, self.in_features):
+            raise ValueError(f"group {group} of {self.in_features} inputs is not supported")
+        if scales.shape != (self.in_features // self.group, n) or zeros.shape != scales.shape:
+            raise ValueError("scales and zero points must be [groups, out_features]")
+        # Views of wider matrices are fine (a module's columns of a fused q/k/v): rows may be
+        # strided, columns must be contiguous; scales and zero points share one row stride.
+        zeros = zeros.to(scales.dtype)
+        if qweight.stride(1) != 1:
+            qweight = qweight.contiguous()
+        if scales.stride(1) != 1 or zeros.stride() != scales.stride():
+            scales, zeros = scales.contiguous(), zeros.contiguous()
+        self.qweight, self.scales, self.zeros = qweight, scales, zeros
+
+    def columns(self, start: int, stop: int) -> GptqWeights:
+        """Outputs `start:stop` as a view (no copy)."""
+        return GptqWeights(
+            self.qweight[:, start:stop],
+            self.scales[:, start:stop],
+            self.zeros[:, start:stop],
+            self.group,
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros))
+
+    @staticmethod
+    def concat(parts: list[GptqWeights]) -> GptqWeights:
+        """Several matrices reading the same input (q/k/v, gate/up) as one: N concatenated."""
+        if len(parts) == 1:
+            return parts[0]
+        group = parts[0].group
+        if any(p.group != group or p.in_features != parts[0].in_features for p in parts):
+            raise ValueError("only matrices with the same inputs and groups concatenate")
+        return GptqWeights(
+            torch.cat([p.qweight for p in parts], dim=1),
+            torch.cat([p.scales for p in parts], dim=1),
+            torch.cat([p.zeros for p in parts], dim=1),
+            group,
+        )
+
+
+def supported_group(group: int, in_features: int) -> bool:
+    """Groups the kernels take: a power of two from 32 up that divides K."""
+    return group >= 32 and group & (group - 1) == 0 and in_features % group == 0
+
+
+def unpack_zeros(qzeros: torch.Tensor, out_features: int, offset: int) -> torch.Tensor:
+    """GPTQ's packed zero points `[G, N/8]` int32 as `[G, N]` integers; `offset` is 1 for
+    the v1 format of checkpoints on disk (stored as z - 1), 0 for GPTQModel's v2."""
+    shifts = torch.arange(0, 32, 4, device=qzeros.device, dtype=torch.int32)
+    z = (qzeros[:, :, None] >> shifts) & 15
+    return (z.reshape(qzeros.shape[0], -1)[:, :out_features] + offset).to(torch.int32)
+
+
+def unpack_weight(qweight: torch.Tensor) -> torch.Tensor:
+    """`qweight [K/8, N]` as the integers `[K, N]` (for tests and references)."""
+    shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
+    q = (qweight[:, None, :] >> shifts[None, :, None]) & 15
+    return q.reshape(-1, qweight.shape[1])
+
+
+def dequantize(w: GptqWeights) -> torch.Tensor:
+    """The dense `[K, N]` fp32 matrix the kernels multiply by (the reference)."""
+    q = unpack_weight(w.qweight).float()
+    rows = torch.arange(w.in_features, device=q.device) // w.group
+    return (q - w.zeros.float()[rows]) * w.scales.float()[rows]
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gemv(
+        x_ptr,
+        w_ptr,
+        s_ptr,
+        z_ptr,
+        out_ptr,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_w,
+        stride_s,
+        groups_per_split,
+        GROUP: tl.constexpr,
+        ROWS: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        SILU_MUL: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < N
+        rows = tl.arange(0, ROWS)
+        rows_ok = rows < M
+        packed = tl.arange(0, GROUP // 8)  # int32 rows of one group
+        acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        first = pid_k * groups_per_split
+        last = tl.minimum(first + groups_per_split, K // GROUP)
+        for g in range(first, last):
+            w = tl.load(
+                w_ptr + (g * (GROUP // 8) + packed)[:, None] * stride_w + n[None, :],
+                mask=n_ok[None, :],
+                other=0,
+            )  # [GROUP/8, BLOCK_N]
+            s = tl.load(s_ptr + g * stride_s + n, mask=n_ok, other=0).to(tl.float32)
+            z = tl.load(z_ptr + g * stride_s + n, mask=n_ok, other=0).to(tl.float32) + 8388608.0
+            part = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+            for j in tl.static_range(8):
+                # 2^23 + q as fp32, minus 2^23 + z: exactly q - z
+                q = (((w >> (4 * j)) & 15) | 0x4B000000).to(tl.float32, bitcast=True)
+                d = q - z[None, :]
+                at = x_ptr + rows[:, None] * stride_xm + (g * GROUP + packed * 8 + j)[None, :]
+                xj = tl.load(at, mask=rows_ok[:, None], other=0.0).to(tl.float32)  # [ROWS, GROUP/8]
+                if SILU_MUL:  # x is [gate | up] of width 2K: the MLP's silu(gate) * up
+                    up = tl.load(at + K, mask=rows_ok[:, None], other=0.0).to(tl.float32)
+                    xj = xj / (1.0 + tl.exp(-xj)) * up
+                part += tl.sum(xj[:, :, None] * d[None, :, :], axis=1)
+            acc += part * s[None, :]
+        tl.store(
+            out_ptr + pid_k * M * N + rows[:, None] * N + n[None, :],
+            acc,
+            mask=rows_ok[:, None] & n_ok[None, :],
+        )
+
+    @triton.jit
+    def _gemm(
+        x_ptr,
+        w_ptr,
+        s_ptr,
+        z_ptr,
+        out_ptr,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_w,
+        stride_s,
+        tiles_per_split,
+        GROUP: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok = m < M
+        n_ok = n < N
+        packed = tl.arange(0, BLOCK_K // 8)
+        ks = tl.arange(0, BLOCK_K)
+        shifts = (tl.arange(0, 8) * 4)[None, :, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        first = pid_k * tiles_per_split
+        last = tl.minimum(first + tiles_per_split, K // BLOCK_K)
+        for t in range(first, last):
+            k0 = t * BLOCK_K
+            x = tl.load(
+                x_ptr + m[:, None] * stride_xm + (k0 + ks)[None, :], mask=m_ok[:, None], other=0.0
+            ).to(tl.float16)
+            w = tl.load(
+                w_ptr + (k0 // 8 + packed)[:, None] * stride_w + n[None, :],
+                mask=n_ok[None, :],
+                other=0,
+            )  # [BLOCK_K/8, BLOCK_N]
+            q = (w[:, None, :] >> shifts) & 15  # [BLOCK_K/8, 8, BLOCK_N], k = 8 i + j
+            q = tl.reshape(q, (BLOCK_K, BLOCK_N))
+            # 1024 + q as fp16, minus 1024 + z: exactly q - z
+            q = (q.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+            g = k0 // GROUP
+            s = tl.load(s_ptr + g * stride_s + n, mask=n_ok, other=0).to(tl.float32)
+            z = tl.load(z_ptr + g * stride_s + n, mask=n_ok, other=0).to(tl.float16) + 1024.0
+            acc += tl.dot(x, q - z[None, :]).to(tl.float32) * s[None, :]
+        tl.store(
+            out_ptr + pid_k * M * N + m[:, None] * N + n[None, :],
+            acc,
+            mask=m_ok[:, None] & n_ok[None, :],
+        )
+
+
+def _rows_bucket(m: int) -> int:
+    for size in (1, 2, 4, 8):
+        if m <= size:
+            return size
+    raise ValueError(m)
+
+
+GEMV_ROWS = 8  # the GEMV up to this many rows, the GEMM above
+
+
+def gemv_shares(w: GptqWeights, cfg: GemvConfig) -> tuple[int, int]:
+    """(shares of K, groups per share) that `_gemv` runs for `w` under `cfg`."""
+    groups = w.in_features // w.group
+    per = triton.cdiv(groups, max(1, min(cfg.split, groups)))
+    return triton.cdiv(groups, per), per
+
+
+def gemv(
+    x: torch.Tensor,
+    w: GptqWeights,
+    out: torch.Tensor,
+    cfg: GemvConfig,
+    *,
+    silu_mul: bool = False,
+) -> None:
+    """`_gemv` into `out [split, M, N]` (fp32 when split > 1: the caller sums the shares).
+    With `silu_mul`, x is `[M, 2K]` holding gate and up, and the input is silu(gate) * up."""
+    m = x.shape[0]
+    split, per = gemv_shares(w, cfg)
+    n = w.out_features
+    grid = (triton.cdiv(n, cfg.block_n), split)
+    _gemv[grid](
+        x, w.qweight, w.scales, w.zeros, out, m, n, w.in_features, x.stride(0),
+        w.qweight.stride(0), w.scales.stride(0), per,
+        GROUP=w.group, ROWS=_rows_bucket(m), BLOCK_N=cfg.block_n, SILU_MUL=silu_mul,
+        num_warps=cfg.warps,
+    )  # fmt: skip
+
+
+def matmul(
+    x: torch.Tensor,
+    w: GptqWeights,
+    *,
+    gemv_config: GemvConfig | None = None,
+    gemm_config: GemmConfig | None = None,
+    gemv_rows: int = GEMV_ROWS,
+) -> torch.Tensor:
+    """`x [M, K] @ W` -> `[M, N]` in x's dtype; the GEMV for M <= `gemv_rows`, else the GEMM."""
+    if triton is None:
+        raise RuntimeError("Triton is not installed")
+    m, k = x.shape
+    if k != w.in_features:
+        raise ValueError(f"x has {k} features, the weight {w.in_features}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    n = w.out_features
+    if m <= min(gemv_rows, GEMV_ROWS):
+        cfg = gemv_config or GemvConfig()
+        split, _ = gemv_shares(w, cfg)
+        dtype = x.dtype if split == 1 else torch.float32
+        partial = torch.empty((split, m, n), dtype=dtype, device=x.device)
+        gemv(x, w, partial, cfg)
+    else:
+        cfg2 = gemm_config or GemmConfig()
+        block_k = min(cfg2.block_k, w.group)
+        tiles = k // block_k
+        per = triton.cdiv(tiles, max(1, min(cfg2.split, tiles)))
+        split = triton.cdiv(tiles, per)
+        dtype = x.dtype if split == 1 else torch.float32
+        partial = torch.empty((split, m, n), dtype=dtype, device=x.device)
+        grid = (triton.cdiv(m, cfg2.block_m), triton.cdiv(n, cfg2.block_n), split)
+        _gemm[grid](
+            x, w.qweight, w.scales, w.zeros, partial, m, n, k, x.stride(0),
+            w.qweight.stride(0), w.scales.stride(0), per,
+            GROUP=w.group, BLOCK_M=cfg2.block_m, BLOCK_N=cfg2.block_n, BLOCK_K=block_k,
+            num_warps=cfg2.warps, num_stages=cfg2.stages,
+        )  # fmt: skip
+    if partial.shape[0] == 1:
+        return partial[0]
+    return partial.sum(0).to(x.dtype)

@@ -1,0 +1,317 @@
+"""The decode step on CUDA as eight Triton kernels per layer, for GPTQ checkpoints.
+
+Captured in a CUDA graph, the eager fast step of a 7B model on an H200 was still ~1,000 small
+kernels: per layer a norm, three q/k/v products and a concatenation, five for the rotation,
+two cache writes, a dozen for the attention, two for the residuals, three for the MLP's
+activation (BENCHMARKS.md, "Profile of one decode step"). Even replayed from a graph each
+costs ~2 us, as much as reading the layer's weights. Here a layer is:
+
+1. `_add_rms_norm`: the residual stream gets the previous product (summing the GEMV's shares
+   of K), then the norm of the result;
+2. the q/k/v GEMV (`gptq_triton`);
+3. `_rope_write`: rotation of q and k from the table, k and v written into the cache at each
+   row's position, q out;
+4. `_decode_attention`: each row's query over its cache up to its own position (online
+   softmax over blocks of positions, so the span needs no bucket);
+5. the o GEMV; 6. `_add_rms_norm`; 7. the gate/up GEMV;
+8. the down GEMV, whose input is silu(gate) * up computed as it loads.
+
+The arithmetic is the fast step's: norms and the softmax in fp32, products accumulated in fp32,
+values rounded to the model's dtype where the plain path rounds them. The LoRA terms of
+adapters (q, k, v and o) are added between the kernels by `core.model.lora` as before.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from core.model import gptq_triton as gt
+
+if TYPE_CHECKING:
+    from core.model.fast import Delta, FastDecode
+
+triton, tl = gt.triton, gt.tl
+
+
+if triton is not None:
+
+    @triton.jit
+    def _add_rms_norm(
+        hidden_ptr,
+        delta_ptr,
+        weight_ptr,
+        out_ptr,
+        H,
+        delta_share_stride,
+        eps,
+        SHARES: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        h = tl.arange(0, BLOCK)
+        ok = h < H
+        x = tl.load(hidden_ptr + row * H + h, mask=ok, other=0.0).to(tl.float32)
+        if SHARES > 0:
+            for s in tl.static_range(SHARES):
+                d = tl.load(delta_ptr + s * delta_share_stride + row * H + h, mask=ok, other=0.0)
+                x += d.to(tl.float32)
+            x16 = x.to(hidden_ptr.dtype.element_ty)
+            tl.store(hidden_ptr + row * H + h, x16, mask=ok)
+            x = x16.to(tl.float32)
+        variance = tl.sum(x * x, axis=0) / H
+        y = (x * tl.rsqrt(variance + eps)).to(out_ptr.dtype.element_ty)
+        w = tl.load(weight_ptr + h, mask=ok, other=0.0)
+        tl.store(out_ptr + row * H + h, y * w, mask=ok)
+
+    @triton.jit
+    def _rope_write(
+        qkv_ptr,
+        qkv_share_stride,
+        cos_ptr,
+        sin_ptr,
+        pos_ptr,
+        row_ptr,
+        k_ptr,
+        v_ptr,
+        q_ptr,
+        cache_row_stride,
+        cache_head_stride,
+        HEADS: tl.constexpr,
+        KV_HEADS: tl.constexpr,
+        D: tl.constexpr,
+        SHARES: tl.constexpr,
+    ):
+        t = tl.program_id(0)
+        head = tl.program_id(1)
+        d = tl.arange(0, D)
+        base = qkv_ptr + t * (HEADS + 2 * KV_HEADS) * D + head * D
+        x = tl.zeros((D,), dtype=tl.float32)
+        partner = tl.zeros((D,), dtype=tl.float32)
+        for s in tl.static_range(SHARES):
+            x += tl.load(base + s * qkv_share_stride + d).to(tl.float32)
+            partner += tl.load(base + s * qkv_share_stride + (d + D // 2) % D).to(tl.float32)
+        if SHARES > 1:  # the plain path rounds the projection before rotating it
+            x = x.to(q_ptr.dtype.element_ty).to(tl.float32)
+            partner = partner.to(q_ptr.dtype.element_ty).to(tl.float32)
+        pos = tl.load(pos_ptr + t)
+        row = tl.load(row_ptr + t)
+        if head < HEADS + KV_HEADS:  # q and k rotate: x cos + roll(x, D/2) (signed sin)
+            x = x * tl.load(cos_ptr + pos * D + d).to(tl.float32) + partner * tl.load(
+                sin_ptr + pos * D + d
+            ).to(tl.float32)
+        if head < HEADS:
+            tl.store(q_ptr + t * HEADS * D + head * D + d, x.to(q_ptr.dtype.element_ty))
+        elif head < HEADS + KV_HEADS:
+            at = k_ptr + row * cache_row_stride + (head - HEADS) * cache_head_stride + pos * D
+            tl.store(at + d, x.to(k_ptr.dtype.element_ty))
+        else:
+            kv = head - HEADS - KV_HEADS
+            at = v_ptr + row * cache_row_stride + kv * cache_head_stride + pos * D
+            tl.store(at + d, x.to(v_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _decode_attention(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        pos_ptr,
+        row_ptr,
+        out_ptr,
+        scaling,
+        cache_row_stride,
+        cache_head_stride,
+        HEADS: tl.constexpr,
+        GROUPS: tl.constexpr,
+        GROUPS_P2: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+    ):
+        t = tl.program_id(0)
+        kv = tl.program_id(1)
+        pos = tl.load(pos_ptr + t)
+        row = tl.load(row_ptr + t)
+        g = tl.arange(0, GROUPS_P2)
+        g_ok = g < GROUPS
+        d = tl.arange(0, D)
+        heads = kv * GROUPS + g
+        q = tl.load(q_ptr + t * HEADS * D + heads[:, None] * D + d[None, :], mask=g_ok[:, None])
+        q = q.to(tl.float32) * scaling
+        best = tl.full((GROUPS_P2,), float("-inf"), dtype=tl.float32)
+        total = tl.zeros((GROUPS_P2,), dtype=tl.float32)
+        acc = tl.zeros((GROUPS_P2, D), dtype=tl.float32)
+        keys = k_ptr + row * cache_row_stride + kv * cache_head_stride
+        values = v_ptr + row * cache_row_stride + kv * cache_head_stride
+        for start in range(0, pos + 1, BLOCK_S):
+            s = start + tl.arange(0, BLOCK_S)
+            s_ok = s <= pos
+            k = tl.load(keys + s[:, None] * D + d[None, :], mask=s_ok[:, None], other=0.0)
+            scores = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)  # [G, S]
+            scores = tl.where(s_ok[None, :], scores, float("-inf"))
+            new_best = tl.maximum(best, tl.max(scores, axis=1))
+            p = tl.exp(scores - new_best[:, None])
+            alpha = tl.exp(best - new_best)
+            total = total * alpha + tl.sum(p, axis=1)
+            v = tl.load(values + s[:, None] * D + d[None, :], mask=s_ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+            best = new_best
+        out = acc / total[:, None]
+        at = out_ptr + t * HEADS * D + heads[:, None] * D + d[None, :]
+        tl.store(at, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << (int(n) - 1).bit_length()
+
+
+class TritonLayers:
+    """Every layer of a decode step as Triton kernels (see the module's docstring).
+
+    Applies on CUDA to Llama-family models whose projections all run as GPTQ Triton products
+    (`Projection.kind == "triton"`), with RMSNorms and SiLU, no per-head norms (Qwen3), no
+    biases, and a head size that is a power of two."""
+
+    def __init__(self, fast: FastDecode, table: dict[str, gt.GemvConfig] | None = None) -> None:
+        batch = fast.batch
+        self.fast = fast
+        self.eps = float(batch.layers[0].input_layernorm.variance_epsilon)
+        self.attn_norms = [hf.input_layernorm.weight for hf in batch.layers]
+        self.mlp_norms = [hf.post_attention_layernorm.weight for hf in batch.layers]
+        self.final_norm = batch.norm.weight
+        self.hidden = int(self.final_norm.shape[0])
+        self.weights = [
+            (lay.qkv.triton, lay.o.triton, lay.gate_up.triton, lay.down.triton)
+            for lay in fast.layers
+        ]
+        first = self.weights[0]
+        self.configs = tuple(gemv_config(w, table) for w in first)
+        self.groups = fast.heads // fast.kv_heads
+
+    @staticmethod
+    def applies(fast: FastDecode) -> bool:
+        batch = fast.batch
+        return (
+            gt.available()
+            and batch.device.type == "cuda"
+            and fast.head_dim & (fast.head_dim - 1) == 0
+            and fast.heads % fast.kv_heads == 0
+            and all(
+                type(hf.mlp.act_fn).__name__ in ("SiLU", "SiLUActivation")
+                and hasattr(hf.input_layernorm, "variance_epsilon")
+                and hasattr(hf.post_attention_layernorm, "variance_epsilon")
+                and getattr(hf.input_layernorm, "weight", None) is not None
+                and getattr(hf.post_attention_layernorm, "weight", None) is not None
+                for hf in batch.layers
+            )
+            and getattr(batch.norm, "weight", None) is not None
+            and all(
+                p.kind == "triton" and p.bias is None
+                for layer in fast.layers
+                for p in (layer.qkv, layer.o, layer.gate_up, layer.down)
+            )
+            and all(layer.q_norm is None for layer in fast.layers)
+        )
+
+    def _project(
+        self, x: torch.Tensor, w: gt.GptqWeights, cfg: gt.GemvConfig, silu_mul: bool = False
+    ) -> torch.Tensor:
+        """`[shares, M, N]`: the GEMV's shares of K (summed by the next kernel), or one share
+        from the GEMM above its rows."""
+        m = x.shape[0]
+        if m <= gt.GEMV_ROWS:
+            shares, _ = gt.gemv_shares(w, cfg)
+            dtype = x.dtype if shares == 1 else torch.float32
+            out = torch.empty((shares, m, w.out_features), dtype=dtype, device=x.device)
+            gt.gemv(x, w, out, cfg, silu_mul=silu_mul)
+            return out
+        if silu_mul:
+            inner = x.shape[1] // 2
+            x = torch.nn.functional.silu(x[:, :inner]) * x[:, inner:]
+        return gt.matmul(x, w)[None]
+
+    def _norm(
+        self, hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor
+    ) -> torch.Tensor:
+        out = torch.empty_like(hidden)
+        rows, width = hidden.shape
+        shares = 0 if delta is None else delta.shape[0]
+        stride = 0 if delta is None else delta.stride(0)
+        _add_rms_norm[(rows,)](
+            hidden, hidden if delta is None else delta, weight, out, width, stride, self.eps,
+            SHARES=shares, BLOCK=_next_power_of_two(width), num_warps=8,
+        )  # fmt: skip
+        return out
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        rows: torch.Tensor,
+        delta: Delta | None,
+    ) -> torch.Tensor:
+        """Logits `[T, vocab]` for T tokens, token i of cache row `rows[i]` at `positions[i]`."""
+        fast = self.fast
+        batch = fast.batch
+        cache = batch.cache
+        heads, kv_heads, head_dim = fast.heads, fast.kv_heads, fast.head_dim
+        count = ids.shape[0]
+        q_width, k_width = heads * head_dim, kv_heads * head_dim
+        qkv_cfg, o_cfg, gate_up_cfg, down_cfg = self.configs
+        hidden = batch.embed(ids).contiguous()  # [T, hidden], updated in place below
+        x = self._norm(hidden, None, self.attn_norms[0])
+        q = torch.empty((count, q_width), dtype=hidden.dtype, device=hidden.device)
+        attended = torch.empty_like(q)
+        keys0 = cache.keys[0]
+        group_p2 = _next_power_of_two(self.groups)
+        block_s = max(16, 64 // group_p2)
+        for index, (qkv_w, o_w, gate_up_w, down_w) in enumerate(self.weights):
+            qkv = self._project(x, qkv_w, qkv_cfg)
+            if delta is not None:
+                qkv = qkv.sum(0, dtype=torch.float32) if qkv.shape[0] > 1 else qkv[0].float()
+                qkv[:, :q_width] += delta(index, "q_proj", x)
+                qkv[:, q_width : q_width + k_width] += delta(index, "k_proj", x)
+                qkv[:, q_width + k_width :] += delta(index, "v_proj", x)
+                qkv = qkv.to(hidden.dtype)[None]
+            keys, values = cache.keys[index], cache.values[index]
+            _rope_write[(count, heads + 2 * kv_heads)](
+                qkv, qkv.stride(0), fast.cos, fast.sin, positions, rows, keys, values, q,
+                keys.stride(0), keys.stride(1),
+                HEADS=heads, KV_HEADS=kv_heads, D=head_dim, SHARES=qkv.shape[0], num_warps=1,
+            )  # fmt: skip
+            _decode_attention[(count, kv_heads)](
+                q, keys, values, positions, rows, attended, batch.scaling,
+                keys0.stride(0), keys0.stride(1),
+                HEADS=heads, GROUPS=self.groups, GROUPS_P2=group_p2, D=head_dim,
+                BLOCK_S=block_s, num_warps=4,
+            )  # fmt: skip
+            o = self._project(attended, o_w, o_cfg)
+            if delta is not None:
+                o = o.sum(0, dtype=torch.float32) if o.shape[0] > 1 else o[0].float()
+                o = (o + delta(index, "o_proj", attended)).to(hidden.dtype)[None]
+            x = self._norm(hidden, o, self.mlp_norms[index])
+            gate_up = self._project(x, gate_up_w, gate_up_cfg)
+            gate_up = gate_up[0] if gate_up.shape[0] == 1 else gate_up.sum(0).to(hidden.dtype)
+            down = self._project(gate_up, down_w, down_cfg, silu_mul=True)
+            last = index + 1 == len(self.weights)
+            x = self._norm(hidden, down, self.final_norm if last else self.attn_norms[index + 1])
+        return batch.lm_head(x)
+
+
+# Measured GEMV configurations per (K, N) of a 7B model, H200 (BENCHMARKS.md, `bench/gptq_gemm.py`).
+GEMV_TABLE: dict[str, gt.GemvConfig] = {}
+
+
+def gemv_config(w: gt.GptqWeights, table: dict[str, gt.GemvConfig] | None = None) -> gt.GemvConfig:
+    """The GEMV configuration for a matrix: from the table when its shape is there, else one
+    that gives every SM of a large GPU a few programs."""
+    table = GEMV_TABLE if table is None else table
+    key = f"{w.in_features}x{w.out_features}"
+    if key in table:
+        return table[key]
+    block_n = 128 if w.out_features >= 8192 else 64
+    programs = -(-w.out_features // block_n)
+    split = 1
+    while programs * split < 512 and split < 8 and (w.in_features // w.group) >= 2 * split:
+        split *= 2
+    return gt.GemvConfig(block_n=block_n, split=split, warps=4)

@@ -1,0 +1,158 @@
+"""The CUDA decode step's Triton kernels, checked on the CPU through Triton's interpreter
+against the torch code they replace (`core.model.gptq_triton`, `core.model.triton_step`).
+
+The interpreter runs each program of a kernel with numpy, so the arithmetic (unpacking,
+zero points, scales, shares of K, rotation, cache writes, online softmax) is checked here in
+CI; speed and the compiled code are checked on a GPU (`tests/gpu`). It must be switched on
+before the kernels are defined, so the checks run in a child process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_kernels_compute_what_the_torch_code_does() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "all kernels agree" in done.stdout
+
+
+def _random_gptq(k: int, n: int, group: int, torch):
+    from core.model import gptq_triton as gt
+
+    q = torch.randint(0, 16, (k, n), dtype=torch.int32)
+    packed = torch.zeros(k // 8, n, dtype=torch.int32)
+    for j in range(8):
+        packed |= q[j::8] << (4 * j)
+    scales = (torch.rand(k // group, n) * 0.02 + 0.001).half()
+    zeros = torch.randint(0, 16, (k // group, n), dtype=torch.int32)
+    return gt.GptqWeights(packed, scales, zeros.half(), group), q
+
+
+def _check_products(torch) -> None:
+    from core.model import gptq_triton as gt
+
+    torch.manual_seed(0)
+    for k, n, group in [(256, 96, 128), (512, 64, 64), (256, 160, 32)]:
+        w, q = _random_gptq(k, n, group, torch)
+        assert torch.equal(gt.unpack_weight(w.qweight), q)
+        dense = gt.dequantize(w)
+        for rows in (1, 3, 8, 20):
+            x = torch.randn(rows, k).half()
+            want = x.float() @ dense
+            for cfg in (gt.GemvConfig(32, 1, 4), gt.GemvConfig(64, 4, 4)):
+                got = gt.matmul(x, w, gemv_config=cfg, gemm_config=gt.GemmConfig(16, 32, 64, 2))
+                error = float((got.float() - want).abs().max() / want.abs().max())
+                assert got.dtype == torch.float16 and got.shape == (rows, n)
+                assert error < 2e-3, (k, n, group, rows, cfg, error)
+        # a view of some columns (a module's share of a fused q/k/v) gives its columns
+        part = w.columns(32, 64)
+        x = torch.randn(2, k).half()
+        got = gt.matmul(x, part).float()
+        want = x.float() @ dense[:, 32:64]
+        assert float((got - want).abs().max() / want.abs().max()) < 2e-3
+        # silu(gate) * up computed as the GEMV loads its input
+        gate_up = torch.randn(2, 2 * k).half()
+        shares, _ = gt.gemv_shares(w, gt.GemvConfig(32, 2, 4))
+        out = torch.empty(shares, 2, n)
+        gt.gemv(gate_up, w, out, gt.GemvConfig(32, 2, 4), silu_mul=True)
+        act = torch.nn.functional.silu(gate_up[:, :k].float()) * gate_up[:, k:].float()
+        want = act @ dense
+        assert float((out.sum(0) - want).abs().max() / want.abs().max()) < 2e-3
+    # v1 zero points (stored minus one) unpack with their offset
+    zeros = torch.randint(0, 15, (2, 16), dtype=torch.int32)
+    packed = torch.zeros(2, 2, dtype=torch.int32)
+    for j in range(8):
+        packed |= zeros[:, j::8] << (4 * j)
+    assert torch.equal(gt.unpack_zeros(packed, 16, 1), zeros + 1)
+    with pytest.raises(ValueError, match="not supported"):
+        gt.GptqWeights(
+            torch.zeros(72, 8, dtype=torch.int32), torch.ones(1, 8), torch.ones(1, 8), -1
+        )
+
+
+def _check_step_kernels(torch) -> None:
+    from core.model import triton_step as ts
+    from core.model.fast import decode_attention
+
+    torch.manual_seed(1)
+    # residual add of two shares, then the norm
+    hidden = torch.randn(3, 96).half()
+    delta = torch.randn(2, 3, 96)
+    weight = torch.rand(96).half() + 0.5
+    out = torch.empty_like(hidden)
+    want_hidden = (hidden.float() + delta.sum(0)).half()
+    want = torch.rms_norm(want_hidden.float(), (96,), None, 1e-5).half() * weight
+    ts._add_rms_norm[(3,)](
+        hidden, delta, weight, out, 96, delta.stride(0), 1e-5, SHARES=2, BLOCK=128
+    )
+    assert torch.equal(hidden, want_hidden)
+    assert float((out.float() - want.float()).abs().max()) < 1e-2
+
+    # rotation and cache writes: 2 tokens of rows 3 and 1, 4 heads over 2 kv heads
+    heads, kv_heads, dim, context = 4, 2, 16, 12
+    qkv = torch.randn(1, 2, (heads + 2 * kv_heads) * dim).half()
+    angles = torch.rand(context, dim // 2) * 3
+    cos = torch.cat((angles.cos(), angles.cos()), -1).half()
+    sin = torch.cat((-angles.sin(), angles.sin()), -1).half()  # signed as FastDecode keeps it
+    positions, rows = torch.tensor([5, 0]), torch.tensor([3, 1])
+    keys = torch.zeros(4, kv_heads, context, dim).half()
+    values = torch.zeros_like(keys)
+    q = torch.empty(2, heads * dim).half()
+    ts._rope_write[(2, heads + 2 * kv_heads)](
+        qkv, qkv.stride(0), cos, sin, positions, rows, keys, values, q,
+        keys.stride(0), keys.stride(1), HEADS=heads, KV_HEADS=kv_heads, D=dim, SHARES=1,
+    )  # fmt: skip
+    flat = qkv[0].float().view(2, heads + 2 * kv_heads, dim)
+    qk = flat[:, : heads + kv_heads]
+    c, s = cos.float()[positions][:, None], sin.float()[positions][:, None]
+    rotated = qk * c + qk.roll(dim // 2, -1) * s
+    assert float((q.float().view(2, heads, dim) - rotated[:, :heads]).abs().max()) < 1e-2
+    for t in range(2):
+        row, pos = int(rows[t]), int(positions[t])
+        got_k = keys[row, :, pos].float()
+        assert float((got_k - rotated[t, heads:]).abs().max()) < 1e-2
+        assert torch.equal(values[row, :, pos], flat[t, heads + kv_heads :].half())
+    assert int((keys != 0).any(-1).sum()) == 2 * kv_heads  # nothing else was written
+
+    # attention of each token over its own row up to its own position
+    keys = torch.randn(4, kv_heads, context, dim).half()
+    values = torch.randn_like(keys)
+    q = torch.randn(2, heads * dim).half()
+    out = torch.empty_like(q)
+    ts._decode_attention[(2, kv_heads)](
+        q, keys, values, positions, rows, out, 0.25, keys.stride(0), keys.stride(1),
+        HEADS=heads, GROUPS=2, GROUPS_P2=2, D=dim, BLOCK_S=4,
+    )  # fmt: skip
+    for t in range(2):
+        row, pos = int(rows[t]), int(positions[t])
+        want = decode_attention(
+            q[t : t + 1].float().view(1, heads, dim),
+            keys[row : row + 1, :, : pos + 1].float(),
+            values[row : row + 1, :, : pos + 1].float(),
+            None,
+            kv_heads,
+            0.25,
+        )
+        assert float((out[t].float() - want[0]).abs().max()) < 1e-2, t
+
+
+if __name__ == "__main__":
+    import torch
+
+    _check_products(torch)
+    _check_step_kernels(torch)
+    print("all kernels agree")
