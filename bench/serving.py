@@ -153,9 +153,13 @@ def main() -> int:
         return {"agreement": sum(same) / len(same), "finite": 1.0}
 
     def median(path: str, slots: list[int]) -> dict[str, float]:
-        decode(path, slots)  # warm-up (captures the CUDA graphs of these buckets)
+        sync()
+        started = time.perf_counter()
+        decode(path, slots)  # warm-up (compiles, captures the CUDA graphs of these buckets)
+        warm_up = time.perf_counter() - started
         runs = [decode(path, slots) for _ in range(args.runs)]
         out = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        out["warm_up_s"] = warm_up
         print(f"  ({path}, {len(slots)} rows: {out})", file=sys.stderr, flush=True)
         return out
 

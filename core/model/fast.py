@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -423,6 +424,8 @@ class FastDecode:
             from core.model.triton_step import TritonLayers
 
             if TritonLayers.applies(self):
+                if build_dir is not None:  # Triton's compiled kernels beside the C++ build
+                    os.environ.setdefault("TRITON_CACHE_DIR", str(build_dir / "triton"))
                 self.triton = TritonLayers(self)
                 self.kind += ", Triton step"
 

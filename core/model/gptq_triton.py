@@ -265,6 +265,18 @@ def _rows_bucket(m: int) -> int:
 GEMV_ROWS = 8  # the GEMV up to this many rows, the GEMM above
 
 
+def default_gemm(m: int, n: int) -> GemmConfig:
+    """A GEMM tiling for M rows: small tiles split along K while few tiles cover M x N
+    (batched decode), larger tiles for prompts."""
+    if m <= 16:
+        return GemmConfig(16, 64, 128, split=4 if n <= 8192 else 2)
+    if m <= 32:
+        return GemmConfig(32, 64, 128, split=2)
+    if m <= 128:
+        return GemmConfig(64, 64, 64, split=1)
+    return GemmConfig(64, 128, 64, split=1, warps=4, stages=3)
+
+
 def gemv_shares(w: GptqWeights, cfg: GemvConfig) -> tuple[int, int]:
     """(shares of K, groups per share) that `_gemv` runs for `w` under `cfg`."""
     groups = w.in_features // w.group
@@ -318,7 +330,7 @@ def matmul(
         partial = torch.empty((split, m, n), dtype=dtype, device=x.device)
         gemv(x, w, partial, cfg)
     else:
-        cfg2 = gemm_config or GemmConfig()
+        cfg2 = gemm_config or default_gemm(m, n)
         block_k = min(cfg2.block_k, w.group)
         tiles = k // block_k
         per = triton.cdiv(tiles, max(1, min(cfg2.split, tiles)))
