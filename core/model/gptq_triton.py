@@ -169,7 +169,9 @@ if triton is not None:
         rows = tl.arange(0, ROWS)
         rows_ok = rows < M
         packed = tl.arange(0, GROUP // 8)  # int32 rows of one group
-        acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        # Products accumulate elementwise in [ROWS, GROUP/8, BLOCK_N] and are summed over K
+        # once at the end: a sum per group would shuffle between threads eight times a group.
+        acc = tl.zeros((ROWS, GROUP // 8, BLOCK_N), dtype=tl.float32)
         first = pid_k * groups_per_split
         last = tl.minimum(first + groups_per_split, K // GROUP)
         for g in range(first, last):
@@ -180,7 +182,7 @@ if triton is not None:
             )  # [GROUP/8, BLOCK_N]
             s = tl.load(s_ptr + g * stride_s + n, mask=n_ok, other=0).to(tl.float32)
             z = tl.load(z_ptr + g * stride_s + n, mask=n_ok, other=0).to(tl.float32) + 8388608.0
-            part = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+            part = tl.zeros((ROWS, GROUP // 8, BLOCK_N), dtype=tl.float32)
             for j in tl.static_range(8):
                 # 2^23 + q as fp32, minus 2^23 + z: exactly q - z
                 q = (((w >> (4 * j)) & 15) | 0x4B000000).to(tl.float32, bitcast=True)
@@ -190,11 +192,12 @@ if triton is not None:
                 if SILU_MUL:  # x is [gate | up] of width 2K: the MLP's silu(gate) * up
                     up = tl.load(at + K, mask=rows_ok[:, None], other=0.0).to(tl.float32)
                     xj = xj / (1.0 + tl.exp(-xj)) * up
-                part += tl.sum(xj[:, :, None] * d[None, :, :], axis=1)
-            acc += part * s[None, :]
+                part += xj[:, :, None] * d[None, :, :]
+            acc += part * s[None, None, :]
+        out = tl.sum(acc, axis=1)  # [ROWS, BLOCK_N]
         tl.store(
             out_ptr + pid_k * M * N + rows[:, None] * N + n[None, :],
-            acc,
+            out,
             mask=rows_ok[:, None] & n_ok[None, :],
         )
 
