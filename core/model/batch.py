@@ -94,6 +94,7 @@ class BatchModel:
         # Both paths normalise through the same function, so a row that moves between them
         # (a decode step beside a prompt chunk, then alone) sees the same rounding.
         self.norm = rms_norm(inner.norm)
+        self.norm_module = inner.norm
         self._norms = [
             (rms_norm(layer.input_layernorm), rms_norm(layer.post_attention_layernorm))
             for layer in self.layers

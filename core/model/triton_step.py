@@ -178,7 +178,7 @@ class TritonLayers:
         self.eps = float(batch.layers[0].input_layernorm.variance_epsilon)
         self.attn_norms = [hf.input_layernorm.weight for hf in batch.layers]
         self.mlp_norms = [hf.post_attention_layernorm.weight for hf in batch.layers]
-        self.final_norm = batch.norm.weight
+        self.final_norm = batch.norm_module.weight
         self.hidden = int(self.final_norm.shape[0])
         self.weights = [
             (lay.qkv.triton, lay.o.triton, lay.gate_up.triton, lay.down.triton)
@@ -204,7 +204,8 @@ class TritonLayers:
                 and getattr(hf.post_attention_layernorm, "weight", None) is not None
                 for hf in batch.layers
             )
-            and getattr(batch.norm, "weight", None) is not None
+            and getattr(batch.norm_module, "weight", None) is not None
+            and hasattr(batch.norm_module, "variance_epsilon")
             and all(
                 p.kind == "triton" and p.bias is None
                 for layer in fast.layers
