@@ -76,11 +76,8 @@ def copy_bandwidth() -> float:
 def configs(rows: int) -> list[tuple[str, object]]:
     out: list[tuple[str, object]] = []
     if rows <= 8:
-        sweep = itertools.product((32, 64, 128), (2, 4, 8, 16), (128, 256, 512), (1, 3))
-        for block_n, split, block_k, stages in sweep:
-            if rows * block_k // 8 * block_n <= 16384:  # the accumulator fits in registers
-                out.append(("gemv", gt.GemvConfig(block_n, split, 4, block_k, stages)))
-        return out
+        for block_n, split, warps in itertools.product((32, 64, 128, 256), (1, 2, 4, 8), (2, 4, 8)):
+            out.append(("gemv", gt.GemvConfig(block_n, split, warps)))
     block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
     sweep = itertools.product((64, 128), (64, 128), (1, 2, 4), (3, 4))
     for block_n, block_k, split, stages in sweep:

@@ -42,14 +42,11 @@ def available() -> bool:
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """How `_gemv` splits a product: outputs per program, shares of K, warps, the K of one
-    loop step (a multiple of 8), and the loads the compiler keeps in flight."""
+    """How `_gemv` splits a product: outputs per program, K shares, warps."""
 
-    block_n: int = 64
+    block_n: int = 128
     split: int = 4
     warps: int = 4
-    block_k: int = 128
-    stages: int = 2
 
 
 @dataclass(frozen=True)
@@ -159,11 +156,10 @@ if triton is not None:
         stride_xm,
         stride_w,
         stride_s,
-        tiles_per_split,
+        groups_per_split,
         GROUP: tl.constexpr,
         ROWS: tl.constexpr,
         BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
         SILU_MUL: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
@@ -172,31 +168,32 @@ if triton is not None:
         n_ok = n < N
         rows = tl.arange(0, ROWS)
         rows_ok = rows < M
-        packed = tl.arange(0, BLOCK_K // 8)  # int32 rows of one tile
-        # Products accumulate elementwise in [ROWS, BLOCK_K/8, BLOCK_N] and are summed over K
-        # once at the end: a sum per tile would shuffle between threads.
-        acc = tl.zeros((ROWS, BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
-        first = pid_k * tiles_per_split
-        last = tl.minimum(first + tiles_per_split, K // BLOCK_K)
-        for t in range(first, last):
-            r = t * (BLOCK_K // 8) + packed  # the tile's int32 rows
-            w = tl.load(w_ptr + r[:, None] * stride_w + n[None, :], mask=n_ok[None, :], other=0)
-            # each int32 row's group: its scale and zero point (repeated rows come from cache)
-            at_s = ((r * 8) // GROUP)[:, None] * stride_s + n[None, :]
-            s = tl.load(s_ptr + at_s, mask=n_ok[None, :], other=0).to(tl.float32)
-            z = tl.load(z_ptr + at_s, mask=n_ok[None, :], other=0).to(tl.float32) + 8388608.0
-            part = tl.zeros((ROWS, BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+        packed = tl.arange(0, GROUP // 8)  # int32 rows of one group
+        # Products accumulate elementwise in [ROWS, GROUP/8, BLOCK_N] and are summed over K
+        # once at the end: a sum per group would shuffle between threads eight times a group.
+        acc = tl.zeros((ROWS, GROUP // 8, BLOCK_N), dtype=tl.float32)
+        first = pid_k * groups_per_split
+        last = tl.minimum(first + groups_per_split, K // GROUP)
+        for g in range(first, last):
+            w = tl.load(
+                w_ptr + (g * (GROUP // 8) + packed)[:, None] * stride_w + n[None, :],
+                mask=n_ok[None, :],
+                other=0,
+            )  # [GROUP/8, BLOCK_N]
+            s = tl.load(s_ptr + g * stride_s + n, mask=n_ok, other=0).to(tl.float32)
+            z = tl.load(z_ptr + g * stride_s + n, mask=n_ok, other=0).to(tl.float32) + 8388608.0
+            part = tl.zeros((ROWS, GROUP // 8, BLOCK_N), dtype=tl.float32)
             for j in tl.static_range(8):
                 # 2^23 + q as fp32, minus 2^23 + z: exactly q - z
                 q = (((w >> (4 * j)) & 15) | 0x4B000000).to(tl.float32, bitcast=True)
-                d = q - z
-                at = x_ptr + rows[:, None] * stride_xm + (r * 8 + j)[None, :]
-                xj = tl.load(at, mask=rows_ok[:, None], other=0.0).to(tl.float32)  # [ROWS, BK/8]
+                d = q - z[None, :]
+                at = x_ptr + rows[:, None] * stride_xm + (g * GROUP + packed * 8 + j)[None, :]
+                xj = tl.load(at, mask=rows_ok[:, None], other=0.0).to(tl.float32)  # [ROWS, GROUP/8]
                 if SILU_MUL:  # x is [gate | up] of width 2K: the MLP's silu(gate) * up
                     up = tl.load(at + K, mask=rows_ok[:, None], other=0.0).to(tl.float32)
                     xj = xj / (1.0 + tl.exp(-xj)) * up
                 part += xj[:, :, None] * d[None, :, :]
-            acc += part * s[None, :, :]
+            acc += part * s[None, None, :]
         out = tl.sum(acc, axis=1)  # [ROWS, BLOCK_N]
         tl.store(
             out_ptr + pid_k * M * N + rows[:, None] * N + n[None, :],
@@ -268,33 +265,31 @@ def _rows_bucket(m: int) -> int:
     raise ValueError(m)
 
 
-GEMV_ROWS = 8  # the GEMV up to this many rows, the GEMM above
+# The GEMV serves one row; from 2 rows the GEMM (it beat the GEMV at 4 rows on every shape of
+# the sweep, and 2-3 rows were not measured).
+GEMV_ROWS = 1
 
 
 def default_gemm(m: int, n: int) -> GemmConfig:
     """A GEMM tiling for M rows: small tiles split along K while few tiles cover M x N
-    (batched decode), larger tiles for prompts."""
+    (batched decode), larger tiles for prompts. The decode tilings are the fastest of a sweep
+    on an H100 for each of a 7B model's four products (`bench/gptq_gemm.py`, BENCHMARKS.md):
+    at 4 rows (16, 64, 64, split 4) won on all four; at 32 rows (32, 128, 64, split 4) on q/k/v
+    and within 10% of the best elsewhere."""
     if m <= 16:
-        return GemmConfig(16, 64, 128, split=4 if n <= 8192 else 2)
+        return GemmConfig(16, 64, 64, split=4)
     if m <= 32:
-        return GemmConfig(32, 64, 128, split=2)
+        return GemmConfig(32, 128, 64, split=4)
     if m <= 128:
         return GemmConfig(64, 64, 64, split=1)
     return GemmConfig(64, 128, 64, split=1, warps=4, stages=3)
 
 
-def _gemv_block_k(w: GptqWeights, cfg: GemvConfig) -> int:
-    block_k = cfg.block_k  # a power of two: halved until it divides K
-    while block_k > 8 and (block_k > w.in_features or w.in_features % block_k):
-        block_k //= 2
-    return block_k
-
-
 def gemv_shares(w: GptqWeights, cfg: GemvConfig) -> tuple[int, int]:
-    """(shares of K, loop steps per share) that `_gemv` runs for `w` under `cfg`."""
-    tiles = w.in_features // _gemv_block_k(w, cfg)
-    per = triton.cdiv(tiles, max(1, min(cfg.split, tiles)))
-    return triton.cdiv(tiles, per), per
+    """(shares of K, groups per share) that `_gemv` runs for `w` under `cfg`."""
+    groups = w.in_features // w.group
+    per = triton.cdiv(groups, max(1, min(cfg.split, groups)))
+    return triton.cdiv(groups, per), per
 
 
 def gemv(
@@ -314,9 +309,8 @@ def gemv(
     _gemv[grid](
         x, w.qweight, w.scales, w.zeros, out, m, n, w.in_features, x.stride(0),
         w.qweight.stride(0), w.scales.stride(0), per,
-        GROUP=w.group, ROWS=_rows_bucket(m), BLOCK_N=cfg.block_n,
-        BLOCK_K=_gemv_block_k(w, cfg), SILU_MUL=silu_mul,
-        num_warps=cfg.warps, num_stages=cfg.stages,
+        GROUP=w.group, ROWS=_rows_bucket(m), BLOCK_N=cfg.block_n, SILU_MUL=silu_mul,
+        num_warps=cfg.warps,
     )  # fmt: skip
 
 
@@ -337,7 +331,7 @@ def matmul(
     if x.stride(1) != 1:
         x = x.contiguous()
     n = w.out_features
-    if m <= min(gemv_rows, GEMV_ROWS):
+    if m <= min(gemv_rows, 8):  # (the GEMV takes up to 8 rows)
         cfg = gemv_config or GemvConfig()
         split, _ = gemv_shares(w, cfg)
         dtype = x.dtype if split == 1 else torch.float32

@@ -299,20 +299,22 @@ class TritonLayers:
         return batch.lm_head(x)
 
 
-# Measured GEMV configurations per (K, N) of a 7B model, H200 (BENCHMARKS.md, `bench/gptq_gemm.py`).
-GEMV_TABLE: dict[str, gt.GemvConfig] = {}
+# The fastest GEMV configuration per (K, N) of a 7B model at one row, from a sweep of 48 on an
+# H100 (`bench/gptq_gemm.py`, BENCHMARKS.md); other shapes get `gemv_config`'s rule.
+GEMV_TABLE: dict[str, gt.GemvConfig] = {
+    "4096x12288": gt.GemvConfig(block_n=64, split=4, warps=4),  # q/k/v, 29.0 us
+    "4096x4096": gt.GemvConfig(block_n=128, split=8, warps=8),  # o, 13.2 us
+    "4096x22016": gt.GemvConfig(block_n=32, split=8, warps=4),  # gate/up, 47.6 us
+    "11008x4096": gt.GemvConfig(block_n=32, split=8, warps=4),  # down, 26.8 us
+}
 
 
 def gemv_config(w: gt.GptqWeights, table: dict[str, gt.GemvConfig] | None = None) -> gt.GemvConfig:
-    """The GEMV configuration for a matrix: from the table when its shape is there, else one
-    that gives every SM of a large GPU a few programs."""
+    """The GEMV configuration for a matrix: from the table when its shape is there, else
+    small column blocks split 8 ways along K (the winners' pattern), fewer for short K."""
     table = GEMV_TABLE if table is None else table
     key = f"{w.in_features}x{w.out_features}"
     if key in table:
         return table[key]
-    block_n = 128 if w.out_features >= 8192 else 64
-    programs = -(-w.out_features // block_n)
-    split = 1
-    while programs * split < 512 and split < 8 and (w.in_features // w.group) >= 2 * split:
-        split *= 2
-    return gt.GemvConfig(block_n=block_n, split=split, warps=4)
+    groups = w.in_features // w.group
+    return gt.GemvConfig(block_n=32 if w.out_features >= 8192 else 64, split=min(8, groups))

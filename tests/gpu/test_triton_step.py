@@ -3,11 +3,14 @@ served through GPTQModel's `torch` kernel, computing what GPTQModel's own kernel
 engine's plain path compute, and replayed from CUDA graphs.
 
 Uses the GPU test model of `test_cuda_engine.py` (SmolLM2's shape, group size 32: 9 heads
-over 3 KV heads, so grouped-query attention is covered)."""
+over 3 KV heads, so grouped-query attention is covered), or the GPTQ checkpoint named by
+LORACORD_TEST_GPU_MODEL (the 7B-shaped random checkpoint of the benchmarks, which skips
+quantizing on the GPU)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,9 +29,13 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
-def triton_app(tmp_path_factory: pytest.TempPathFactory, cuda_model_dir: Path) -> Iterator[App]:  # noqa: F811
+def triton_app(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[App]:
+    named = os.environ.get("LORACORD_TEST_GPU_MODEL")
+    model = Path(named) if named else request.getfixturevalue("cuda_model_dir")
     settings = make_settings(
-        tmp_path_factory.mktemp("triton"), model=str(cuda_model_dir), device="cuda", kernel="torch"
+        tmp_path_factory.mktemp("triton"), model=str(model), device="cuda", kernel="torch"
     )
     app = build(settings)
     loop = asyncio.new_event_loop()
@@ -61,9 +68,9 @@ async def test_the_products_equal_gptqmodels_own_kernel(triton_app: App) -> None
     def compare(model: Any, _tokenizer: Any) -> list[tuple[str, int, float]]:
         errors = []
         layer = model.model.layers[0]
-        for name in ("self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.down_proj"):
+        for name in ("self_attn.v_proj", "mlp.down_proj"):
             module = layer.get_submodule(name)
-            for rows in (1, 5, 8, 40):
+            for rows in (1, 5, 40):
                 x = torch.randn(rows, module.in_features, device="cuda", dtype=torch.float16)
                 ours = module(x).float()  # the module now serves through our kernels
                 theirs = type(module).forward(module, x).float()
