@@ -257,6 +257,43 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& weigh
   return hidden;
 }
 
+#ifdef LORACORD_VNNI
+// J vocabulary rows from `j` times R rows of x from `r`: J x R accumulators kept in registers.
+template <int J, int R>
+static inline void head_block(const int8_t* wp, const int16_t* q, const float* qscale,
+                              const float* sp, float* op, int64_t k, int64_t vocab, int64_t j,
+                              int64_t r) {
+  __m512i acc[J][R];
+#pragma GCC unroll 8
+  for (int a = 0; a < J; ++a)
+#pragma GCC unroll 8
+    for (int b = 0; b < R; ++b) acc[a][b] = _mm512_setzero_si512();
+  for (int64_t c = 0; c < k; c += 32) {
+    __m512i x16[R];
+#pragma GCC unroll 8
+    for (int b = 0; b < R; ++b) x16[b] = _mm512_loadu_si512(q + (r + b) * k + c);
+#pragma GCC unroll 8
+    for (int a = 0; a < J; ++a) {
+      const __m512i w16 = _mm512_cvtepi8_epi16(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + (j + a) * k + c)));
+#pragma GCC unroll 8
+      for (int b = 0; b < R; ++b) acc[a][b] = _mm512_dpwssd_epi32(acc[a][b], w16, x16[b]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int a = 0; a < J; ++a)
+#pragma GCC unroll 8
+    for (int b = 0; b < R; ++b) {
+      // Each lane holds at most k / 16 * 2 * 16383 * 127 (k <= 16384: no overflow); the lanes
+      // add up in int64.
+      const __m512i low = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc[a][b]));
+      const __m512i high = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc[a][b], 1));
+      const int64_t total = _mm512_reduce_add_epi64(_mm512_add_epi64(low, high));
+      op[(r + b) * vocab + j + a] = static_cast<float>(total) * qscale[r + b] * sp[j + a];
+    }
+}
+#endif
+
 // The LM head, `x @ W.T * scale`, with W int8 `[vocab, k]` (k a multiple of 32) and one fp32
 // scale per row: each row of x is quantized to int16 with one scale (its largest value maps to
 // 16383, finer than bf16 for every value within 64x of the largest), and the products are
@@ -291,23 +328,20 @@ at::Tensor lm_head_int8(const at::Tensor& x, const at::Tensor& weight, const at:
   const int8_t* wp = weight.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   at::parallel_for(0, vocab, 512, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      const int8_t* row = wp + j * k;
-      for (int64_t r = 0; r < n; ++r) {
-        const int16_t* a = q.data() + r * k;
-        __m512i acc = _mm512_setzero_si512();
-        for (int64_t c = 0; c < k; c += 32) {
-          const __m512i w16 =
-              _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c)));
-          acc = _mm512_dpwssd_epi32(acc, w16, _mm512_loadu_si512(a + c));
-        }
-        // Each lane holds at most k / 16 * 2 * 16383 * 127 (k <= 16384: no overflow); the
-        // lanes add up in int64.
-        const __m512i low = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc));
-        const __m512i high = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc, 1));
-        const int64_t total = _mm512_reduce_add_epi64(_mm512_add_epi64(low, high));
-        op[r * vocab + j] = static_cast<float>(total) * qscale[r] * sp[j];
-      }
+    // One row of x: two vocabulary rows at a time (two independent chains of vpdpwssd, whose
+    // latency a single chain waits on). Several rows of x: four at a time per vocabulary row,
+    // each 32 weights widened once and used by all four.
+    int64_t j = begin;
+    if (n == 1) {
+      for (; j + 2 <= end; j += 2) head_block<2, 1>(wp, q.data(), qscale.data(), sp, op, k, vocab, j, 0);
+      for (; j < end; ++j) head_block<1, 1>(wp, q.data(), qscale.data(), sp, op, k, vocab, j, 0);
+      return;
+    }
+    for (; j < end; ++j) {
+      int64_t r = 0;
+      for (; r + 4 <= n; r += 4) head_block<1, 4>(wp, q.data(), qscale.data(), sp, op, k, vocab, j, r);
+      for (; r + 2 <= n; r += 2) head_block<1, 2>(wp, q.data(), qscale.data(), sp, op, k, vocab, j, r);
+      for (; r < n; ++r) head_block<1, 1>(wp, q.data(), qscale.data(), sp, op, k, vocab, j, r);
     }
   });
   return out;
