@@ -102,17 +102,22 @@ def cuda_model_dir() -> Path:
     return quantize_on_gpu(base, final)
 
 
-@pytest.fixture(scope="module")
-def cuda_app(tmp_path_factory: pytest.TempPathFactory, cuda_model_dir: Path) -> Iterator[App]:
-    settings = make_settings(
-        tmp_path_factory.mktemp("cuda"), model=str(cuda_model_dir), device="cuda"
-    )
+def running_app(settings: Any) -> Iterator[App]:
+    """The app started on its own event loop for a module's tests, closed after them."""
     app = build(settings)
     loop = asyncio.new_event_loop()
     loop.run_until_complete(app.start())
     yield app
     loop.run_until_complete(app.close())
     loop.close()
+
+
+@pytest.fixture(scope="module")
+def cuda_app(tmp_path_factory: pytest.TempPathFactory, cuda_model_dir: Path) -> Iterator[App]:
+    settings = make_settings(
+        tmp_path_factory.mktemp("cuda"), model=str(cuda_model_dir), device="cuda"
+    )
+    yield from running_app(settings)
 
 
 async def test_serves_with_a_fast_cuda_kernel(cuda_app: App) -> None:

@@ -9,7 +9,6 @@ quantizing on the GPU)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,12 +17,12 @@ from typing import Any
 import pytest
 import torch
 
-from core.app import App, build
+from core.app import App
 from core.model.decoding import render
 from core.model.fidelity import serving_messages
 from core.model.requests import AdapterRef, GenerationParams, GenerationRequest
 from tests.conftest import make_settings
-from tests.gpu.test_cuda_engine import PROMPT, cuda_model_dir  # noqa: F401 (a fixture)
+from tests.gpu.test_cuda_engine import PROMPT, cuda_model_dir, running_app  # noqa: F401
 
 pytestmark = pytest.mark.gpu
 
@@ -37,12 +36,7 @@ def triton_app(
     settings = make_settings(
         tmp_path_factory.mktemp("triton"), model=str(model), device="cuda", kernel="torch"
     )
-    app = build(settings)
-    loop = asyncio.new_event_loop()
-    loop.run_until_complete(app.start())
-    yield app
-    loop.run_until_complete(app.close())
-    loop.close()
+    yield from running_app(settings)
 
 
 async def test_the_triton_step_serves(triton_app: App) -> None:
