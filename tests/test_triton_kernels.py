@@ -74,6 +74,21 @@ def _check_products(torch) -> None:
         act = torch.nn.functional.silu(gate_up[:, :k].float()) * gate_up[:, k:].float()
         want = act @ dense
         assert float((out.sum(0) - want).abs().max() / want.abs().max()) < 2e-3
+    # the check a model's first matrix passes before any module is switched to the kernels
+    w, _ = _random_gptq(256, 64, 64, torch)
+    assert gt.self_check(w) is None
+    real = gt.matmul
+    try:
+        gt.matmul = lambda x, w: real(x, w) * 1.1  # a kernel that computes wrong
+        assert "off by" in gt.self_check(w)
+
+        def broken(x, w):
+            raise RuntimeError("PassManager::run failed\nmore")
+
+        gt.matmul = broken  # a kernel this GPU cannot compile
+        assert gt.self_check(w) == "RuntimeError: PassManager::run failed"
+    finally:
+        gt.matmul = real
     # v1 zero points (stored minus one) unpack with their offset
     zeros = torch.randint(0, 15, (2, 16), dtype=torch.int32)
     packed = torch.zeros(2, 2, dtype=torch.int32)

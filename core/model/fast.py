@@ -155,6 +155,16 @@ class Projection:
             zeros = gt.unpack_zeros(m.qzeros, int(m.out_features), offset).to(m.scales.dtype)
             parts.append(gt.GptqWeights(m.qweight, m.scales, zeros, int(m.group_size)))
         fused = gt.GptqWeights.concat(parts)
+        device = str(fused.qweight.device)
+        if device not in _TRITON_CHECKED:  # the first matrix of a model, once per device
+            _TRITON_CHECKED[device] = gt.self_check(fused)
+            if _TRITON_CHECKED[device] is not None:
+                log.warning(
+                    "the Triton GPTQ kernels are off, serving through GPTQModel's: %s",
+                    _TRITON_CHECKED[device],
+                )
+        if _TRITON_CHECKED[device] is not None:
+            return
         start = 0
         for module, size in zip(self.modules, self.sizes, strict=True):
             view = fused.columns(start, start + size)
@@ -167,6 +177,10 @@ class Projection:
         self.group = fused.group
         self.kind = "triton"
         self._call = lambda x: gt.matmul(x, fused)
+
+
+# Device -> None when the Triton products passed their check there, else why they did not.
+_TRITON_CHECKED: dict[str, str | None] = {}
 
 
 def _trivial_g_idx(module: Any) -> bool:
@@ -427,8 +441,26 @@ class FastDecode:
             if TritonLayers.applies(self):
                 if build_dir is not None:  # Triton's compiled kernels beside the C++ build
                     os.environ.setdefault("TRITON_CACHE_DIR", str(build_dir / "triton"))
-                self.triton = TritonLayers(self)
-                self.kind += ", Triton step"
+                self._use_triton_step(TritonLayers(self))
+
+    def _use_triton_step(self, layers: Any) -> None:
+        """Serve through the Triton step after it gives the eager step's logits on row 0 (free
+        before any request); an error (a kernel this GPU cannot compile) or a different result
+        leaves the eager step, with one warning."""
+        probe = [Segment(0, 0, [1], True)]
+        try:
+            eager = self.step(probe).float()
+            self.triton = layers
+            got = self.step(probe).float()
+            error = float((got - eager).abs().max())
+            if not bool(got.isfinite().all()) or error > 0.05 * float(eager.abs().max()):
+                raise RuntimeError(f"its logits differ from the eager step's by {error:.3g}")
+        except Exception as e:
+            self.triton = None
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            log.warning("the Triton decode step is off, decoding eagerly: %s", text)
+            return
+        self.kind += ", Triton step"
 
     def _build_native(self, build_dir: Path | None) -> None:
         """Build (or load the cached build of) the C++ step and check it once against the

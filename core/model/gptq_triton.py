@@ -355,3 +355,26 @@ def matmul(
     if partial.shape[0] == 1:
         return partial[0]
     return partial.sum(0).to(x.dtype)
+
+
+def self_check(w: GptqWeights) -> str | None:
+    """Run both kernels once on `w` against the dequantized matrix: None when they agree,
+    else why not (a compile error on this GPU, a wrong result). The first matrix of a model
+    is checked before any module is switched to these kernels, so a GPU or Triton version
+    they do not work on keeps GPTQModel's kernel instead of failing every request."""
+    try:
+        generator = torch.Generator(device=w.qweight.device).manual_seed(0)
+        x = torch.randn((3, w.in_features), generator=generator, device=w.qweight.device).to(
+            w.scales.dtype
+        )
+        want = x.float() @ dequantize(w)
+        scale = float(want.abs().max()) or 1.0
+        for rows in (1, 3):
+            got = matmul(x[:rows], w).float()
+            error = float((got - want[:rows]).abs().max()) / scale
+            if not bool(got.isfinite().all()) or error > 1e-2:
+                return f"{rows}-row product off by {error:.3g} of its largest value"
+    except Exception as e:  # any failure means: do not serve through these kernels
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return f"{type(e).__name__}: {text}"
+    return None
