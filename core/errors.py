@@ -7,6 +7,13 @@ Everything above `core` (the CLI, the console, Discord plugins) shows `str(exc)`
 from __future__ import annotations
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's first line of text, or its type's name when it has none: what a
+    one-line warning or error shows of a library's (often multi-line) message."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class LoracordError(Exception):
     """Base of every error whose message is meant for the user."""
 

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from core.errors import first_line
 from core.model.scheduler import Segment
 
 if TYPE_CHECKING:
@@ -457,8 +458,7 @@ class FastDecode:
                 raise RuntimeError(f"its logits differ from the eager step's by {error:.3g}")
         except Exception as e:
             self.triton = None
-            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            log.warning("the Triton decode step is off, decoding eagerly: %s", text)
+            log.warning("the Triton decode step is off, decoding eagerly: %s", first_line(e))
             return
         self.kind += ", Triton step"
 
@@ -489,8 +489,7 @@ class FastDecode:
             self.native = None
             if isinstance(head, Int8Linear):
                 head.native = None
-            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            log.warning("the C++ decode step is off, decoding eagerly: %s", text)
+            log.warning("the C++ decode step is off, decoding eagerly: %s", first_line(e))
             return
         self.build_seconds = time.monotonic() - started
         self.kind += ", native"
@@ -749,7 +748,7 @@ class CudaGraphs:
             try:
                 entry = self._capture(key)
             except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
-                self.failed = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                self.failed = first_line(e)
                 log.warning("CUDA graphs are off, decoding eagerly: %s", self.failed)
                 torch.cuda.synchronize()
                 return None

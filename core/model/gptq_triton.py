@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from core.errors import first_line
+
 try:  # Triton comes with CUDA builds of torch; without it the kernels are not offered
     import triton
     import triton.language as tl
@@ -64,7 +66,8 @@ class GptqWeights:
 
     `zeros` are unpacked once to fp16 `[G, N]` (a quarter of `qweight`'s bytes over a group
     of 128: 1.6% more to read). Asymmetric and symmetric checkpoints are the same to the
-    kernel; act-order checkpoints (a non-trivial `g_idx`) are refused by `from_modules`."""
+    kernel; act-order checkpoints (a non-trivial `g_idx`) are left to GPTQModel's kernel by
+    `core.model.fast.Projection`."""
 
     def __init__(
         self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int
@@ -285,11 +288,27 @@ def default_gemm(m: int, n: int) -> GemmConfig:
     return GemmConfig(64, 128, 64, split=1, warps=4, stages=3)
 
 
+def _shares(steps: int, split: int) -> tuple[int, int]:
+    """(shares, loop steps per share) for `steps` steps along K split about `split` ways."""
+    per = triton.cdiv(steps, max(1, min(split, steps)))
+    return triton.cdiv(steps, per), per
+
+
 def gemv_shares(w: GptqWeights, cfg: GemvConfig) -> tuple[int, int]:
     """(shares of K, groups per share) that `_gemv` runs for `w` under `cfg`."""
-    groups = w.in_features // w.group
-    per = triton.cdiv(groups, max(1, min(cfg.split, groups)))
-    return triton.cdiv(groups, per), per
+    return _shares(w.in_features // w.group, cfg.split)
+
+
+def partials(x: torch.Tensor, shares: int, n: int) -> torch.Tensor:
+    """The output of a kernel run in `shares` shares of K, `[shares, M, N]`: in x's dtype when
+    there is one share (the result as it is), else fp32 shares to sum (`summed`)."""
+    dtype = x.dtype if shares == 1 else torch.float32
+    return torch.empty((shares, x.shape[0], n), dtype=dtype, device=x.device)
+
+
+def summed(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`[shares, M, N]` -> `[M, N]` in `dtype`, the shares added in a fixed order."""
+    return (partial[0] if partial.shape[0] == 1 else partial.sum(0)).to(dtype)
 
 
 def gemv(
@@ -333,18 +352,13 @@ def matmul(
     n = w.out_features
     if m <= min(gemv_rows, 8):  # (the GEMV takes up to 8 rows)
         cfg = gemv_config or GemvConfig()
-        split, _ = gemv_shares(w, cfg)
-        dtype = x.dtype if split == 1 else torch.float32
-        partial = torch.empty((split, m, n), dtype=dtype, device=x.device)
+        partial = partials(x, gemv_shares(w, cfg)[0], n)
         gemv(x, w, partial, cfg)
     else:
         cfg2 = gemm_config or default_gemm(m, n)
         block_k = min(cfg2.block_k, w.group)
-        tiles = k // block_k
-        per = triton.cdiv(tiles, max(1, min(cfg2.split, tiles)))
-        split = triton.cdiv(tiles, per)
-        dtype = x.dtype if split == 1 else torch.float32
-        partial = torch.empty((split, m, n), dtype=dtype, device=x.device)
+        split, per = _shares(k // block_k, cfg2.split)
+        partial = partials(x, split, n)
         grid = (triton.cdiv(m, cfg2.block_m), triton.cdiv(n, cfg2.block_n), split)
         _gemm[grid](
             x, w.qweight, w.scales, w.zeros, partial, m, n, k, x.stride(0),
@@ -352,9 +366,7 @@ def matmul(
             GROUP=w.group, BLOCK_M=cfg2.block_m, BLOCK_N=cfg2.block_n, BLOCK_K=block_k,
             num_warps=cfg2.warps, num_stages=cfg2.stages,
         )  # fmt: skip
-    if partial.shape[0] == 1:
-        return partial[0]
-    return partial.sum(0).to(x.dtype)
+    return summed(partial, x.dtype)
 
 
 def self_check(w: GptqWeights) -> str | None:
@@ -375,6 +387,5 @@ def self_check(w: GptqWeights) -> str | None:
             if not bool(got.isfinite().all()) or error > 1e-2:
                 return f"{rows}-row product off by {error:.3g} of its largest value"
     except Exception as e:  # any failure means: do not serve through these kernels
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return f"{type(e).__name__}: {text}"
+        return f"{type(e).__name__}: {first_line(e)}"
     return None

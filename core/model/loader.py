@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from core.errors import ModelError
+from core.errors import ModelError, first_line
 from core.model.kernels import Runtime, cuda_serving_order
 from core.model.source import read_quantization
 
@@ -94,7 +94,7 @@ def load_for_serving(path: Path, runtime: Runtime) -> tuple[Any, Any, float]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise ModelError(f"could not load the tokenizer from {path}: {_first_line(e)}") from e
+        raise ModelError(f"could not load the tokenizer from {path}: {first_line(e)}") from e
     kernels = _kernels_for(runtime, quant)
     for index, kernel in enumerate(kernels):
         try:
@@ -102,12 +102,12 @@ def load_for_serving(path: Path, runtime: Runtime) -> tuple[Any, Any, float]:
             break
         except (OSError, ValueError, RuntimeError, ImportError, NotImplementedError) as e:
             if index + 1 == len(kernels):
-                raise ModelError(f"could not load the model from {path}: {_first_line(e)}") from e
+                raise ModelError(f"could not load the model from {path}: {first_line(e)}") from e
             log.warning(
                 "kernel %s cannot serve %s (%s); trying %s",
                 kernel,
                 path.name,
-                _first_line(e),
+                first_line(e),
                 kernels[index + 1],
             )
     model.eval()
@@ -187,11 +187,6 @@ def _kernels_for(runtime: Runtime, quant: dict[str, Any]) -> tuple[str, ...]:
     if runtime.device == "cuda" and runtime.fallbacks:  # `auto`: the table, by checkpoint
         kernels = cuda_serving_order(symmetric)
     return kernels
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _load_with_kernel(path: Path, runtime: Runtime, kernel: str, bits: int) -> Any:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from core.adapters import SERVED_TARGETS, AdapterSpec, BaseShapes
-from core.errors import AdapterError
+from core.errors import AdapterError, first_line
 
 
 @dataclass
@@ -70,11 +70,6 @@ def _refuse_unless_finite(keys: list[tuple[int, str]], matrices: list[torch.Tens
         )
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def read_weights(spec: AdapterSpec, *, check: bool = True) -> AdapterWeights:
     """The matrices `spec` names, read from its safetensors file. Touches no model (it runs off
     the engine's thread). Raises `AdapterError` (one line) when they cannot be read or (with
@@ -106,7 +101,7 @@ def read_weights(spec: AdapterSpec, *, check: bool = True) -> AdapterWeights:
                 a, b = a.to(torch.float32), b.to(torch.float32)
             tensors[key] = (a, b)
     except (SafetensorError, OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-        raise AdapterError(f"the adapter's weights cannot be read: {_first_line(e)}") from None
+        raise AdapterError(f"the adapter's weights cannot be read: {first_line(e)}") from None
     weights = AdapterWeights(spec.rank, spec.scale, tensors)
     if check:
         weights.check_finite()

@@ -172,20 +172,19 @@ class TritonLayers:
     (`Projection.kind == "triton"`), with RMSNorms and SiLU, no per-head norms (Qwen3), no
     biases, and a head size that is a power of two."""
 
-    def __init__(self, fast: FastDecode, table: dict[str, gt.GemvConfig] | None = None) -> None:
+    def __init__(self, fast: FastDecode) -> None:
         batch = fast.batch
         self.fast = fast
         self.eps = float(batch.layers[0].input_layernorm.variance_epsilon)
         self.attn_norms = [hf.input_layernorm.weight for hf in batch.layers]
         self.mlp_norms = [hf.post_attention_layernorm.weight for hf in batch.layers]
         self.final_norm = batch.norm_module.weight
-        self.hidden = int(self.final_norm.shape[0])
         self.weights = [
             (lay.qkv.triton, lay.o.triton, lay.gate_up.triton, lay.down.triton)
             for lay in fast.layers
         ]
         first = self.weights[0]
-        self.configs = tuple(gemv_config(w, table) for w in first)
+        self.configs = tuple(gemv_config(w) for w in first)
         self.groups = fast.heads // fast.kv_heads
 
     @staticmethod
@@ -219,11 +218,8 @@ class TritonLayers:
     ) -> torch.Tensor:
         """`[shares, M, N]`: the GEMV's shares of K (summed by the next kernel), or one share
         from the GEMM above its rows."""
-        m = x.shape[0]
-        if m <= gt.GEMV_ROWS:
-            shares, _ = gt.gemv_shares(w, cfg)
-            dtype = x.dtype if shares == 1 else torch.float32
-            out = torch.empty((shares, m, w.out_features), dtype=dtype, device=x.device)
+        if x.shape[0] <= gt.GEMV_ROWS:
+            out = gt.partials(x, gt.gemv_shares(w, cfg)[0], w.out_features)
             gt.gemv(x, w, out, cfg, silu_mul=silu_mul)
             return out
         if silu_mul:
@@ -269,7 +265,7 @@ class TritonLayers:
         for index, (qkv_w, o_w, gate_up_w, down_w) in enumerate(self.weights):
             qkv = self._project(x, qkv_w, qkv_cfg)
             if delta is not None:
-                qkv = qkv.sum(0, dtype=torch.float32) if qkv.shape[0] > 1 else qkv[0].float()
+                qkv = gt.summed(qkv, torch.float32)
                 qkv[:, :q_width] += delta(index, "q_proj", x)
                 qkv[:, q_width : q_width + k_width] += delta(index, "k_proj", x)
                 qkv[:, q_width + k_width :] += delta(index, "v_proj", x)
@@ -288,11 +284,11 @@ class TritonLayers:
             )  # fmt: skip
             o = self._project(attended, o_w, o_cfg)
             if delta is not None:
-                o = o.sum(0, dtype=torch.float32) if o.shape[0] > 1 else o[0].float()
+                o = gt.summed(o, torch.float32)
                 o = (o + delta(index, "o_proj", attended)).to(hidden.dtype)[None]
             x = self._norm(hidden, o, self.mlp_norms[index])
             gate_up = self._project(x, gate_up_w, gate_up_cfg)
-            gate_up = gate_up[0] if gate_up.shape[0] == 1 else gate_up.sum(0).to(hidden.dtype)
+            gate_up = gt.summed(gate_up, hidden.dtype)
             down = self._project(gate_up, down_w, down_cfg, silu_mul=True)
             last = index + 1 == len(self.weights)
             x = self._norm(hidden, down, self.final_norm if last else self.attn_norms[index + 1])
@@ -309,12 +305,11 @@ GEMV_TABLE: dict[str, gt.GemvConfig] = {
 }
 
 
-def gemv_config(w: gt.GptqWeights, table: dict[str, gt.GemvConfig] | None = None) -> gt.GemvConfig:
+def gemv_config(w: gt.GptqWeights) -> gt.GemvConfig:
     """The GEMV configuration for a matrix: from the table when its shape is there, else
     small column blocks split 8 ways along K (the winners' pattern), fewer for short K."""
-    table = GEMV_TABLE if table is None else table
     key = f"{w.in_features}x{w.out_features}"
-    if key in table:
-        return table[key]
+    if key in GEMV_TABLE:
+        return GEMV_TABLE[key]
     groups = w.in_features // w.group
     return gt.GemvConfig(block_n=32 if w.out_features >= 8192 else 64, split=min(8, groups))

@@ -13,6 +13,7 @@ import traceback
 from pathlib import Path
 from typing import Any, TextIO
 
+from core.errors import first_line
 from core.training.protocol import (
     EXIT_CANCELLED,
     EXIT_ERROR,
@@ -23,11 +24,6 @@ from core.training.protocol import (
 )
 
 OOM_ADVICE = "lower training.batch_size or training.max_length"
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -48,8 +44,8 @@ def describe(error: BaseException) -> str:
     if _is_out_of_memory(error):
         return f"out of memory while training: {OOM_ADVICE}"
     if isinstance(error, JobError | TrainingError | LoracordError):
-        return _first_line(error)
-    return f"training failed: {type(error).__name__}: {_first_line(error)}"
+        return first_line(error)
+    return f"training failed: {type(error).__name__}: {first_line(error)}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -171,6 +171,47 @@ async def test_greedy_tokens_equal_plain_generate_cuda(cuda_app: App) -> None:
     assert answer == tokenizer.decode(new_ids, skip_special_tokens=True)
 
 
+async def load_test_adapters(
+    engine: Any, refs: list[AdapterRef], tmp_path: Path, seed: int
+) -> list[int]:
+    """Small random adapters for the served model, loaded into slots; their slot numbers."""
+    from core.adapters import BaseShapes
+    from tests.adapter_kit import write_adapter
+
+    shapes = BaseShapes.of_model(Path(engine.info.path))
+    slots = []
+    for i, ref in enumerate(refs):
+        folder = write_adapter(tmp_path / ref.name, shapes, seed=i + seed, strength=0.1)
+        status = await engine.load_adapter(ref, folder)
+        assert status.slot is not None
+        slots.append(status.slot)
+    return slots
+
+
+def forced_tokens(tokenizer: Any, seed: int) -> tuple[list[int], list[int]]:
+    """The served prompt's tokens and 24 seeded answer tokens to feed (teacher forcing)."""
+    ids = render(tokenizer, serving_messages(None, PROMPT))
+    generator = torch.Generator().manual_seed(seed)
+    return ids, [int(t) for t in torch.randint(100, 1000, (24,), generator=generator)]
+
+
+def teacher_forced(
+    batch: Any, ids: list[int], answer: list[int], rows: list[tuple[int, int]], path: str
+) -> torch.Tensor:
+    """Logits `[steps, rows, vocab]` of `rows` (row, adapter slot) fed the prompt, then each
+    answer token, through the plain step (`path == "plain"`) or the serving step."""
+    from core.model.scheduler import Segment
+
+    for row, slot in rows:
+        batch.plain_step([Segment(row, 0, ids, True, slot)])
+    logits = []
+    for i, token in enumerate(answer):
+        segments = [Segment(r, len(ids) + i, [token], True, s) for r, s in rows]
+        out = batch.plain_step(segments) if path == "plain" else batch.step(segments)
+        logits.append(out.float().cpu())
+    return torch.stack(logits)
+
+
 async def test_decode_replays_cuda_graphs_that_match_the_plain_path(
     cuda_app: App, tmp_path: Path
 ) -> None:
@@ -180,10 +221,6 @@ async def test_decode_replays_cuda_graphs_that_match_the_plain_path(
     tokens (teacher forcing), rows on the base and on two adapters pick the same next token at
     >= 90% of positions and their logits differ by < 5% of their range (fp16 kernels are not
     bit-reproducible, and random weights give near-flat logits)."""
-    from core.adapters import BaseShapes
-    from core.model.scheduler import Segment
-    from tests.adapter_kit import write_adapter
-
     engine = cuda_app.engine
     info = engine.info
     batch = engine._batch
@@ -199,32 +236,15 @@ async def test_decode_replays_cuda_graphs_that_match_the_plain_path(
     params = GenerationParams(max_new_tokens=8, temperature=0.0)
     await (await engine.submit(GenerationRequest.from_prompt(PROMPT, params))).text()
     assert batch.paths[path] > before
-    shapes = BaseShapes.of_model(Path(info.path))
     refs = [AdapterRef("ga", "v1"), AdapterRef("gb", "v1")]
-    slots = [0]
-    for i, ref in enumerate(refs):
-        folder = write_adapter(tmp_path / ref.name, shapes, seed=i + 7, strength=0.1)
-        status = await engine.load_adapter(ref, folder)
-        assert status.slot is not None
-        slots.append(status.slot)
+    slots = [0, *await load_test_adapters(engine, refs, tmp_path, seed=7)]
 
     def compare(_model: Any, tokenizer: Any) -> tuple[float, float, int]:
-        ids = render(tokenizer, serving_messages(None, PROMPT))
-        answer = [
-            int(t)
-            for t in torch.randint(100, 1000, (24,), generator=torch.Generator().manual_seed(1))
-        ]
-        runs = {}
-        for path in ("plain", "graph"):
-            for row, slot in enumerate(slots):
-                batch.plain_step([Segment(row, 0, ids, True, slot)])
-            logits = []
-            for i, token in enumerate(answer):
-                segments = [Segment(r, len(ids) + i, [token], True, s) for r, s in enumerate(slots)]
-                out = batch.plain_step(segments) if path == "plain" else batch.step(segments)
-                logits.append(out.float().cpu())
-            runs[path] = torch.stack(logits)  # [steps, rows, vocab]
-        plain, graph = runs["plain"], runs["graph"]
+        ids, answer = forced_tokens(tokenizer, seed=1)
+        rows = list(enumerate(slots))
+        plain, graph = (
+            teacher_forced(batch, ids, answer, rows, path) for path in ("plain", "graph")
+        )
         agree = float((plain.argmax(-1) == graph.argmax(-1)).float().mean())
         spread = float(plain.amax(-1).sub(plain.amin(-1)).mean())
         return agree, float((plain - graph).abs().max()) / spread, batch.paths[path]

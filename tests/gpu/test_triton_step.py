@@ -18,11 +18,16 @@ import pytest
 import torch
 
 from core.app import App
-from core.model.decoding import render
-from core.model.fidelity import serving_messages
 from core.model.requests import AdapterRef, GenerationParams, GenerationRequest
 from tests.conftest import make_settings
-from tests.gpu.test_cuda_engine import PROMPT, cuda_model_dir, running_app  # noqa: F401
+from tests.gpu.test_cuda_engine import (  # noqa: F401 (cuda_model_dir: a fixture)
+    PROMPT,
+    cuda_model_dir,
+    forced_tokens,
+    load_test_adapters,
+    running_app,
+    teacher_forced,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -79,40 +84,16 @@ async def test_the_products_equal_gptqmodels_own_kernel(triton_app: App) -> None
 async def test_the_triton_step_matches_the_plain_path(triton_app: App, tmp_path: Path) -> None:
     """Teacher-forced: rows on the base and on two adapters, 24 tokens; the graph-replayed
     Triton step picks the plain path's next token at >= 90% of positions, logits within 5%."""
-    from core.adapters import BaseShapes
-    from core.model.scheduler import Segment
-    from tests.adapter_kit import write_adapter
-
     engine = triton_app.engine
-    info = engine.info
     batch = engine._batch
-    assert info is not None
-    shapes = BaseShapes.of_model(Path(info.path))
     refs = [AdapterRef("ta", "v1"), AdapterRef("tb", "v1")]
-    slots = [0]
-    for i, ref in enumerate(refs):
-        folder = write_adapter(tmp_path / ref.name, shapes, seed=i + 3, strength=0.1)
-        status = await engine.load_adapter(ref, folder)
-        assert status.slot is not None
-        slots.append(status.slot)
+    slots = [0, *await load_test_adapters(engine, refs, tmp_path, seed=3)]
 
     def compare(_model: Any, tokenizer: Any) -> tuple[float, float]:
-        ids = render(tokenizer, serving_messages(None, PROMPT))
-        answer = [
-            int(t)
-            for t in torch.randint(100, 1000, (24,), generator=torch.Generator().manual_seed(2))
-        ]
-        runs = {}
-        for path in ("plain", "graph", "single"):
-            rows = [(0, slots[1])] if path == "single" else list(enumerate(slots))
-            for row, slot in rows:
-                batch.plain_step([Segment(row, 0, ids, True, slot)])
-            logits = []
-            for i, token in enumerate(answer):
-                segments = [Segment(r, len(ids) + i, [token], True, s) for r, s in rows]
-                out = batch.plain_step(segments) if path == "plain" else batch.step(segments)
-                logits.append(out.float().cpu())
-            runs[path] = torch.stack(logits)  # [steps, rows, vocab]
+        ids, answer = forced_tokens(tokenizer, seed=2)
+        rows = list(enumerate(slots))
+        runs = {path: teacher_forced(batch, ids, answer, rows, path) for path in ("plain", "graph")}
+        runs["single"] = teacher_forced(batch, ids, answer, [(0, slots[1])], "single")
         plain, graph = runs["plain"], runs["graph"]
         agree = float((plain.argmax(-1) == graph.argmax(-1)).float().mean())
         spread = float(plain.amax(-1).sub(plain.amin(-1)).mean())
