@@ -718,6 +718,13 @@ class CudaGraphs:
         self.failed: str | None = None
         self.captures = 0
 
+    def reset(self) -> None:
+        """Drop every captured graph, and their memory pool with them: a later capture must
+        not name a pool that no graph holds (PyTorch asserts on it). For measurements that
+        change what a step runs."""
+        self._graphs.clear()
+        self._pool = None
+
     def step(self, segments: list[Segment]) -> torch.Tensor | None:
         """Logits `[n, vocab]` for the segments, or None when graphs are off."""
         if self.failed is not None:
