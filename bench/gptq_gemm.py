@@ -75,8 +75,10 @@ def copy_bandwidth() -> float:
 
 def configs(rows: int) -> list[tuple[str, object]]:
     out: list[tuple[str, object]] = []
-    if rows <= 8:
-        for block_n, split, warps in itertools.product((32, 64, 128, 256), (1, 2, 4, 8), (2, 4, 8)):
+    if rows == 1:
+        for block_n, split, warps in itertools.product(
+            (32, 64, 128, 256), (2, 4, 8, 16), (2, 4, 8)
+        ):
             out.append(("gemv", gt.GemvConfig(block_n, split, warps)))
     block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
     sweep = itertools.product((64, 128), (64, 128), (1, 2, 4), (3, 4))
@@ -105,7 +107,7 @@ def main() -> None:
             best = None
             for kind, cfg in configs(rows):
                 if kind == "gemv":
-                    kwargs = {"gemv_config": cfg, "gemv_rows": 8}
+                    kwargs = {"gemv_config": cfg}
                 else:
                     kwargs = {"gemm_config": cfg, "gemv_rows": 0}
                 try:

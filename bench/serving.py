@@ -58,6 +58,12 @@ def main() -> int:
     parser.add_argument("--bandwidth", type=float, default=0.0, help="memory GB/s, for the bound")
     parser.add_argument("--llama-cpp", default="auto")
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--gemv-table",
+        default=None,
+        help="CUDA: GEMV configurations per shape from `bench/gptq_gemm.py --json` (its one-row "
+        "results) in place of the committed table, to serve with a fresh sweep's winners",
+    )
     args = parser.parse_args()
 
     import torch
@@ -73,6 +79,12 @@ def main() -> int:
 
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
+    if args.gemv_table:
+        from core.model import gptq_triton as gt
+
+        for row in json.loads(Path(args.gemv_table).read_text())["results"]:
+            if row["rows"] == 1 and row["kernel"] == "gemv":
+                gt.GEMV_TABLE[f"{row['K']}x{row['N']}"] = gt.GemvConfig(**row["config"])
     settings = load(None, environ={})
     resolved = resolve(args.model, settings.cache_dir)
     runtime = choose_runtime(args.device, args.dtype, args.kernel)

@@ -599,7 +599,7 @@ class FastDecode:
         lora: LoraStep | None = None
         if batch.lora is not None and any(s.slot for s in segments):
             lora = batch.lora.plan([s.slot for s in segments])
-        if self.triton is not None:  # eight Triton kernels per layer
+        if self.triton is not None:  # nine Triton kernels per layer
             with torch.inference_mode():
                 rows_t = torch.tensor(rows, device=device)
                 return self.triton.forward(ids, positions, rows_t, lora.delta if lora else None)

@@ -9,12 +9,15 @@ Two kernels read GPTQ's own layout, so the checkpoint is used as loaded (no repa
 held twice): `qweight [K/8, N]` int32 with eight 4-bit values of consecutive k per int32,
 `scales [G, N]` and zero points `[G, N]` for groups of `group` consecutive k.
 
-- `_gemv` (1 to 8 rows): each program takes `block_n` outputs and a `1/split` share of K; a
-  warp reads whole rows of `qweight` (contiguous along N), so loads are coalesced. The 4-bit
-  values become floats without a conversion instruction: `q | 0x4B000000` read as fp32 is
-  `2^23 + q` exactly, so `(q - z)` is one subtraction of `2^23 + z` (conversions run at a
-  quarter of the rate of the other arithmetic on these GPUs and would bound the kernel).
-  The group's scale multiplies the group's partial sum, once per output.
+- `_gemv` (one row, decode): each program takes `block_n` outputs and a `1/split` share of
+  K; a warp reads whole rows of `qweight` (contiguous along N), so loads are coalesced. At one
+  row the kernel is bound by its arithmetic per weight, not by memory, so that arithmetic is
+  three instructions: the 4-bit values become floats without a conversion instruction (a
+  nibble at bit 4p masked in place and or-ed with 0x4B000000 reads as fp32 `2^23 + q 16^p`
+  exactly: one `lop3`), one subtraction of `2^23 + z 16^p` gives `(q - z) 16^p`, and one
+  multiply-add with x pre-scaled by `16^-p`. No shift per value (one per int32 for the upper
+  four), no conversion (those run at a quarter of the rate). The group's scale multiplies
+  the group's partial sum, once per output.
 - `_gemm` (more rows, prompts): tiles of `qweight` unpacked to fp16 in registers the same way
   (`q | 0x6400` read as fp16 is `1024 + q`), then `tl.dot` on tensor cores.
 
@@ -24,6 +27,7 @@ after: the order of the sum is fixed, so a replayed step gives the same numbers 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +40,11 @@ try:  # Triton comes with CUDA builds of torch; without it the kernels are not o
 except ImportError:  # pragma: no cover - depends on the torch build
     triton = None
     tl = None
+
+
+# Triton's interpreter (`TRITON_INTERPRET=1`, the CPU check of these kernels) runs no PTX: the
+# GEMV's one inline instruction is then written as Triton operations.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def available() -> bool:
@@ -147,62 +156,66 @@ def dequantize(w: GptqWeights) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
+    def _nibbles(w, mask, ASM: tl.constexpr):
+        """`(w & mask) | 0x4B000000` read as fp32: 2^23 + the masked bits, exactly. With
+        `ASM`, one `lop3` instruction (the compiler otherwise emits an and and an or: a third
+        of the GEMV's arithmetic); without it the same value in Triton's own operations, for
+        the interpreter that checks the kernels on a CPU."""
+        if ASM:
+            return tl.inline_asm_elementwise(
+                "lop3.b32 $0, $1, $2, 0x4B000000, 0xEA;",
+                "=r,r,r",
+                [w, tl.zeros_like(w) + mask],
+                dtype=tl.float32,
+                is_pure=True,
+                pack=1,
+            )
+        return ((w & mask) | 0x4B000000).to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _gemv(
         x_ptr,
         w_ptr,
         s_ptr,
         z_ptr,
         out_ptr,
-        M,
         N,
         K,
-        stride_xm,
         stride_w,
         stride_s,
         groups_per_split,
         GROUP: tl.constexpr,
-        ROWS: tl.constexpr,
         BLOCK_N: tl.constexpr,
-        SILU_MUL: tl.constexpr,
+        ASM: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < N
-        rows = tl.arange(0, ROWS)
-        rows_ok = rows < M
         packed = tl.arange(0, GROUP // 8)  # int32 rows of one group
-        # Products accumulate elementwise in [ROWS, GROUP/8, BLOCK_N] and are summed over K
-        # once at the end: a sum per group would shuffle between threads eight times a group.
-        acc = tl.zeros((ROWS, GROUP // 8, BLOCK_N), dtype=tl.float32)
+        w_ptrs = w_ptr + packed[:, None] * stride_w + n[None, :]
+        # Products accumulate elementwise in [GROUP/8, BLOCK_N] and are summed over K once
+        # at the end: a sum per group would shuffle between threads eight times a group.
+        acc = tl.zeros((GROUP // 8, BLOCK_N), dtype=tl.float32)
         first = pid_k * groups_per_split
         last = tl.minimum(first + groups_per_split, K // GROUP)
         for g in range(first, last):
-            w = tl.load(
-                w_ptr + (g * (GROUP // 8) + packed)[:, None] * stride_w + n[None, :],
-                mask=n_ok[None, :],
-                other=0,
-            )  # [GROUP/8, BLOCK_N]
+            w = tl.load(w_ptrs + g * (GROUP // 8) * stride_w, mask=n_ok[None, :], other=0)
             s = tl.load(s_ptr + g * stride_s + n, mask=n_ok, other=0).to(tl.float32)
-            z = tl.load(z_ptr + g * stride_s + n, mask=n_ok, other=0).to(tl.float32) + 8388608.0
-            part = tl.zeros((ROWS, GROUP // 8, BLOCK_N), dtype=tl.float32)
-            for j in tl.static_range(8):
-                # 2^23 + q as fp32, minus 2^23 + z: exactly q - z
-                q = (((w >> (4 * j)) & 15) | 0x4B000000).to(tl.float32, bitcast=True)
-                d = q - z[None, :]
-                at = x_ptr + rows[:, None] * stride_xm + (g * GROUP + packed * 8 + j)[None, :]
-                xj = tl.load(at, mask=rows_ok[:, None], other=0.0).to(tl.float32)  # [ROWS, GROUP/8]
-                if SILU_MUL:  # x is [gate | up] of width 2K: the MLP's silu(gate) * up
-                    up = tl.load(at + K, mask=rows_ok[:, None], other=0.0).to(tl.float32)
-                    xj = xj / (1.0 + tl.exp(-xj)) * up
-                part += xj[:, :, None] * d[None, :, :]
-            acc += part * s[None, None, :]
-        out = tl.sum(acc, axis=1)  # [ROWS, BLOCK_N]
-        tl.store(
-            out_ptr + pid_k * M * N + rows[:, None] * N + n[None, :],
-            out,
-            mask=rows_ok[:, None] & n_ok[None, :],
-        )
+            z = tl.load(z_ptr + g * stride_s + n, mask=n_ok, other=0).to(tl.float32)
+            words = (w, w >> 16)  # nibbles 0-3 in place, 4-7 in the low half of the second
+            part = tl.zeros((GROUP // 8, BLOCK_N), dtype=tl.float32)
+            for half in tl.static_range(2):
+                for p in tl.static_range(4):
+                    # The nibble at bit 4p, masked in place, is 2^23 + q 16^p as fp32; minus
+                    # 2^23 + z 16^p it is (q - z) 16^p exactly, and x is scaled by 16^-p.
+                    at = x_ptr + g * GROUP + packed * 8 + 4 * half + p
+                    xj = tl.load(at).to(tl.float32)  # [GROUP/8]
+                    v = _nibbles(words[half], 15 << (4 * p), ASM)
+                    d = v - (z * (1 << (4 * p)) + 8388608.0)[None, :]
+                    part += (xj * (1.0 / (1 << (4 * p))))[:, None] * d
+            acc += part * s[None, :]
+        tl.store(out_ptr + pid_k * N + n, tl.sum(acc, axis=0), mask=n_ok)
 
     @triton.jit
     def _gemm(
@@ -261,16 +274,29 @@ if triton is not None:
         )
 
 
-def _rows_bucket(m: int) -> int:
-    for size in (1, 2, 4, 8):
-        if m <= size:
-            return size
-    raise ValueError(m)
-
-
-# The GEMV serves one row; from 2 rows the GEMM (it beat the GEMV at 4 rows on every shape of
-# the sweep, and 2-3 rows were not measured).
+# The GEMV serves one row; from 2 rows the GEMM (it beat a GEMV of up to 8 rows at 4 rows on
+# every shape of the sweep).
 GEMV_ROWS = 1
+
+
+# The fastest GEMV configuration per (K, N) of a 7B model at one row, from a sweep of 48 on an
+# H100 (`bench/gptq_gemm.py --rows 1`, BENCHMARKS.md); other shapes get `gemv_config_for`'s rule.
+GEMV_TABLE: dict[str, GemvConfig] = {
+    "4096x12288": GemvConfig(block_n=32, split=4, warps=2),  # q/k/v, 16.5 us
+    "4096x4096": GemvConfig(block_n=32, split=8, warps=2),  # o, 9.0 us
+    "4096x22016": GemvConfig(block_n=64, split=8, warps=4),  # gate/up, 29.8 us
+    "11008x4096": GemvConfig(block_n=32, split=8, warps=2),  # down, 15.0 us
+}
+
+
+def gemv_config_for(w: GptqWeights) -> GemvConfig:
+    """The GEMV configuration for a matrix: from the table when its shape is there, else
+    small column blocks split 8 ways along K (the winners' pattern), fewer for short K."""
+    key = f"{w.in_features}x{w.out_features}"
+    if key in GEMV_TABLE:
+        return GEMV_TABLE[key]
+    groups = w.in_features // w.group
+    return GemvConfig(block_n=32 if w.out_features >= 8192 else 64, split=min(8, groups))
 
 
 def default_gemm(m: int, n: int) -> GemmConfig:
@@ -316,19 +342,18 @@ def gemv(
     w: GptqWeights,
     out: torch.Tensor,
     cfg: GemvConfig,
-    *,
-    silu_mul: bool = False,
 ) -> None:
-    """`_gemv` into `out [split, M, N]` (fp32 when split > 1: the caller sums the shares).
-    With `silu_mul`, x is `[M, 2K]` holding gate and up, and the input is silu(gate) * up."""
-    m = x.shape[0]
+    """`_gemv` of one row `x [1, K]` into `out [split, 1, N]` (fp32 when split > 1: the caller
+    sums the shares)."""
+    if x.shape[0] != 1 or x.stride(-1) != 1:
+        raise ValueError("the GEMV takes one contiguous row")
     split, per = gemv_shares(w, cfg)
     n = w.out_features
     grid = (triton.cdiv(n, cfg.block_n), split)
     _gemv[grid](
-        x, w.qweight, w.scales, w.zeros, out, m, n, w.in_features, x.stride(0),
-        w.qweight.stride(0), w.scales.stride(0), per,
-        GROUP=w.group, ROWS=_rows_bucket(m), BLOCK_N=cfg.block_n, SILU_MUL=silu_mul,
+        x, w.qweight, w.scales, w.zeros, out, n, w.in_features, w.qweight.stride(0),
+        w.scales.stride(0), per,
+        GROUP=w.group, BLOCK_N=cfg.block_n, ASM=not INTERPRETED,
         num_warps=cfg.warps,
     )  # fmt: skip
 
@@ -341,7 +366,8 @@ def matmul(
     gemm_config: GemmConfig | None = None,
     gemv_rows: int = GEMV_ROWS,
 ) -> torch.Tensor:
-    """`x [M, K] @ W` -> `[M, N]` in x's dtype; the GEMV for M <= `gemv_rows`, else the GEMM."""
+    """`x [M, K] @ W` -> `[M, N]` in x's dtype; the GEMV for one row (when `gemv_rows` is
+    not 0), else the GEMM."""
     if triton is None:
         raise RuntimeError("Triton is not installed")
     m, k = x.shape
@@ -350,8 +376,8 @@ def matmul(
     if x.stride(1) != 1:
         x = x.contiguous()
     n = w.out_features
-    if m <= min(gemv_rows, 8):  # (the GEMV takes up to 8 rows)
-        cfg = gemv_config or GemvConfig()
+    if m <= min(gemv_rows, 1):
+        cfg = gemv_config or gemv_config_for(w)
         partial = partials(x, gemv_shares(w, cfg)[0], n)
         gemv(x, w, partial, cfg)
     else:

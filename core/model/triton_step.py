@@ -1,4 +1,4 @@
-"""The decode step on CUDA as eight Triton kernels per layer, for GPTQ checkpoints.
+"""The decode step on CUDA as nine Triton kernels per layer, for GPTQ checkpoints.
 
 Captured in a CUDA graph, the eager fast step of a 7B model on an H200 was still ~1,000 small
 kernels: per layer a norm, three q/k/v products and a concatenation, five for the rotation,
@@ -14,7 +14,7 @@ costs ~2 us, as much as reading the layer's weights. Here a layer is:
 4. `_decode_attention`: each row's query over its cache up to its own position (online
    softmax over blocks of positions, so the span needs no bucket);
 5. the o GEMV; 6. `_add_rms_norm`; 7. the gate/up GEMV;
-8. the down GEMV, whose input is silu(gate) * up computed as it loads.
+8. `_silu_mul`: the MLP's activation from the gate/up GEMV's shares; 9. the down GEMV.
 
 The arithmetic is the fast step's: norms and the softmax in fp32, products accumulated in fp32,
 values rounded to the model's dtype where the plain path rounds them. The LoRA terms of
@@ -64,6 +64,31 @@ if triton is not None:
         y = (x * tl.rsqrt(variance + eps)).to(out_ptr.dtype.element_ty)
         w = tl.load(weight_ptr + h, mask=ok, other=0.0)
         tl.store(out_ptr + row * H + h, y * w, mask=ok)
+
+    @triton.jit
+    def _silu_mul(
+        gate_up_ptr,
+        share_stride,
+        out_ptr,
+        INNER,
+        SHARES: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """The MLP's `silu(gate) * up` from the gate/up GEMV's shares of K, rounded where the
+        plain path rounds (the projections, the activation) to the model's dtype."""
+        row = tl.program_id(0)
+        i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < INNER
+        base = gate_up_ptr + row * 2 * INNER + i
+        gate = tl.zeros((BLOCK,), dtype=tl.float32)
+        up = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in tl.static_range(SHARES):
+            gate += tl.load(base + s * share_stride, mask=ok, other=0.0).to(tl.float32)
+            up += tl.load(base + s * share_stride + INNER, mask=ok, other=0.0).to(tl.float32)
+        dtype = out_ptr.dtype.element_ty
+        gate = gate.to(dtype).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(dtype)
+        tl.store(out_ptr + row * INNER + i, act * up.to(dtype), mask=ok)
 
     @triton.jit
     def _rope_write(
@@ -184,7 +209,7 @@ class TritonLayers:
             for lay in fast.layers
         ]
         first = self.weights[0]
-        self.configs = tuple(gemv_config(w) for w in first)
+        self.configs = tuple(gt.gemv_config_for(w) for w in first)
         self.groups = fast.heads // fast.kv_heads
 
     @staticmethod
@@ -213,19 +238,25 @@ class TritonLayers:
             and all(layer.q_norm is None for layer in fast.layers)
         )
 
-    def _project(
-        self, x: torch.Tensor, w: gt.GptqWeights, cfg: gt.GemvConfig, silu_mul: bool = False
-    ) -> torch.Tensor:
+    def _project(self, x: torch.Tensor, w: gt.GptqWeights, cfg: gt.GemvConfig) -> torch.Tensor:
         """`[shares, M, N]`: the GEMV's shares of K (summed by the next kernel), or one share
         from the GEMM above its rows."""
         if x.shape[0] <= gt.GEMV_ROWS:
             out = gt.partials(x, gt.gemv_shares(w, cfg)[0], w.out_features)
-            gt.gemv(x, w, out, cfg, silu_mul=silu_mul)
+            gt.gemv(x, w, out, cfg)
             return out
-        if silu_mul:
-            inner = x.shape[1] // 2
-            x = torch.nn.functional.silu(x[:, :inner]) * x[:, inner:]
         return gt.matmul(x, w)[None]
+
+    def _activation(self, gate_up: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """silu(gate) * up `[M, inner]` from the gate/up product's shares `[shares, M, 2 inner]`."""
+        rows, inner = gate_up.shape[1], gate_up.shape[2] // 2
+        out = torch.empty((rows, inner), dtype=dtype, device=gate_up.device)
+        block = 1024
+        _silu_mul[(rows, triton.cdiv(inner, block))](
+            gate_up, gate_up.stride(0), out, inner, SHARES=gate_up.shape[0], BLOCK=block,
+            num_warps=4,
+        )  # fmt: skip
+        return out
 
     def _norm(
         self, hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor
@@ -288,28 +319,7 @@ class TritonLayers:
                 o = (o + delta(index, "o_proj", attended)).to(hidden.dtype)[None]
             x = self._norm(hidden, o, self.mlp_norms[index])
             gate_up = self._project(x, gate_up_w, gate_up_cfg)
-            gate_up = gt.summed(gate_up, hidden.dtype)
-            down = self._project(gate_up, down_w, down_cfg, silu_mul=True)
+            down = self._project(self._activation(gate_up, hidden.dtype), down_w, down_cfg)
             last = index + 1 == len(self.weights)
             x = self._norm(hidden, down, self.final_norm if last else self.attn_norms[index + 1])
         return batch.lm_head(x)
-
-
-# The fastest GEMV configuration per (K, N) of a 7B model at one row, from a sweep of 48 on an
-# H100 (`bench/gptq_gemm.py`, BENCHMARKS.md); other shapes get `gemv_config`'s rule.
-GEMV_TABLE: dict[str, gt.GemvConfig] = {
-    "4096x12288": gt.GemvConfig(block_n=64, split=4, warps=4),  # q/k/v, 29.0 us
-    "4096x4096": gt.GemvConfig(block_n=128, split=8, warps=8),  # o, 13.2 us
-    "4096x22016": gt.GemvConfig(block_n=32, split=8, warps=4),  # gate/up, 47.6 us
-    "11008x4096": gt.GemvConfig(block_n=32, split=8, warps=4),  # down, 26.8 us
-}
-
-
-def gemv_config(w: gt.GptqWeights) -> gt.GemvConfig:
-    """The GEMV configuration for a matrix: from the table when its shape is there, else
-    small column blocks split 8 ways along K (the winners' pattern), fewer for short K."""
-    key = f"{w.in_features}x{w.out_features}"
-    if key in GEMV_TABLE:
-        return GEMV_TABLE[key]
-    groups = w.in_features // w.group
-    return gt.GemvConfig(block_n=32 if w.out_features >= 8192 else 64, split=min(8, groups))
