@@ -65,6 +65,17 @@ def _check_products(torch) -> None:
             got = gt.matmul(x, part).float()
             want = x.float() @ dense[:, 32:64]
             assert float((got - want).abs().max() / want.abs().max()) < 2e-3
+        # fp32 activations take the exact fp32 way (fp16 ones the fp16 pairs above)
+        x = torch.randn(1, k)
+        got = gt.matmul(x, w, gemv_config=gt.GemvConfig(32, 2, 4))
+        want = x @ dense
+        assert got.dtype == torch.float32
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+        # a row that starts mid-pair is read the fp32 way too
+        x = torch.randn(1, k + 1).half()[:, 1:]
+        got = gt.matmul(x, w, gemv_config=gt.GemvConfig(32, 2, 4)).float()
+        want = x.float() @ dense
+        assert float((got - want).abs().max() / want.abs().max()) < 2e-3
         # one row only: more rows go to the GEMM
         with pytest.raises(ValueError, match="one contiguous row"):
             gt.gemv(torch.randn(2, k).half(), w, torch.empty(1, 2, n), gt.GemvConfig(32, 1, 4))

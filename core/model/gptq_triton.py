@@ -154,13 +154,92 @@ def dequantize(w: GptqWeights) -> torch.Tensor:
 
 
 if triton is not None:
+    # One int32 of `qweight` (eight 4-bit values of consecutive k) times its eight inputs, in
+    # fp16 pairs as Marlin and ExLlama compute: `lop3` puts two values into the mantissas of
+    # an fp16 pair read as 1024 + q (or 1024 + 16 q for the odd ones, left in place), one pair
+    # operation subtracts 1024 + z (q - z exactly), one multiplies by the scale (the weight
+    # GPTQModel's own kernel multiplies by, rounded to fp16), and four multiply-adds take the
+    # products with x; the two halves of the sum leave as one fp32. $1 = the int32, $2 = 1024 + z
+    # twice, $3 = -(64 + z) twice, $4 = the scale twice, $5..$8 = x pairs (0, 4), (1, 5),
+    # (2, 6), (3, 7).
+    HALF2_DOT = tl.constexpr(
+        """
+    {
+    .reg .b32 t0, t1, t2, t3, w8, a, c16;
+    .reg .b16 lo, hi;
+    .reg .f32 flo, fhi;
+    mov.b32 c16, 0x2C002C00;
+    lop3.b32 t0, $1, 0x000F000F, 0x64006400, 0xEA;
+    lop3.b32 t1, $1, 0x00F000F0, 0x64006400, 0xEA;
+    shr.u32 w8, $1, 8;
+    lop3.b32 t2, w8, 0x000F000F, 0x64006400, 0xEA;
+    lop3.b32 t3, w8, 0x00F000F0, 0x64006400, 0xEA;
+    sub.f16x2 t0, t0, $2;
+    fma.rn.f16x2 t1, t1, c16, $3;
+    sub.f16x2 t2, t2, $2;
+    fma.rn.f16x2 t3, t3, c16, $3;
+    mul.rn.f16x2 t0, t0, $4;
+    mul.rn.f16x2 t1, t1, $4;
+    mul.rn.f16x2 t2, t2, $4;
+    mul.rn.f16x2 t3, t3, $4;
+    mul.rn.f16x2 a, t0, $5;
+    fma.rn.f16x2 a, t1, $6, a;
+    fma.rn.f16x2 a, t2, $7, a;
+    fma.rn.f16x2 a, t3, $8, a;
+    mov.b32 {lo, hi}, a;
+    cvt.f32.f16 flo, lo;
+    cvt.f32.f16 fhi, hi;
+    add.f32 $0, flo, fhi;
+    }
+    """
+    )
+
+    @triton.jit
+    def _pair(h):
+        """An fp16 tensor as int32 fp16 pairs holding it twice."""
+        bits = h.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        return bits | (bits << 16)
+
+    @triton.jit
+    def _lane(v, HI: tl.constexpr):
+        """One half of int32 fp16 pairs as fp16."""
+        bits = ((v >> 16) if HI else v) & 0xFFFF
+        return bits.to(tl.int16).to(tl.float16, bitcast=True)
+
+    @triton.jit
+    def _half2_dot(w, z1024, z64, s2, x04, x15, x26, x37, ASM: tl.constexpr):
+        """`HALF2_DOT` on tensors of one shape; without `ASM` the same steps in Triton's own
+        operations, for the interpreter that checks the kernels on a CPU (no PTX there)."""
+        if ASM:
+            return tl.inline_asm_elementwise(
+                HALF2_DOT,
+                "=f,r,r,r,r,r,r,r,r",
+                [w, z1024, z64, s2, x04, x15, x26, x37],
+                dtype=tl.float32,
+                is_pure=True,
+                pack=1,
+            )
+        t0 = (w & 0x000F000F) | 0x64006400
+        t1 = (w & 0x00F000F0) | 0x64006400
+        t2 = ((w >> 8) & 0x000F000F) | 0x64006400
+        t3 = ((w >> 8) & 0x00F000F0) | 0x64006400
+        out = tl.zeros(w.shape, dtype=tl.float32)
+        for hi in tl.static_range(2):
+            s = _lane(s2, hi)
+            d0 = (_lane(t0, hi) - _lane(z1024, hi)) * s
+            d1 = (_lane(t1, hi) * 0.0625 + _lane(z64, hi)) * s
+            d2 = (_lane(t2, hi) - _lane(z1024, hi)) * s
+            d3 = (_lane(t3, hi) * 0.0625 + _lane(z64, hi)) * s
+            a = d0 * _lane(x04, hi) + d1 * _lane(x15, hi)
+            a = a + d2 * _lane(x26, hi) + d3 * _lane(x37, hi)
+            out += a.to(tl.float32)
+        return out
 
     @triton.jit
     def _nibbles(w, mask, ASM: tl.constexpr):
         """`(w & mask) | 0x4B000000` read as fp32: 2^23 + the masked bits, exactly. With
-        `ASM`, one `lop3` instruction (the compiler otherwise emits an and and an or: a third
-        of the GEMV's arithmetic); without it the same value in Triton's own operations, for
-        the interpreter that checks the kernels on a CPU."""
+        `ASM`, one `lop3` instruction (the compiler otherwise emits an and and an or); without
+        it the same value in Triton's own operations, for the interpreter."""
         if ASM:
             return tl.inline_asm_elementwise(
                 "lop3.b32 $0, $1, $2, 0x4B000000, 0xEA;",
@@ -186,35 +265,62 @@ if triton is not None:
         groups_per_split,
         GROUP: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        HALF2: tl.constexpr,
         ASM: tl.constexpr,
     ):
+        """One row. With `HALF2` (fp16 activations) x comes as int32 pairs and each int32 of
+        weights is one `_half2_dot`; otherwise fp32 arithmetic, three instructions a weight."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < N
-        packed = tl.arange(0, GROUP // 8)  # int32 rows of one group
+        P: tl.constexpr = GROUP // 8  # int32 rows of one group
+        packed = tl.arange(0, P)
         w_ptrs = w_ptr + packed[:, None] * stride_w + n[None, :]
         # Products accumulate elementwise in [GROUP/8, BLOCK_N] and are summed over K once
         # at the end: a sum per group would shuffle between threads eight times a group.
-        acc = tl.zeros((GROUP // 8, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((P, BLOCK_N), dtype=tl.float32)
         first = pid_k * groups_per_split
         last = tl.minimum(first + groups_per_split, K // GROUP)
         for g in range(first, last):
-            w = tl.load(w_ptrs + g * (GROUP // 8) * stride_w, mask=n_ok[None, :], other=0)
-            s = tl.load(s_ptr + g * stride_s + n, mask=n_ok, other=0).to(tl.float32)
+            w = tl.load(w_ptrs + g * P * stride_w, mask=n_ok[None, :], other=0)
+            s = tl.load(s_ptr + g * stride_s + n, mask=n_ok, other=0)
             z = tl.load(z_ptr + g * stride_s + n, mask=n_ok, other=0).to(tl.float32)
-            words = (w, w >> 16)  # nibbles 0-3 in place, 4-7 in the low half of the second
-            part = tl.zeros((GROUP // 8, BLOCK_N), dtype=tl.float32)
-            for half in tl.static_range(2):
-                for p in tl.static_range(4):
-                    # The nibble at bit 4p, masked in place, is 2^23 + q 16^p as fp32; minus
-                    # 2^23 + z 16^p it is (q - z) 16^p exactly, and x is scaled by 16^-p.
-                    at = x_ptr + g * GROUP + packed * 8 + 4 * half + p
-                    xj = tl.load(at).to(tl.float32)  # [GROUP/8]
-                    v = _nibbles(words[half], 15 << (4 * p), ASM)
-                    d = v - (z * (1 << (4 * p)) + 8388608.0)[None, :]
-                    part += (xj * (1.0 / (1 << (4 * p))))[:, None] * d
-            acc += part * s[None, :]
+            if HALF2:
+                # x pairs (k, k + 4) of each int32's eight inputs, from x read as int32 pairs
+                # (k, k + 1): a = (0, 1), b = (2, 3), c = (4, 5), d = (6, 7)
+                at = x_ptr + g * (GROUP // 2) + packed * 4
+                a, b = tl.load(at), tl.load(at + 1)
+                c, d = tl.load(at + 2), tl.load(at + 3)
+                x04 = (a & 0xFFFF) | (c << 16)
+                x15 = ((a >> 16) & 0xFFFF) | (c & -65536)
+                x26 = (b & 0xFFFF) | (d << 16)
+                x37 = ((b >> 16) & 0xFFFF) | (d & -65536)
+                zero = tl.zeros((P, BLOCK_N), dtype=tl.int32)  # (operands of one shape)
+                acc += _half2_dot(
+                    w,
+                    _pair((z + 1024.0).to(tl.float16))[None, :] + zero,
+                    _pair((-(z + 64.0)).to(tl.float16))[None, :] + zero,
+                    _pair(s.to(tl.float16))[None, :] + zero,
+                    x04[:, None] + zero,
+                    x15[:, None] + zero,
+                    x26[:, None] + zero,
+                    x37[:, None] + zero,
+                    ASM,
+                )
+            else:
+                words = (w, w >> 16)  # nibbles 0-3 in place, 4-7 in the low half of the second
+                part = tl.zeros((P, BLOCK_N), dtype=tl.float32)
+                for half in tl.static_range(2):
+                    for p in tl.static_range(4):
+                        # The nibble at bit 4p, masked in place, is 2^23 + q 16^p as fp32;
+                        # minus 2^23 + z 16^p it is (q - z) 16^p exactly; x is scaled by 16^-p.
+                        at = x_ptr + g * GROUP + packed * 8 + 4 * half + p
+                        xj = tl.load(at).to(tl.float32)  # [GROUP/8]
+                        v = _nibbles(words[half], 15 << (4 * p), ASM)
+                        d = v - (z * (1 << (4 * p)) + 8388608.0)[None, :]
+                        part += (xj * (1.0 / (1 << (4 * p))))[:, None] * d
+                acc += part * s.to(tl.float32)[None, :]
         tl.store(out_ptr + pid_k * N + n, tl.sum(acc, axis=0), mask=n_ok)
 
     @triton.jit
@@ -350,10 +456,15 @@ def gemv(
     split, per = gemv_shares(w, cfg)
     n = w.out_features
     grid = (triton.cdiv(n, cfg.block_n), split)
+    half2 = x.dtype == torch.float16 and w.scales.dtype == torch.float16
+    if half2 and x.storage_offset() % 2 == 0 and x.shape[1] % 2 == 0:
+        x = x.view(torch.int32)  # read as pairs (a row that starts mid-pair takes the fp32 way)
+    else:
+        half2 = False
     _gemv[grid](
         x, w.qweight, w.scales, w.zeros, out, n, w.in_features, w.qweight.stride(0),
         w.scales.stride(0), per,
-        GROUP=w.group, BLOCK_N=cfg.block_n, ASM=not INTERPRETED,
+        GROUP=w.group, BLOCK_N=cfg.block_n, HALF2=half2, ASM=not INTERPRETED,
         num_warps=cfg.warps,
     )  # fmt: skip
 
