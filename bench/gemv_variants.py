@@ -3,11 +3,11 @@
     python3 bench/gemv_variants.py [--json F]          (CUDA)
     TRITON_INTERPRET=1 python3 bench/gemv_variants.py --check   (CPU: results only)
 
-The served GEMV (`core.model.gptq_triton._gemv`) spends ~4 instructions on each 4-bit weight
-(shift, mask, subtract, multiply-add) and loads one group's tile of `qweight` per loop step,
-only then computing on it. Variants, each swept over block sizes, shares of K and warps:
+At one row the 4-bit GEMV is bound by its instructions per weight, not by memory. Variants,
+each swept over block sizes, shares of K and warps:
 
-- `shift` (mode 0): the served arithmetic, one row.
+- `shift` (mode 0): the first served arithmetic (~4 instructions per weight: shift, mask,
+  subtract, multiply-add).
 - `mask` (mode 1): no shift per value. A nibble at bit 4p (p < 4) masked in place and or-ed
   with 0x4B000000 reads as 2^23 + q 16^p, so subtracting 2^23 + z 16^p (one vector per p per
   group) gives (q - z) 16^p exactly, and x is pre-scaled by 16^-p (exact). The upper four
@@ -16,10 +16,10 @@ only then computing on it. Variants, each swept over block sizes, shares of K an
   in fp16 pairs by `lop3`, (q - z) s rounded to fp16 (the values GPTQModel's own kernel
   multiplies by), products summed in fp16 pairs over an int32's eight weights, then fp32.
 
-The served kernel is `mask` with its `lop3` as one inline instruction (the compiler emits an
-and and an or for it otherwise); it is timed first, with the committed table's configuration.
-(Loading the next group's tile before computing on the current one was tried too: 2-4% slower
-on an H200, so it is not a variant here.)
+The served kernel (`core.model.gptq_triton._gemv`) is timed first with the committed table's
+configuration: for fp16 activations it is `half2` with x read as int32 pairs, for others `mask`
+with its and-or as one inline `lop3`. (Loading the next group's tile before computing on the
+current one was tried too: 2-4% slower on an H200, so it is not a variant here.)
 """
 
 from __future__ import annotations

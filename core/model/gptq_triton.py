@@ -11,13 +11,15 @@ held twice): `qweight [K/8, N]` int32 with eight 4-bit values of consecutive k p
 
 - `_gemv` (one row, decode): each program takes `block_n` outputs and a `1/split` share of
   K; a warp reads whole rows of `qweight` (contiguous along N), so loads are coalesced. At one
-  row the kernel is bound by its arithmetic per weight, not by memory, so that arithmetic is
-  three instructions: the 4-bit values become floats without a conversion instruction (a
-  nibble at bit 4p masked in place and or-ed with 0x4B000000 reads as fp32 `2^23 + q 16^p`
-  exactly: one `lop3`), one subtraction of `2^23 + z 16^p` gives `(q - z) 16^p`, and one
-  multiply-add with x pre-scaled by `16^-p`. No shift per value (one per int32 for the upper
-  four), no conversion (those run at a quarter of the rate). The group's scale multiplies
-  the group's partial sum, once per output.
+  row the kernel is bound by its arithmetic per weight, not by memory (BENCHMARKS.md), so that
+  arithmetic is kept short. With fp16 activations (CUDA's serving dtype) each int32 of weights
+  is one block of inline PTX computing in fp16 pairs, as Marlin and ExLlama do: `lop3` makes
+  two values at once into fp16 `1024 + q`, then pairwise (q - z), times the scale, times x,
+  and the pair's sum leaves as fp32 (`HALF2_DOT`); ~2.6 instructions per weight. Otherwise
+  fp32, three per weight: a nibble at bit 4p masked in place and or-ed with 0x4B000000 reads
+  as `2^23 + q 16^p` exactly (one `lop3`), one subtraction of `2^23 + z 16^p` gives
+  `(q - z) 16^p`, one multiply-add with x pre-scaled by `16^-p`. Neither converts an integer
+  (conversions run at a quarter of the rate); the group's scale multiplies once per output.
 - `_gemm` (more rows, prompts): tiles of `qweight` unpacked to fp16 in registers the same way
   (`q | 0x6400` read as fp16 is `1024 + q`), then `tl.dot` on tensor cores.
 
@@ -385,13 +387,14 @@ if triton is not None:
 GEMV_ROWS = 1
 
 
-# The fastest GEMV configuration per (K, N) of a 7B model at one row, from a sweep of 48 on an
-# H100 (`bench/gptq_gemm.py --rows 1`, BENCHMARKS.md); other shapes get `gemv_config_for`'s rule.
+# The fastest GEMV configuration per (K, N) of a 7B model at one row (fp16 activations, the
+# fp16-pair arithmetic), from a sweep of 48 on an H100 (`bench/gptq_gemm.py --rows 1`,
+# BENCHMARKS.md); other shapes get `gemv_config_for`'s rule.
 GEMV_TABLE: dict[str, GemvConfig] = {
-    "4096x12288": GemvConfig(block_n=32, split=4, warps=2),  # q/k/v, 16.5 us
-    "4096x4096": GemvConfig(block_n=32, split=8, warps=2),  # o, 9.0 us
-    "4096x22016": GemvConfig(block_n=64, split=8, warps=4),  # gate/up, 29.8 us
-    "11008x4096": GemvConfig(block_n=32, split=8, warps=2),  # down, 15.0 us
+    "4096x12288": GemvConfig(block_n=64, split=4, warps=2),  # q/k/v, 14.2 us
+    "4096x4096": GemvConfig(block_n=64, split=8, warps=4),  # o, 9.0 us
+    "4096x22016": GemvConfig(block_n=32, split=4, warps=4),  # gate/up, 25.9 us
+    "11008x4096": GemvConfig(block_n=64, split=8, warps=2),  # down, 14.1 us
 }
 
 

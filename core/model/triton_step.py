@@ -172,13 +172,14 @@ if triton is not None:
             s = start + tl.arange(0, BLOCK_S)
             s_ok = s <= pos
             k = tl.load(keys + s[:, None] * D + d[None, :], mask=s_ok[:, None], other=0.0)
+            # (v is loaded with k, before the scores: its latency overlaps theirs)
+            v = tl.load(values + s[:, None] * D + d[None, :], mask=s_ok[:, None], other=0.0)
             scores = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)  # [G, S]
             scores = tl.where(s_ok[None, :], scores, float("-inf"))
             new_best = tl.maximum(best, tl.max(scores, axis=1))
             p = tl.exp(scores - new_best[:, None])
             alpha = tl.exp(best - new_best)
             total = total * alpha + tl.sum(p, axis=1)
-            v = tl.load(values + s[:, None] * D + d[None, :], mask=s_ok[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
             best = new_best
         out = acc / total[:, None]
