@@ -38,36 +38,7 @@ import triton
 import triton.language as tl
 
 from core.model import gptq_triton as gt
-
-HALF2_ASM = tl.constexpr("""
-{
-.reg .b32 t0, t1, t2, t3, w8, a, c16;
-.reg .b16 lo, hi;
-.reg .f32 flo, fhi;
-mov.b32 c16, 0x2C002C00;
-lop3.b32 t0, $1, 0x000F000F, 0x64006400, 0xEA;
-lop3.b32 t1, $1, 0x00F000F0, 0x64006400, 0xEA;
-shr.u32 w8, $1, 8;
-lop3.b32 t2, w8, 0x000F000F, 0x64006400, 0xEA;
-lop3.b32 t3, w8, 0x00F000F0, 0x64006400, 0xEA;
-sub.f16x2 t0, t0, $2;
-fma.rn.f16x2 t1, t1, c16, $3;
-sub.f16x2 t2, t2, $2;
-fma.rn.f16x2 t3, t3, c16, $3;
-mul.rn.f16x2 t0, t0, $4;
-mul.rn.f16x2 t1, t1, $4;
-mul.rn.f16x2 t2, t2, $4;
-mul.rn.f16x2 t3, t3, $4;
-mul.rn.f16x2 a, t0, $5;
-fma.rn.f16x2 a, t1, $6, a;
-fma.rn.f16x2 a, t2, $7, a;
-fma.rn.f16x2 a, t3, $8, a;
-mov.b32 {lo, hi}, a;
-cvt.f32.f16 flo, lo;
-cvt.f32.f16 fhi, hi;
-add.f32 $0, flo, fhi;
-}
-""")
+from core.model.gptq_triton import HALF2_DOT
 
 
 @triton.jit
@@ -140,7 +111,7 @@ def _gemv_variant(
             x37 = _pair(tl.load(xg + 3).to(tl.float16), tl.load(xg + 7).to(tl.float16))
             zero = tl.zeros((P, BLOCK_N), dtype=tl.int32)
             acc += tl.inline_asm_elementwise(
-                HALF2_ASM,
+                HALF2_DOT,
                 "=f,r,r,r,r,r,r,r,r",
                 [
                     w,
