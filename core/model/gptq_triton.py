@@ -15,7 +15,7 @@ held twice): `qweight [K/8, N]` int32 with eight 4-bit values of consecutive k p
   arithmetic is kept short. With fp16 activations (CUDA's serving dtype) each int32 of weights
   is one block of inline PTX computing in fp16 pairs, as Marlin and ExLlama do: `lop3` makes
   two values at once into fp16 `1024 + q`, then pairwise (q - z), times the scale, times x,
-  and the pair's sum leaves as fp32 (`HALF2_DOT`); ~2.6 instructions per weight. Otherwise
+  and the pair's sum leaves as fp32 (`HALF2_DOT`, 21 instructions for eight weights). Otherwise
   fp32, three per weight: a nibble at bit 4p masked in place and or-ed with 0x4B000000 reads
   as `2^23 + q 16^p` exactly (one `lop3`), one subtraction of `2^23 + z 16^p` gives
   `(q - z) 16^p`, one multiply-add with x pre-scaled by `16^-p`. Neither converts an integer
