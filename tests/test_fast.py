@@ -275,15 +275,22 @@ def test_served_bf16_fast_path_is_as_close_to_fp32_as_the_plain_path(
 
 
 def test_cuda_auto_prefers_a_capturable_kernel_for_symmetric_checkpoints() -> None:
-    """The committed table (core/model/kernels.py): Marlin first where it can serve (CUDA
-    graphs capture it), ExLlamaV2 first for asymmetric checkpoints, which Marlin refuses; an
-    explicit kernel is kept as set."""
+    """The committed table (core/model/kernels.py): loracord's Triton kernels (through `torch`)
+    first for the checkpoints they take, then Marlin where it can serve (CUDA graphs capture
+    it), ExLlamaV2 first for asymmetric checkpoints, which Marlin refuses; an explicit kernel is
+    kept as set."""
     from core.model.kernels import Runtime
     from core.model.loader import _kernels_for
 
     auto = Runtime("cuda", torch.float16, "exllama_v2", ("marlin", "auto"))
-    assert _kernels_for(auto, {"sym": True}) == ("marlin", "exllama_v2", "auto")
-    assert _kernels_for(auto, {"sym": False}) == ("exllama_v2", "marlin", "auto")
+    g128 = {"bits": 4, "group_size": 128, "desc_act": False}
+    assert _kernels_for(auto, {"sym": True, **g128}) == ("torch", "marlin", "exllama_v2", "auto")
+    assert _kernels_for(auto, {"sym": False, **g128}) == ("torch", "exllama_v2", "marlin", "auto")
+    # act-order, 3 bits, groups the Triton kernels do not take: the CUDA kernels as before
+    for other in ({"desc_act": True}, {"bits": 3}, {"group_size": 96}, {"group_size": -1}):
+        quant = {"sym": True, **g128, **other}
+        assert _kernels_for(auto, quant) == ("marlin", "exllama_v2", "auto"), other
+    assert _kernels_for(auto, {"sym": False, **g128, "desc_act": True})[0] == "exllama_v2"
     chosen = Runtime("cuda", torch.float16, "exllama_v2")
     assert _kernels_for(chosen, {"sym": True}) == ("exllama_v2",)
     cpu = Runtime("cpu", torch.float32, "torch_fused")

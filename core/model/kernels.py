@@ -27,28 +27,54 @@ KNOWN_KERNELS: tuple[str, ...] = (
 )
 
 # The CUDA kernel `auto` means, from measurements (BENCHMARKS.md, "Serving speed"), by
-# checkpoint. Eagerly ExLlamaV2 was the faster (H100: 135 vs 126 tok/s at batch 1 on a 7B-wide
-# model, 1.6x on SmolLM2's 576-wide layers, which Marlin pads on every call), but GPTQModel's
-# ExLlamaV2 launches on CUDA's legacy default stream and cannot be captured in a CUDA graph,
-# while Marlin can: on the H200's 7B-shaped checkpoint (g128, symmetric) the fast decode step
-# ran 212.4 tok/s with Marlin in graphs against 34-50 with ExLlamaV2 eagerly.
+# checkpoint. First loracord's own Triton kernels, served through GPTQModel's `torch` kernel
+# (which keeps the checkpoint's 4-bit layout) for the checkpoints they take (`triton_takes`):
+# on one H100, the 7B-shaped checkpoint (g128, symmetric) decoded 354.7 tok/s at batch 1 with
+# them against 201.8 with Marlin, both replayed from CUDA graphs, and they compile in seconds
+# where Marlin compiles for ~3.7 minutes on a fresh machine. Then, eagerly ExLlamaV2 was the
+# faster (H100: 135 vs 126 tok/s at batch 1 on a 7B-wide model, 1.6x on SmolLM2's 576-wide
+# layers, which Marlin pads on every call), but GPTQModel's ExLlamaV2 launches on CUDA's legacy
+# default stream and cannot be captured in a CUDA graph, while Marlin can: on the H200's
+# 7B-shaped checkpoint the fast decode step ran 212.4 tok/s with Marlin in graphs against 34-50
+# with ExLlamaV2 eagerly.
 #
-# | checkpoint                | measured (H200, batch 1)          | order                  |
-# |---------------------------|-----------------------------------|------------------------|
-# | symmetric (most on hubs)  | Marlin + graphs 212, ExLlamaV2 37 | marlin, exllama_v2     |
-# | asymmetric (the embedded) | Marlin refuses it                 | exllama_v2, marlin     |
+# | checkpoint                | measured (batch 1)                         | order               |
+# |---------------------------|--------------------------------------------|---------------------|
+# | 4-bit, no act-order, g32+ | H100: Triton 354.7, Marlin 201.8 (graphs)  | torch, then below   |
+# | symmetric (most on hubs)  | H200: Marlin + graphs 212, ExLlamaV2 37    | marlin, exllama_v2  |
+# | asymmetric (the embedded) | Marlin refuses it                          | exllama_v2, marlin  |
 #
-# Marlin compiles itself for ~3.7 minutes on a fresh machine (cached afterwards). A `kernel`
-# setting other than "auto" overrides the table.
+# A `kernel` setting other than "auto" overrides the table.
 _CUDA_SERVING_ORDER = {
     True: ("marlin", "exllama_v2", "auto"),  # symmetric
     False: ("exllama_v2", "marlin", "auto"),  # asymmetric, and before the checkpoint is read
 }
 
 
-def cuda_serving_order(symmetric: bool) -> tuple[str, ...]:
-    """The kernels `kernel = "auto"` tries on CUDA for a checkpoint, in order."""
-    return _CUDA_SERVING_ORDER[symmetric]
+def triton_takes(quant: dict[str, object]) -> bool:
+    """Whether loracord's Triton GPTQ kernels (`core.model.gptq_triton`, served through the
+    `torch` kernel) take a checkpoint with this quantization config: 4 bits, no act-order,
+    groups of a power of two from 32; and whether Triton is installed."""
+    import importlib.util
+
+    try:
+        bits, group = int(quant.get("bits", 4)), int(quant.get("group_size", 128) or -1)
+    except (TypeError, ValueError):
+        return False
+    return (
+        bits == 4
+        and not quant.get("desc_act", False)
+        and group >= 32
+        and group & (group - 1) == 0
+        and importlib.util.find_spec("triton") is not None
+    )
+
+
+def cuda_serving_order(symmetric: bool, triton: bool = False) -> tuple[str, ...]:
+    """The kernels `kernel = "auto"` tries on CUDA for a checkpoint, in order: `torch` (with
+    loracord's Triton kernels) first when they take the checkpoint (`triton_takes`)."""
+    order = _CUDA_SERVING_ORDER[symmetric]
+    return ("torch", *order) if triton else order
 
 
 @dataclass(frozen=True)

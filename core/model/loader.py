@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ModelError, first_line
-from core.model.kernels import Runtime, cuda_serving_order
+from core.model.kernels import Runtime, cuda_serving_order, triton_takes
 from core.model.source import read_quantization
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ def _kernels_for(runtime: Runtime, quant: dict[str, Any]) -> tuple[str, ...]:
         log.info("asymmetric checkpoint: serving with the torch kernel instead of torch_fused")
         kernels = tuple("torch" if k == "torch_fused" else k for k in kernels)
     if runtime.device == "cuda" and runtime.fallbacks:  # `auto`: the table, by checkpoint
-        kernels = cuda_serving_order(symmetric)
+        kernels = cuda_serving_order(symmetric, triton_takes(quant))
     return kernels
 
 

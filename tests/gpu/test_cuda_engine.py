@@ -35,7 +35,9 @@ from tests.conftest import CACHE_DIR, make_settings
 pytestmark = pytest.mark.gpu
 
 PROMPT = "Give me a short quote about courage."
-SERVING_KERNELS = ("ExllamaV2", "Marlin")  # GPTQModel 7.7: ExllamaV2Linear, MarlinLinear
+# GPTQModel 7.7's classes: TorchLinear (serving through loracord's Triton kernels), ExllamaV2Linear,
+# MarlinLinear
+SERVING_KERNELS = ("Torch", "ExllamaV2", "Marlin")
 
 
 def _base_folder() -> Path:
@@ -127,6 +129,8 @@ async def test_serves_with_a_fast_cuda_kernel(cuda_app: App) -> None:
     assert info.dtype == "float16"
     assert info.bits == 4
     assert info.kernel.startswith(SERVING_KERNELS), info.kernel
+    if info.kernel.startswith("Torch"):  # only with loracord's Triton kernels
+        assert "Triton step" in info.decode_path, info.decode_path
     model = await cuda_app.engine.run_on_model(lambda model, _tokenizer: model)
     layer = next(m for m in model.modules() if hasattr(m, "qweight"))
     assert layer.qweight.device.type == "cuda"
