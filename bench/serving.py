@@ -64,6 +64,13 @@ def main() -> int:
         help="CUDA: GEMV configurations per shape from `bench/gptq_gemm.py --json` (its one-row "
         "results) in place of the committed table, to serve with a fresh sweep's winners",
     )
+    parser.add_argument(
+        "--attention-splits",
+        type=int,
+        default=None,
+        help="CUDA, Triton step: the most spans one row's attention is cut into (1: one kernel, "
+        "no split), in place of the committed default",
+    )
     args = parser.parse_args()
 
     import torch
@@ -79,6 +86,10 @@ def main() -> int:
 
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
+    if args.attention_splits is not None:
+        from core.model import triton_step
+
+        triton_step.MAX_ATTENTION_SPLITS = args.attention_splits
     if args.gemv_table:
         from core.model import gptq_triton as gt
 

@@ -179,6 +179,32 @@ def _check_step_kernels(torch) -> None:
         )
         assert float((out[t].float() - want[0]).abs().max()) < 1e-2, t
 
+    # the same attention cut into spans, then combined: positions 0 (two spans empty), 5 and 11
+    # (several blocks a span), in 2 and 4 spans
+    positions, rows = torch.tensor([0, 5, 11]), torch.tensor([3, 1, 0])
+    q = torch.randn(3, heads * dim).half()
+    for splits in (2, 4):
+        part = torch.empty(3, heads, splits, dim)
+        lse = torch.empty(3, heads, splits)
+        out = torch.empty_like(q)
+        ts._attention_split[(3, kv_heads, splits)](
+            q, keys, values, positions, rows, part, lse, 0.25, keys.stride(0), keys.stride(1),
+            HEADS=heads, GROUPS=2, GROUPS_P2=2, D=dim, BLOCK_S=4, SPLITS=splits,
+        )  # fmt: skip
+        ts._attention_combine[(3, heads)](part, lse, out, HEADS=heads, D=dim, SPLITS=splits)
+        assert bool(torch.isinf(lse[0, :, 1:]).all())  # position 0: only the first span is used
+        for t in range(3):
+            row, pos = int(rows[t]), int(positions[t])
+            want = decode_attention(
+                q[t : t + 1].float().view(1, heads, dim),
+                keys[row : row + 1, :, : pos + 1].float(),
+                values[row : row + 1, :, : pos + 1].float(),
+                None,
+                kv_heads,
+                0.25,
+            )
+            assert float((out[t].float() - want[0]).abs().max()) < 1e-2, (splits, t)
+
 
 if __name__ == "__main__":
     import torch

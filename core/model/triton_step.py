@@ -12,7 +12,10 @@ costs ~2 us, as much as reading the layer's weights. Here a layer is:
 3. `_rope_write`: rotation of q and k from the table, k and v written into the cache at each
    row's position, q out;
 4. `_decode_attention`: each row's query over its cache up to its own position (online
-   softmax over blocks of positions, so the span needs no bucket);
+   softmax over blocks of positions, so the span needs no bucket); with few rows the positions
+   are cut into spans, one program each (`_attention_split`), and `_attention_combine` weighs
+   the spans' outputs by their log-sum-exps (flash-decoding), so a long cache is read by many
+   SMs instead of one per KV head;
 5. the o GEMV; 6. `_add_rms_norm`; 7. the gate/up GEMV;
 8. `_silu_mul`: the MLP's activation from the gate/up GEMV's shares; 9. the down GEMV.
 
@@ -186,6 +189,89 @@ if triton is not None:
         at = out_ptr + t * HEADS * D + heads[:, None] * D + d[None, :]
         tl.store(at, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
 
+    @triton.jit
+    def _attention_split(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        pos_ptr,
+        row_ptr,
+        part_ptr,
+        lse_ptr,
+        scaling,
+        cache_row_stride,
+        cache_head_stride,
+        HEADS: tl.constexpr,
+        GROUPS: tl.constexpr,
+        GROUPS_P2: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        SPLITS: tl.constexpr,
+    ):
+        """`_decode_attention` over one of `SPLITS` equal spans of each row's positions (the
+        span is cut at run time from the row's position, so the grid stays fixed under CUDA
+        graphs): its normalized output `part [T, HEADS, SPLITS, D]` and its log-sum-exp
+        `lse [T, HEADS, SPLITS]` (-inf for an empty span), for `_attention_combine`."""
+        t = tl.program_id(0)
+        kv = tl.program_id(1)
+        split = tl.program_id(2)
+        pos = tl.load(pos_ptr + t)
+        row = tl.load(row_ptr + t)
+        per = tl.cdiv(pos + 1, SPLITS)
+        first = split * per
+        stop = tl.minimum(first + per, pos + 1)
+        g = tl.arange(0, GROUPS_P2)
+        g_ok = g < GROUPS
+        d = tl.arange(0, D)
+        heads = kv * GROUPS + g
+        q = tl.load(q_ptr + t * HEADS * D + heads[:, None] * D + d[None, :], mask=g_ok[:, None])
+        q = q.to(tl.float32) * scaling
+        best = tl.full((GROUPS_P2,), float("-inf"), dtype=tl.float32)
+        total = tl.zeros((GROUPS_P2,), dtype=tl.float32)
+        acc = tl.zeros((GROUPS_P2, D), dtype=tl.float32)
+        keys = k_ptr + row * cache_row_stride + kv * cache_head_stride
+        values = v_ptr + row * cache_row_stride + kv * cache_head_stride
+        for start in range(first, stop, BLOCK_S):
+            s = start + tl.arange(0, BLOCK_S)
+            s_ok = s < stop
+            k = tl.load(keys + s[:, None] * D + d[None, :], mask=s_ok[:, None], other=0.0)
+            v = tl.load(values + s[:, None] * D + d[None, :], mask=s_ok[:, None], other=0.0)
+            scores = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)  # [G, S]
+            scores = tl.where(s_ok[None, :], scores, float("-inf"))
+            new_best = tl.maximum(best, tl.max(scores, axis=1))
+            p = tl.exp(scores - new_best[:, None])
+            alpha = tl.exp(best - new_best)
+            total = total * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+            best = new_best
+        empty = total == 0.0
+        out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, total)[:, None])
+        lse = tl.where(empty, float("-inf"), best + tl.log(tl.where(empty, 1.0, total)))
+        at = (t * HEADS + heads) * SPLITS + split
+        tl.store(part_ptr + at[:, None] * D + d[None, :], out, mask=g_ok[:, None])
+        tl.store(lse_ptr + at, lse, mask=g_ok)
+
+    @triton.jit
+    def _attention_combine(
+        part_ptr, lse_ptr, out_ptr, HEADS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr
+    ):
+        """One head's output from its `SPLITS` spans, weighted by their share of the softmax
+        (in split order, so a replayed step gives the same numbers)."""
+        t = tl.program_id(0)
+        head = tl.program_id(1)
+        splits = tl.arange(0, SPLITS)
+        d = tl.arange(0, D)
+        base = (t * HEADS + head) * SPLITS + splits
+        lse = tl.load(lse_ptr + base)
+        weight = tl.exp(lse - tl.max(lse, axis=0))  # the first span is never empty
+        part = tl.load(part_ptr + base[:, None] * D + d[None, :])
+        out = tl.sum(weight[:, None] * part, axis=0) / tl.sum(weight, axis=0)
+        tl.store(out_ptr + t * HEADS * D + head * D + d, out.to(out_ptr.dtype.element_ty))
+
+
+# The most spans one row's attention is cut into (`TritonLayers.attention_splits`).
+MAX_ATTENTION_SPLITS = 8
+
 
 def _next_power_of_two(n: int) -> int:
     return 1 << (int(n) - 1).bit_length()
@@ -212,6 +298,17 @@ class TritonLayers:
         first = self.weights[0]
         self.configs = tuple(gt.gemv_config_for(w) for w in first)
         self.groups = fast.heads // fast.kv_heads
+        self.sms = torch.cuda.get_device_properties(batch.device).multi_processor_count
+
+    def attention_splits(self, count: int) -> int:
+        """Spans each row's positions are cut into for the attention: one program per row and
+        KV head reads a long cache with one SM's share of the memory bandwidth, so few rows are
+        split until the programs fill the GPU twice over (a power of two, at most
+        `MAX_ATTENTION_SPLITS`); 1 (one kernel, no combine) when the rows alone fill it."""
+        programs, splits = count * self.fast.kv_heads, 1
+        while splits < MAX_ATTENTION_SPLITS and programs * splits < 2 * self.sms:
+            splits *= 2
+        return splits
 
     @staticmethod
     def applies(fast: FastDecode) -> bool:
@@ -294,6 +391,10 @@ class TritonLayers:
         keys0 = cache.keys[0]
         group_p2 = _next_power_of_two(self.groups)
         block_s = max(16, 64 // group_p2)
+        splits = self.attention_splits(count)
+        if splits > 1:  # the spans' outputs and log-sum-exps, reused by every layer
+            part = torch.empty((count, heads, splits, head_dim), device=q.device)
+            lse = torch.empty((count, heads, splits), device=q.device)
         for index, (qkv_w, o_w, gate_up_w, down_w) in enumerate(self.weights):
             qkv = self._project(x, qkv_w, qkv_cfg)
             if delta is not None:
@@ -308,12 +409,23 @@ class TritonLayers:
                 keys.stride(0), keys.stride(1),
                 HEADS=heads, KV_HEADS=kv_heads, D=head_dim, SHARES=qkv.shape[0], num_warps=1,
             )  # fmt: skip
-            _decode_attention[(count, kv_heads)](
-                q, keys, values, positions, rows, attended, batch.scaling,
-                keys0.stride(0), keys0.stride(1),
-                HEADS=heads, GROUPS=self.groups, GROUPS_P2=group_p2, D=head_dim,
-                BLOCK_S=block_s, num_warps=4,
-            )  # fmt: skip
+            if splits == 1:
+                _decode_attention[(count, kv_heads)](
+                    q, keys, values, positions, rows, attended, batch.scaling,
+                    keys0.stride(0), keys0.stride(1),
+                    HEADS=heads, GROUPS=self.groups, GROUPS_P2=group_p2, D=head_dim,
+                    BLOCK_S=block_s, num_warps=4,
+                )  # fmt: skip
+            else:
+                _attention_split[(count, kv_heads, splits)](
+                    q, keys, values, positions, rows, part, lse, batch.scaling,
+                    keys0.stride(0), keys0.stride(1),
+                    HEADS=heads, GROUPS=self.groups, GROUPS_P2=group_p2, D=head_dim,
+                    BLOCK_S=block_s, SPLITS=splits, num_warps=4,
+                )  # fmt: skip
+                _attention_combine[(count, heads)](
+                    part, lse, attended, HEADS=heads, D=head_dim, SPLITS=splits, num_warps=1
+                )
             o = self._project(attended, o_w, o_cfg)
             if delta is not None:
                 o = gt.summed(o, torch.float32)
