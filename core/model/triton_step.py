@@ -13,9 +13,9 @@ costs ~2 us, as much as reading the layer's weights. Here a layer is:
    row's position, q out;
 4. `_decode_attention`: each row's query over its cache up to its own position (online
    softmax over blocks of positions, so the span needs no bucket); with few rows the positions
-   are cut into spans, one program each (`_attention_split`), and `_attention_combine` weighs
-   the spans' outputs by their log-sum-exps (flash-decoding), so a long cache is read by many
-   SMs instead of one per KV head;
+   can be cut into spans, one program each (`_attention_split`), and `_attention_combine`
+   weighs the spans' outputs by their log-sum-exps (flash-decoding), so a long cache is read by
+   many SMs instead of one per KV head (off by default: `MAX_ATTENTION_SPLITS`);
 5. the o GEMV; 6. `_add_rms_norm`; 7. the gate/up GEMV;
 8. `_silu_mul`: the MLP's activation from the gate/up GEMV's shares; 9. the down GEMV.
 
@@ -269,8 +269,10 @@ if triton is not None:
         tl.store(out_ptr + t * HEADS * D + head * D + d, out.to(out_ptr.dtype.element_ty))
 
 
-# The most spans one row's attention is cut into (`TritonLayers.attention_splits`).
-MAX_ATTENTION_SPLITS = 8
+# The most spans one row's attention is cut into (`TritonLayers.attention_splits`). 1 (one
+# kernel, no split) until the split is measured on a GPU against it (`bench/serving.py
+# --attention-splits 1` and `8` at a long prompt); the split kernels are checked on the CPU.
+MAX_ATTENTION_SPLITS = 1
 
 
 def _next_power_of_two(n: int) -> int:
