@@ -30,6 +30,95 @@ def test_the_kernels_compute_what_the_torch_code_does() -> None:
     assert "all kernels agree" in done.stdout
 
 
+def test_the_triton_step_decodes_what_the_plain_path_does(
+    embedded_model_dir: Path, tmp_path: Path
+) -> None:
+    """The whole decode step as served on CUDA (`core.model.triton_step`), here through the
+    interpreter: a 2-layer Llama-shaped GPTQ model with random weights (grouped-query heads,
+    fp16, GPTQModel's `torch` kernel), two rows at different positions, one on an adapter, fed
+    the same tokens through the plain path and the Triton step; then with the attention cut
+    into spans. Checks the glue between the kernels (shares of K, LoRA terms, norms, the
+    activation, cache writes) that the kernel checks above do not."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, __file__, "step", str(embedded_model_dir), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "the Triton step agrees" in done.stdout, done.stdout[-3000:]
+    print(done.stdout[-300:])
+
+
+def _check_whole_step(torch, tokenizer_dir: Path, work: Path) -> None:
+    import json
+    import shutil
+
+    from core.adapters import BaseShapes, inspect_adapter
+    from core.model import triton_step as ts
+    from core.model.batch import BatchModel
+    from core.model.kernels import Runtime
+    from core.model.loader import load_for_serving
+    from core.model.lora import read_weights
+    from core.model.scheduler import Segment
+    from tests.adapter_kit import write_adapter
+
+    base, folder = work / "base", work / "model"
+    base.mkdir()
+    config = json.loads((tokenizer_dir / "config.json").read_text())
+    config.pop("quantization_config", None)
+    config.pop("head_dim", None)
+    config.update(
+        hidden_size=128,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+    )
+    (base / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, base / name)
+    script = ROOT / "bench" / "random_gptq.py"
+    subprocess.run([sys.executable, str(script), str(base), str(folder)], check=True)
+    model, _tokenizer, _ = load_for_serving(folder, Runtime("cpu", torch.float16, "torch"))
+    batch = BatchModel(model, 2, 32, adapter_slots=2, adapter_max_rank=8)
+    assert "Triton step" in batch.decode_path, batch.decode_path
+    shapes = BaseShapes.of_model(folder)
+    adapter = write_adapter(work / "adapter", shapes, seed=3, strength=0.5)
+    batch.lora.load(1, read_weights(inspect_adapter(adapter, shapes, 8)))
+    rows = [(0, list(range(1, 5)), 0), (1, list(range(5, 14)), 1)]  # (row, prompt, slot)
+
+    def forced(path: str):
+        for row, ids, slot in rows:
+            batch.plain_step([Segment(row, 0, ids, True, slot)])
+        logits = []
+        for i in range(3):
+            segments = [Segment(r, len(ids) + i, [100 + 7 * i + r], True, s) for r, ids, s in rows]
+            step = batch.plain_step if path == "plain" else batch.step
+            logits.append(step(segments).float())
+        return torch.stack(logits)  # [steps, rows, vocab]
+
+    plain = forced("plain")
+    before = batch.paths["fast"]
+    served = forced("served")
+    assert batch.paths["fast"] - before == 3  # every step ran through the fast path
+    spread = float((plain.amax(-1) - plain.amin(-1)).mean())
+    error = float((plain - served).abs().max()) / spread
+    # (random weights give near-flat logits: their order is not compared, their values are)
+    assert bool(served.isfinite().all()) and error < 0.01, error
+    print(f"served: max |difference| / logit range {error:.2e}")
+    batch.fast.triton.sms = 64  # as on a GPU: few rows cut their attention into spans
+    ts.MAX_ATTENTION_SPLITS = 4
+    assert batch.fast.triton.attention_splits(2) == 4
+    split = forced("served")
+    error = float((plain - split).abs().max()) / spread
+    assert bool(split.isfinite().all()) and error < 0.01, error
+    print(f"attention in 4 spans: {error:.2e}")
+    print("the Triton step agrees with the plain path")
+
+
 def _random_gptq(k: int, n: int, group: int, torch):
     from core.model import gptq_triton as gt
 
@@ -209,6 +298,9 @@ def _check_step_kernels(torch) -> None:
 if __name__ == "__main__":
     import torch
 
-    _check_products(torch)
-    _check_step_kernels(torch)
-    print("all kernels agree")
+    if sys.argv[1:2] == ["step"]:
+        _check_whole_step(torch, Path(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        _check_products(torch)
+        _check_step_kernels(torch)
+        print("all kernels agree")

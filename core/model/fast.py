@@ -143,8 +143,7 @@ class Projection:
         parts = []
         for m in self.modules:
             if not (
-                gt.available()
-                and m.qweight.is_cuda
+                gt.serves(m.qweight)
                 and int(m.bits) == 4
                 and m.qweight.dtype == torch.int32
                 and m.bias is None
@@ -512,9 +511,10 @@ class FastDecode:
                     layer.mlp.up_proj,
                     layer.mlp.down_proj,
                 ):
-                    if type(module) is not torch.nn.Linear and not (
-                        type(module).__name__ == "TorchLinear" and module.qweight.is_cuda
-                    ):  # (the torch kernel repacks nothing; its first call would compile)
+                    # (the torch kernel repacks nothing; its first call would compile)
+                    if type(module) is not torch.nn.Linear and (
+                        type(module).__name__ != "TorchLinear"
+                    ):
                         module(
                             torch.zeros(
                                 1, module.in_features, dtype=batch.dtype, device=self.device

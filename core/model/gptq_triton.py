@@ -53,6 +53,12 @@ def available() -> bool:
     return triton is not None
 
 
+def serves(t: torch.Tensor) -> bool:
+    """Whether the kernels run where `t` is: on CUDA, or anywhere under the interpreter (which
+    checks the whole Triton path on a CPU in CI)."""
+    return triton is not None and (t.is_cuda or INTERPRETED)
+
+
 @dataclass(frozen=True)
 class GemvConfig:
     """How `_gemv` splits a product: outputs per program, K shares, warps."""

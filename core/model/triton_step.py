@@ -282,9 +282,10 @@ def _next_power_of_two(n: int) -> int:
 class TritonLayers:
     """Every layer of a decode step as Triton kernels (see the module's docstring).
 
-    Applies on CUDA to Llama-family models whose projections all run as GPTQ Triton products
-    (`Projection.kind == "triton"`), with RMSNorms and SiLU, no per-head norms (Qwen3), no
-    biases, and a head size that is a power of two."""
+    Applies on CUDA (and on a CPU under Triton's interpreter, for tests) to Llama-family models
+    whose projections all run as GPTQ Triton products (`Projection.kind == "triton"`), with
+    RMSNorms and SiLU, no per-head norms (Qwen3), no biases, and a head size that is a power
+    of two."""
 
     def __init__(self, fast: FastDecode) -> None:
         batch = fast.batch
@@ -300,7 +301,10 @@ class TritonLayers:
         first = self.weights[0]
         self.configs = tuple(gt.gemv_config_for(w) for w in first)
         self.groups = fast.heads // fast.kv_heads
-        self.sms = torch.cuda.get_device_properties(batch.device).multi_processor_count
+        cuda = batch.device.type == "cuda"
+        self.sms = (
+            torch.cuda.get_device_properties(batch.device).multi_processor_count if cuda else 1
+        )
 
     def attention_splits(self, count: int) -> int:
         """Spans each row's positions are cut into for the attention: one program per row and
@@ -316,8 +320,7 @@ class TritonLayers:
     def applies(fast: FastDecode) -> bool:
         batch = fast.batch
         return (
-            gt.available()
-            and batch.device.type == "cuda"
+            gt.serves(torch.empty(0, device=batch.device))
             and fast.head_dim & (fast.head_dim - 1) == 0
             and fast.heads % fast.kv_heads == 0
             and all(
