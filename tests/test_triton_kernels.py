@@ -256,7 +256,9 @@ def _check_step_kernels(torch) -> None:
         q, keys, values, positions, rows, out, 0.25, keys.stride(0), keys.stride(1),
         HEADS=heads, GROUPS=2, GROUPS_P2=2, D=dim, BLOCK_S=4,
     )  # fmt: skip
-    for t in range(2):
+
+    def attention_error(q, out, rows, positions, t: int) -> float:
+        """Token t's output against the torch attention over its row up to its position."""
         row, pos = int(rows[t]), int(positions[t])
         want = decode_attention(
             q[t : t + 1].float().view(1, heads, dim),
@@ -266,7 +268,10 @@ def _check_step_kernels(torch) -> None:
             kv_heads,
             0.25,
         )
-        assert float((out[t].float() - want[0]).abs().max()) < 1e-2, t
+        return float((out[t].float() - want[0]).abs().max())
+
+    for t in range(2):
+        assert attention_error(q, out, rows, positions, t) < 1e-2, t
 
     # the same attention cut into spans, then combined: positions 0 (two spans empty), 5 and 11
     # (several blocks a span), in 2 and 4 spans
@@ -283,16 +288,7 @@ def _check_step_kernels(torch) -> None:
         ts._attention_combine[(3, heads)](part, lse, out, HEADS=heads, D=dim, SPLITS=splits)
         assert bool(torch.isinf(lse[0, :, 1:]).all())  # position 0: only the first span is used
         for t in range(3):
-            row, pos = int(rows[t]), int(positions[t])
-            want = decode_attention(
-                q[t : t + 1].float().view(1, heads, dim),
-                keys[row : row + 1, :, : pos + 1].float(),
-                values[row : row + 1, :, : pos + 1].float(),
-                None,
-                kv_heads,
-                0.25,
-            )
-            assert float((out[t].float() - want[0]).abs().max()) < 1e-2, (splits, t)
+            assert attention_error(q, out, rows, positions, t) < 1e-2, (splits, t)
 
 
 if __name__ == "__main__":

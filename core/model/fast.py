@@ -143,7 +143,7 @@ class Projection:
         parts = []
         for m in self.modules:
             if not (
-                gt.serves(m.qweight)
+                gt.serves(m.qweight.device)
                 and int(m.bits) == 4
                 and m.qweight.dtype == torch.int32
                 and m.bias is None

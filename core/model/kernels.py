@@ -55,19 +55,18 @@ _CUDA_SERVING_ORDER = {
 def triton_takes(quant: dict[str, object]) -> bool:
     """Whether loracord's Triton GPTQ kernels (`core.model.gptq_triton`, served through the
     `torch` kernel) take a checkpoint with this quantization config: 4 bits, no act-order,
-    groups of a power of two from 32; and whether Triton is installed."""
-    import importlib.util
+    groups the kernels take (`gptq_triton.supported_group`); and whether Triton is installed."""
+    from core.model import gptq_triton as gt
 
     try:
         bits, group = int(quant.get("bits", 4)), int(quant.get("group_size", 128) or -1)
     except (TypeError, ValueError):
         return False
     return (
-        bits == 4
+        gt.available()
+        and bits == 4
         and not quant.get("desc_act", False)
-        and group >= 32
-        and group & (group - 1) == 0
-        and importlib.util.find_spec("triton") is not None
+        and gt.supported_group(group, group)
     )
 
 

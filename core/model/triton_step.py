@@ -140,6 +140,57 @@ if triton is not None:
             tl.store(at + d, x.to(v_ptr.dtype.element_ty))
 
     @triton.jit
+    def _attend(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        t,
+        kv,
+        row,
+        first,
+        stop,
+        scaling,
+        cache_row_stride,
+        cache_head_stride,
+        HEADS: tl.constexpr,
+        GROUPS: tl.constexpr,
+        GROUPS_P2: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+    ):
+        """Token t's queries of KV head `kv` over cache positions `[first, stop)` of `row`:
+        online softmax over blocks of positions. Returns (running max, sum of weights,
+        weighted sum of values `[GROUPS_P2, D]`), unnormalized; the sum is 0 for an empty
+        span."""
+        g = tl.arange(0, GROUPS_P2)
+        d = tl.arange(0, D)
+        heads = kv * GROUPS + g
+        q = tl.load(
+            q_ptr + t * HEADS * D + heads[:, None] * D + d[None, :], mask=(g < GROUPS)[:, None]
+        )
+        q = q.to(tl.float32) * scaling
+        best = tl.full((GROUPS_P2,), float("-inf"), dtype=tl.float32)
+        total = tl.zeros((GROUPS_P2,), dtype=tl.float32)
+        acc = tl.zeros((GROUPS_P2, D), dtype=tl.float32)
+        keys = k_ptr + row * cache_row_stride + kv * cache_head_stride
+        values = v_ptr + row * cache_row_stride + kv * cache_head_stride
+        for start in range(first, stop, BLOCK_S):
+            s = start + tl.arange(0, BLOCK_S)
+            s_ok = s < stop
+            k = tl.load(keys + s[:, None] * D + d[None, :], mask=s_ok[:, None], other=0.0)
+            # (v is loaded with k, before the scores: its latency overlaps theirs)
+            v = tl.load(values + s[:, None] * D + d[None, :], mask=s_ok[:, None], other=0.0)
+            scores = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)  # [G, S]
+            scores = tl.where(s_ok[None, :], scores, float("-inf"))
+            new_best = tl.maximum(best, tl.max(scores, axis=1))
+            p = tl.exp(scores - new_best[:, None])
+            alpha = tl.exp(best - new_best)
+            total = total * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+            best = new_best
+        return best, total, acc
+
+    @triton.jit
     def _decode_attention(
         q_ptr,
         k_ptr,
@@ -160,34 +211,16 @@ if triton is not None:
         kv = tl.program_id(1)
         pos = tl.load(pos_ptr + t)
         row = tl.load(row_ptr + t)
+        _best, total, acc = _attend(
+            q_ptr, k_ptr, v_ptr, t, kv, row, 0, pos + 1, scaling, cache_row_stride,
+            cache_head_stride, HEADS, GROUPS, GROUPS_P2, D, BLOCK_S,
+        )  # fmt: skip
         g = tl.arange(0, GROUPS_P2)
-        g_ok = g < GROUPS
         d = tl.arange(0, D)
         heads = kv * GROUPS + g
-        q = tl.load(q_ptr + t * HEADS * D + heads[:, None] * D + d[None, :], mask=g_ok[:, None])
-        q = q.to(tl.float32) * scaling
-        best = tl.full((GROUPS_P2,), float("-inf"), dtype=tl.float32)
-        total = tl.zeros((GROUPS_P2,), dtype=tl.float32)
-        acc = tl.zeros((GROUPS_P2, D), dtype=tl.float32)
-        keys = k_ptr + row * cache_row_stride + kv * cache_head_stride
-        values = v_ptr + row * cache_row_stride + kv * cache_head_stride
-        for start in range(0, pos + 1, BLOCK_S):
-            s = start + tl.arange(0, BLOCK_S)
-            s_ok = s <= pos
-            k = tl.load(keys + s[:, None] * D + d[None, :], mask=s_ok[:, None], other=0.0)
-            # (v is loaded with k, before the scores: its latency overlaps theirs)
-            v = tl.load(values + s[:, None] * D + d[None, :], mask=s_ok[:, None], other=0.0)
-            scores = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)  # [G, S]
-            scores = tl.where(s_ok[None, :], scores, float("-inf"))
-            new_best = tl.maximum(best, tl.max(scores, axis=1))
-            p = tl.exp(scores - new_best[:, None])
-            alpha = tl.exp(best - new_best)
-            total = total * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
-            best = new_best
-        out = acc / total[:, None]
         at = out_ptr + t * HEADS * D + heads[:, None] * D + d[None, :]
-        tl.store(at, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
+        out = acc / total[:, None]
+        tl.store(at, out.to(out_ptr.dtype.element_ty), mask=(g < GROUPS)[:, None])
 
     @triton.jit
     def _attention_split(
@@ -219,37 +252,18 @@ if triton is not None:
         row = tl.load(row_ptr + t)
         per = tl.cdiv(pos + 1, SPLITS)
         first = split * per
-        stop = tl.minimum(first + per, pos + 1)
-        g = tl.arange(0, GROUPS_P2)
-        g_ok = g < GROUPS
-        d = tl.arange(0, D)
-        heads = kv * GROUPS + g
-        q = tl.load(q_ptr + t * HEADS * D + heads[:, None] * D + d[None, :], mask=g_ok[:, None])
-        q = q.to(tl.float32) * scaling
-        best = tl.full((GROUPS_P2,), float("-inf"), dtype=tl.float32)
-        total = tl.zeros((GROUPS_P2,), dtype=tl.float32)
-        acc = tl.zeros((GROUPS_P2, D), dtype=tl.float32)
-        keys = k_ptr + row * cache_row_stride + kv * cache_head_stride
-        values = v_ptr + row * cache_row_stride + kv * cache_head_stride
-        for start in range(first, stop, BLOCK_S):
-            s = start + tl.arange(0, BLOCK_S)
-            s_ok = s < stop
-            k = tl.load(keys + s[:, None] * D + d[None, :], mask=s_ok[:, None], other=0.0)
-            v = tl.load(values + s[:, None] * D + d[None, :], mask=s_ok[:, None], other=0.0)
-            scores = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)  # [G, S]
-            scores = tl.where(s_ok[None, :], scores, float("-inf"))
-            new_best = tl.maximum(best, tl.max(scores, axis=1))
-            p = tl.exp(scores - new_best[:, None])
-            alpha = tl.exp(best - new_best)
-            total = total * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
-            best = new_best
+        best, total, acc = _attend(
+            q_ptr, k_ptr, v_ptr, t, kv, row, first, tl.minimum(first + per, pos + 1), scaling,
+            cache_row_stride, cache_head_stride, HEADS, GROUPS, GROUPS_P2, D, BLOCK_S,
+        )  # fmt: skip
         empty = total == 0.0
         out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, total)[:, None])
         lse = tl.where(empty, float("-inf"), best + tl.log(tl.where(empty, 1.0, total)))
-        at = (t * HEADS + heads) * SPLITS + split
-        tl.store(part_ptr + at[:, None] * D + d[None, :], out, mask=g_ok[:, None])
-        tl.store(lse_ptr + at, lse, mask=g_ok)
+        g = tl.arange(0, GROUPS_P2)
+        d = tl.arange(0, D)
+        at = (t * HEADS + kv * GROUPS + g) * SPLITS + split
+        tl.store(part_ptr + at[:, None] * D + d[None, :], out, mask=(g < GROUPS)[:, None])
+        tl.store(lse_ptr + at, lse, mask=g < GROUPS)
 
     @triton.jit
     def _attention_combine(
@@ -320,7 +334,7 @@ class TritonLayers:
     def applies(fast: FastDecode) -> bool:
         batch = fast.batch
         return (
-            gt.serves(torch.empty(0, device=batch.device))
+            gt.serves(batch.device)
             and fast.head_dim & (fast.head_dim - 1) == 0
             and fast.heads % fast.kv_heads == 0
             and all(
