@@ -61,11 +61,15 @@ def serves(device: torch.device) -> bool:
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """How `_gemv` splits a product: outputs per program, K shares, warps."""
+    """How `_gemv` splits a product: outputs per program, K shares, warps, and how many
+    groups of weights each program has in flight (`stages` > 1: Triton's loop pipeliner copies
+    the next groups' tiles asynchronously into shared memory while the current one is summed;
+    1: each group is loaded, then summed)."""
 
     block_n: int = 128
     split: int = 4
     warps: int = 4
+    stages: int = 1
 
 
 @dataclass(frozen=True)
@@ -275,6 +279,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         HALF2: tl.constexpr,
         ASM: tl.constexpr,
+        STAGES: tl.constexpr,
     ):
         """One row. With `HALF2` (fp16 activations) x comes as int32 pairs and each int32 of
         weights is one `_half2_dot`; otherwise fp32 arithmetic, three instructions a weight."""
@@ -290,7 +295,7 @@ if triton is not None:
         acc = tl.zeros((P, BLOCK_N), dtype=tl.float32)
         first = pid_k * groups_per_split
         last = tl.minimum(first + groups_per_split, K // GROUP)
-        for g in range(first, last):
+        for g in tl.range(first, last, num_stages=STAGES):
             w = tl.load(w_ptrs + g * P * stride_w, mask=n_ok[None, :], other=0)
             s = tl.load(s_ptr + g * stride_s + n, mask=n_ok, other=0)
             z = tl.load(z_ptr + g * stride_s + n, mask=n_ok, other=0).to(tl.float32)
@@ -473,7 +478,7 @@ def gemv(
     _gemv[grid](
         x, w.qweight, w.scales, w.zeros, out, n, w.in_features, w.qweight.stride(0),
         w.scales.stride(0), per,
-        GROUP=w.group, BLOCK_N=cfg.block_n, HALF2=half2, ASM=not INTERPRETED,
+        GROUP=w.group, BLOCK_N=cfg.block_n, HALF2=half2, ASM=not INTERPRETED, STAGES=cfg.stages,
         num_warps=cfg.warps,
     )  # fmt: skip
 

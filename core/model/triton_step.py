@@ -15,7 +15,7 @@ costs ~2 us, as much as reading the layer's weights. Here a layer is:
    softmax over blocks of positions, so the span needs no bucket); with few rows the positions
    can be cut into spans, one program each (`_attention_split`), and `_attention_combine`
    weighs the spans' outputs by their log-sum-exps (flash-decoding), so a long cache is read by
-   many SMs instead of one per KV head (off by default: `MAX_ATTENTION_SPLITS`);
+   many SMs instead of one per KV head (up to `MAX_ATTENTION_SPLITS` spans);
 5. the o GEMV; 6. `_add_rms_norm`; 7. the gate/up GEMV;
 8. `_silu_mul`: the MLP's activation from the gate/up GEMV's shares; 9. the down GEMV.
 
@@ -283,10 +283,10 @@ if triton is not None:
         tl.store(out_ptr + t * HEADS * D + head * D + d, out.to(out_ptr.dtype.element_ty))
 
 
-# The most spans one row's attention is cut into (`TritonLayers.attention_splits`). 1 (one
-# kernel, no split) until the split is measured on a GPU against it (`bench/serving.py
-# --attention-splits 1` and `8` at a long prompt); the split kernels are checked on the CPU.
-MAX_ATTENTION_SPLITS = 1
+# The most spans one row's attention is cut into (`TritonLayers.attention_splits`; 1: one
+# kernel, no split). 8 served a 2,000-token prompt 1.74x as fast as 1 on an H100 (7B shape,
+# `bench/serving.py --attention-splits 1` and `8`, BENCHMARKS.md).
+MAX_ATTENTION_SPLITS = 8
 
 
 def _next_power_of_two(n: int) -> int:
