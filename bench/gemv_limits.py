@@ -22,7 +22,11 @@ and ways to run the same arithmetic that could be faster (results checked):
 - `unroll2`: two groups per loop step, both groups' loads issued before either is summed
   (twice the bytes in flight per warp, no loop-carried buffer);
 - `packed-sz`: scale and 1024 + zero point as one int32 per group and output (two fp16),
-  one load and one layout change per group instead of two and three.
+  one load and one layout change per group instead of two and three;
+- `scale-late`: the scale applied once per int32 of weights instead of once per pair
+  (`HALF2_DOT_LATE`: 18 instructions for eight weights instead of 21);
+- `two-tiles`, `two-tiles-late`: each program takes two tiles of columns over the same rows, so
+  each thread's x pairs serve twice the weights.
 """
 
 from __future__ import annotations
@@ -41,9 +45,73 @@ import triton
 import triton.language as tl
 
 from core.model import gptq_triton as gt
-from core.model.gptq_triton import _half2_dot, _pair
+from core.model.gptq_triton import _half2_dot, _lane, _pair
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+# The served `HALF2_DOT` with the scale applied once per int32 instead of once per weight pair:
+# each value is made into (q - z) / 16 (exact in fp16: one multiply-add of 1024 + q by 1/16, or
+# of 1024 + 16 q by 1/256, plus -(64 + z/16) or -(4 + z/16), both exact), the four products
+# with x are summed in fp16 pairs (at most 4 * 15/16 |x|: no overflow below |x| = 17,000), and
+# the sum is multiplied by 16 s once. 18 instructions for eight weights instead of 21.
+# $2 = -(64 + z/16) twice, $3 = -(4 + z/16) twice, $4 = 16 s twice, $5..$8 = x pairs.
+HALF2_DOT_LATE = tl.constexpr(
+    """
+    {
+    .reg .b32 t0, t1, t2, t3, w8, a, c16, c256;
+    .reg .b16 lo, hi;
+    .reg .f32 flo, fhi;
+    mov.b32 c16, 0x2C002C00;
+    mov.b32 c256, 0x1C001C00;
+    lop3.b32 t0, $1, 0x000F000F, 0x64006400, 0xEA;
+    lop3.b32 t1, $1, 0x00F000F0, 0x64006400, 0xEA;
+    shr.u32 w8, $1, 8;
+    lop3.b32 t2, w8, 0x000F000F, 0x64006400, 0xEA;
+    lop3.b32 t3, w8, 0x00F000F0, 0x64006400, 0xEA;
+    fma.rn.f16x2 t0, t0, c16, $2;
+    fma.rn.f16x2 t1, t1, c256, $3;
+    fma.rn.f16x2 t2, t2, c16, $2;
+    fma.rn.f16x2 t3, t3, c256, $3;
+    mul.rn.f16x2 a, t0, $5;
+    fma.rn.f16x2 a, t1, $6, a;
+    fma.rn.f16x2 a, t2, $7, a;
+    fma.rn.f16x2 a, t3, $8, a;
+    mul.rn.f16x2 a, a, $4;
+    mov.b32 {lo, hi}, a;
+    cvt.f32.f16 flo, lo;
+    cvt.f32.f16 fhi, hi;
+    add.f32 $0, flo, fhi;
+    }
+    """
+)
+
+
+@triton.jit
+def _half2_dot_late(w, z64, z4, s16, x04, x15, x26, x37, ASM: tl.constexpr):
+    """`HALF2_DOT_LATE`; without `ASM` the same steps as Triton operations (interpreter)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            HALF2_DOT_LATE,
+            "=f,r,r,r,r,r,r,r,r",
+            [w, z64, z4, s16, x04, x15, x26, x37],
+            dtype=tl.float32,
+            is_pure=True,
+            pack=1,
+        )
+    t0 = (w & 0x000F000F) | 0x64006400
+    t1 = (w & 0x00F000F0) | 0x64006400
+    t2 = ((w >> 8) & 0x000F000F) | 0x64006400
+    t3 = ((w >> 8) & 0x00F000F0) | 0x64006400
+    out = tl.zeros(w.shape, dtype=tl.float32)
+    for hi in tl.static_range(2):
+        d0 = _lane(t0, hi) * 0.0625 + _lane(z64, hi)
+        d1 = _lane(t1, hi) * 0.00390625 + _lane(z4, hi)
+        d2 = _lane(t2, hi) * 0.0625 + _lane(z64, hi)
+        d3 = _lane(t3, hi) * 0.00390625 + _lane(z4, hi)
+        a = d0 * _lane(x04, hi) + d1 * _lane(x15, hi)
+        a = a + d2 * _lane(x26, hi) + d3 * _lane(x37, hi)
+        out += (a * _lane(s16, hi)).to(tl.float32)
+    return out
 
 
 @triton.jit
@@ -66,7 +134,7 @@ def _load_group(x_ptr, w_ptrs, s_ptr, z_ptr, sz_ptr, g, n, n_ok, stride_w, strid
 
 
 @triton.jit
-def _sum_group(w, s, z, a, b, c, d, PACKED: tl.constexpr, ASM: tl.constexpr):
+def _sum_group(w, s, z, a, b, c, d, PACKED: tl.constexpr, LATE: tl.constexpr, ASM: tl.constexpr):
     x04 = (a & 0xFFFF) | (c << 16)
     x15 = ((a >> 16) & 0xFFFF) | (c & -65536)
     x26 = (b & 0xFFFF) | (d << 16)
@@ -82,6 +150,17 @@ def _sum_group(w, s, z, a, b, c, d, PACKED: tl.constexpr, ASM: tl.constexpr):
         z1024 = _pair((zf + 1024.0).to(tl.float16))
         z64 = _pair((-(zf + 64.0)).to(tl.float16))
     zero = tl.zeros(w.shape, dtype=tl.int32)
+    if LATE:
+        zf = z.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        sf = s.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return _half2_dot_late(
+            w,
+            _pair((-(64.0 + zf * 0.0625)).to(tl.float16))[None, :] + zero,
+            _pair((-(4.0 + zf * 0.0625)).to(tl.float16))[None, :] + zero,
+            _pair((sf * 16.0).to(tl.float16))[None, :] + zero,
+            x04[:, None] + zero, x15[:, None] + zero, x26[:, None] + zero, x37[:, None] + zero,
+            ASM,
+        )  # fmt: skip
     return _half2_dot(
         w, z1024[None, :] + zero, z64[None, :] + zero, s2[None, :] + zero,
         x04[:, None] + zero, x15[:, None] + zero, x26[:, None] + zero, x37[:, None] + zero,
@@ -93,20 +172,25 @@ def _sum_group(w, s, z, a, b, c, d, PACKED: tl.constexpr, ASM: tl.constexpr):
 def _probe(
     x_ptr, w_ptr, s_ptr, z_ptr, sz_ptr, out_ptr, N, K, stride_w, stride_s, groups_per_split,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, WORK: tl.constexpr, SZ_EACH: tl.constexpr,
-    X_EACH: tl.constexpr, UNROLL: tl.constexpr, PACKED: tl.constexpr, ASM: tl.constexpr,
+    X_EACH: tl.constexpr, UNROLL: tl.constexpr, PACKED: tl.constexpr, LATE: tl.constexpr,
+    TILES: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = pid_n * BLOCK_N * TILES + tl.arange(0, BLOCK_N)
     n_ok = n < N
     P: tl.constexpr = GROUP // 8
     packed = tl.arange(0, P)
     w_ptrs = w_ptr + packed[:, None] * stride_w + n[None, :]
     acc = tl.zeros((P, BLOCK_N), dtype=tl.float32)
     bits = tl.zeros((P, BLOCK_N), dtype=tl.int32)
+    if TILES == 2:  # a second tile of columns, with the same rows (and x) as the first
+        nb = n + BLOCK_N
+        nb_ok = nb < N
+        acc_b = tl.zeros((P, BLOCK_N), dtype=tl.float32)
     first = pid_k * groups_per_split
     last = tl.minimum(first + groups_per_split, K // GROUP)
-    _, s0, z0, a0, b0, c0, d0 = _load_group(
+    _w0, s0, z0, a0, b0, c0, d0 = _load_group(
         x_ptr, w_ptrs, s_ptr, z_ptr, sz_ptr, first, n, n_ok, stride_w, stride_s, GROUP, PACKED
     )
     for g in range(first, last, UNROLL):
@@ -118,30 +202,42 @@ def _probe(
                 x_ptr, w_ptrs, s_ptr, z_ptr, sz_ptr, g + 1, n, n_ok, stride_w, stride_s,
                 GROUP, PACKED,
             )  # fmt: skip
+        if TILES == 2:
+            wb, sb, zb, _a, _b, _c, _d = _load_group(
+                x_ptr, w_ptrs + BLOCK_N, s_ptr, z_ptr, sz_ptr, g, nb, nb_ok, stride_w, stride_s,
+                GROUP, PACKED,
+            )  # fmt: skip
         if not SZ_EACH:
             s, z = s0, z0
         if not X_EACH:
             a, b, c, d = a0, b0, c0, d0
         if WORK:
-            acc += _sum_group(w, s, z, a, b, c, d, PACKED, ASM)
+            acc += _sum_group(w, s, z, a, b, c, d, PACKED, LATE, ASM)
             if UNROLL == 2:
-                acc += _sum_group(w2, s2, z2, a2, b2, c2, d2, PACKED, ASM)
+                acc += _sum_group(w2, s2, z2, a2, b2, c2, d2, PACKED, LATE, ASM)
+            if TILES == 2:
+                acc_b += _sum_group(wb, sb, zb, a, b, c, d, PACKED, LATE, ASM)
         else:
             bits ^= w ^ (s ^ z)[None, :] ^ (a ^ b ^ c ^ d)[:, None]
     if not WORK:
         acc += bits.to(tl.float32)
     tl.store(out_ptr + pid_k * N + n, tl.sum(acc, axis=0), mask=n_ok)
+    if TILES == 2:
+        tl.store(out_ptr + pid_k * N + nb, tl.sum(acc_b, axis=0), mask=nb_ok)
 
 
-# name: (WORK, SZ_EACH, X_EACH, UNROLL, PACKED, checked)
+# name: (WORK, SZ_EACH, X_EACH, UNROLL, PACKED, LATE, TILES, checked)
 VARIANTS = {
-    "copy": (1, 1, 1, 1, 0, True),
-    "loads": (0, 1, 1, 1, 0, False),
-    "no-sz": (1, 0, 1, 1, 0, False),
-    "no-x": (1, 1, 0, 1, 0, False),
-    "unroll2": (1, 1, 1, 2, 0, True),
-    "packed-sz": (1, 1, 1, 1, 1, True),
-    "packed-unroll2": (1, 1, 1, 2, 1, True),
+    "copy": (1, 1, 1, 1, 0, 0, 1, True),
+    "loads": (0, 1, 1, 1, 0, 0, 1, False),
+    "no-sz": (1, 0, 1, 1, 0, 0, 1, False),
+    "no-x": (1, 1, 0, 1, 0, 0, 1, False),
+    "unroll2": (1, 1, 1, 2, 0, 0, 1, True),
+    "packed-sz": (1, 1, 1, 1, 1, 0, 1, True),
+    "packed-unroll2": (1, 1, 1, 2, 1, 0, 1, True),
+    "scale-late": (1, 1, 1, 1, 0, 1, 1, True),
+    "two-tiles": (1, 1, 1, 1, 0, 0, 2, True),
+    "two-tiles-late": (1, 1, 1, 1, 0, 1, 2, True),
 }
 
 
@@ -153,18 +249,19 @@ def packed_sz(w: gt.GptqWeights) -> torch.Tensor:
 
 
 def run(x, w: gt.GptqWeights, sz, variant: str, block_n: int, split: int, warps: int):
-    work, sz_each, x_each, unroll, packed, _ = VARIANTS[variant]
+    work, sz_each, x_each, unroll, packed, late, tiles, _ = VARIANTS[variant]
     groups = w.in_features // w.group
     shares, per = gt._shares(groups, split)
     if per % unroll or (groups - (shares - 1) * per) % unroll:
         raise ValueError("every share's groups must divide by the unroll")
     out = torch.empty((shares, w.out_features), dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(w.out_features, block_n), shares)
+    grid = (triton.cdiv(w.out_features, block_n * tiles), shares)
     _probe[grid](
         x.view(torch.int32), w.qweight, w.scales, w.zeros, sz, out, w.out_features,
         w.in_features, w.qweight.stride(0), w.scales.stride(0), per,
         GROUP=w.group, BLOCK_N=block_n, WORK=work, SZ_EACH=sz_each, X_EACH=x_each,
-        UNROLL=unroll, PACKED=packed, ASM=not INTERPRETED, num_warps=warps,
+        UNROLL=unroll, PACKED=packed, LATE=late, TILES=tiles, ASM=not INTERPRETED,
+        num_warps=warps,
     )  # fmt: skip
     return out.sum(0)
 
