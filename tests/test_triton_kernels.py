@@ -30,6 +30,22 @@ def test_the_kernels_compute_what_the_torch_code_does() -> None:
     assert "all kernels agree" in done.stdout
 
 
+@pytest.mark.parametrize("bench", ["gemv_variants.py", "gemv_limits.py"])
+def test_the_benchmarked_gemv_variants_compute_the_product(bench: str) -> None:
+    """The GEMV variants the GPU benchmarks time (`bench/`), those meant to be correct, against
+    the dequantized matrix: a faster variant is only worth adopting if it computes the product."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / bench), "--check"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "variants agree" in done.stdout
+
+
 def test_the_triton_step_decodes_what_the_plain_path_does(
     embedded_model_dir: Path, tmp_path: Path
 ) -> None:
