@@ -30,6 +30,62 @@ def test_the_kernels_compute_what_the_torch_code_does() -> None:
     assert "all kernels agree" in done.stdout
 
 
+def test_the_products_read_the_zero_points_gptqmodels_torch_kernel_uses(
+    embedded_model_dir: Path, tmp_path: Path
+) -> None:
+    """The Triton products multiply by the matrix GPTQModel's `torch` kernel multiplies by, for
+    a v2 checkpoint (the embedded model: asymmetric, its modules still reporting format 1) and a
+    v1 one (converted when it loads). Read as v1 (as the module's flag says), every zero point
+    of the embedded model was one step off, its products off by up to half their largest value,
+    and a random v2 model answered one token over and over on a GPU."""
+    import torch
+
+    from core.model import gptq_triton as gt
+    from core.model.fast import torch_kernel_weights
+    from core.model.kernels import Runtime
+    from core.model.loader import load_for_serving
+
+    v1 = _random_model(embedded_model_dir, tmp_path)
+    for folder in (embedded_model_dir, v1):
+        model, _tokenizer, _ = load_for_serving(folder, Runtime("cpu", torch.float16, "torch"))
+        modules = [m for m in model.modules() if type(m).__name__ == "TorchLinear"]
+        assert modules, folder
+        torch.manual_seed(0)
+        for m in modules[:4] + modules[-3:]:
+            x = torch.randn(2, m.in_features, dtype=torch.float16)
+            with torch.no_grad():
+                want = m(x).float()
+            got = x.float() @ gt.dequantize(torch_kernel_weights(m))
+            error = float((got - want).abs().max() / want.abs().max())
+            assert error < 2e-3, (folder.name, error)
+
+
+def _random_model(tokenizer_dir: Path, work: Path) -> Path:
+    """A 2-layer Llama-shaped GPTQ checkpoint with random weights (`bench/random_gptq.py`:
+    symmetric, v1 format, grouped-query heads)."""
+    import json
+    import shutil
+
+    base, folder = work / "base", work / "model"
+    base.mkdir()
+    config = json.loads((tokenizer_dir / "config.json").read_text())
+    config.pop("quantization_config", None)
+    config.pop("head_dim", None)
+    config.update(
+        hidden_size=128,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+    )
+    (base / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, base / name)
+    script = ROOT / "bench" / "random_gptq.py"
+    subprocess.run([sys.executable, str(script), str(base), str(folder)], check=True)
+    return folder
+
+
 @pytest.mark.parametrize("bench", ["gemv_variants.py", "gemv_limits.py"])
 def test_the_benchmarked_gemv_variants_compute_the_product(bench: str) -> None:
     """The GEMV variants the GPU benchmarks time (`bench/`), those meant to be correct, against
@@ -69,8 +125,6 @@ def test_the_triton_step_decodes_what_the_plain_path_does(
 
 
 def _check_whole_step(torch, tokenizer_dir: Path, work: Path) -> None:
-    import json
-    import shutil
 
     from core.adapters import BaseShapes, inspect_adapter
     from core.model import triton_step as ts
@@ -81,23 +135,7 @@ def _check_whole_step(torch, tokenizer_dir: Path, work: Path) -> None:
     from core.model.scheduler import Segment
     from tests.adapter_kit import write_adapter
 
-    base, folder = work / "base", work / "model"
-    base.mkdir()
-    config = json.loads((tokenizer_dir / "config.json").read_text())
-    config.pop("quantization_config", None)
-    config.pop("head_dim", None)
-    config.update(
-        hidden_size=128,
-        intermediate_size=256,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_hidden_layers=2,
-    )
-    (base / "config.json").write_text(json.dumps(config))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_dir / name, base / name)
-    script = ROOT / "bench" / "random_gptq.py"
-    subprocess.run([sys.executable, str(script), str(base), str(folder)], check=True)
+    folder = _random_model(tokenizer_dir, work)
     model, _tokenizer, _ = load_for_serving(folder, Runtime("cpu", torch.float16, "torch"))
     batch = BatchModel(model, 2, 32, adapter_slots=2, adapter_max_rank=8)
     assert "Triton step" in batch.decode_path, batch.decode_path

@@ -151,9 +151,7 @@ class Projection:
                 and _trivial_g_idx(m)
             ):
                 return
-            offset = 1 if m.qzero_format() == 1 else 0
-            zeros = gt.unpack_zeros(m.qzeros, int(m.out_features), offset).to(m.scales.dtype)
-            parts.append(gt.GptqWeights(m.qweight, m.scales, zeros, int(m.group_size)))
+            parts.append(torch_kernel_weights(m))
         fused = gt.GptqWeights.concat(parts)
         device = str(fused.qweight.device)
         if device not in _TRITON_CHECKED:  # the first matrix of a model, once per device
@@ -177,6 +175,20 @@ class Projection:
         self.group = fused.group
         self.kind = "triton"
         self._call = lambda x: gt.matmul(x, fused)
+
+
+def torch_kernel_weights(module: Any) -> Any:
+    """The matrix GPTQModel's `torch` kernel (`TorchLinear`) multiplies by, as `GptqWeights`.
+
+    That kernel computes with its zero points as they are in memory (GPTQ's v2 format, z
+    itself): a v1 checkpoint (stored as z - 1) is converted when it loads, and a checkpoint
+    saved as v2 is read as it is, but then the module's format flag (`qzero_format()`) keeps
+    its default of 1. So the flag is not read: trusting it took one step off every zero point
+    of v2 checkpoints (the embedded model's format)."""
+    from core.model import gptq_triton as gt
+
+    zeros = gt.unpack_zeros(module.qzeros, int(module.out_features), 0).to(module.scales.dtype)
+    return gt.GptqWeights(module.qweight, module.scales, zeros, int(module.group_size))
 
 
 # Device -> None when the Triton products passed their check there, else why they did not.
