@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from core.model import gptq_triton as gt
-from core.model.gptq_triton import _half2_dot, _lane, _pair
+from core.model.gptq_triton import _half2_dot, _lane, _nibble_pairs, _pair
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -98,10 +98,7 @@ def _half2_dot_late(w, z64, z4, s16, x04, x15, x26, x37, ASM: tl.constexpr):
             is_pure=True,
             pack=1,
         )
-    t0 = (w & 0x000F000F) | 0x64006400
-    t1 = (w & 0x00F000F0) | 0x64006400
-    t2 = ((w >> 8) & 0x000F000F) | 0x64006400
-    t3 = ((w >> 8) & 0x00F000F0) | 0x64006400
+    t0, t1, t2, t3 = _nibble_pairs(w)
     out = tl.zeros(w.shape, dtype=tl.float32)
     for hi in tl.static_range(2):
         d0 = _lane(t0, hi) * 0.0625 + _lane(z64, hi)
@@ -295,13 +292,10 @@ def main() -> None:
     if args.check or INTERPRETED:
         check()
         return
-    from bench.gptq_gemm import SHAPES, copy_bandwidth, graph_time, random_weights
+    from bench.gptq_gemm import SHAPES, card, graph_time, random_weights
 
     torch.manual_seed(0)
-    limit = copy_bandwidth()
-    print(
-        f"{torch.cuda.get_device_name()}: copy {limit / 1e12:.2f} TB/s, triton {triton.__version__}"
-    )
+    limit = card()
     results = []
     for name, (k, n) in SHAPES.items():
         w = random_weights(k, n)

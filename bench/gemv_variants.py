@@ -174,13 +174,10 @@ def main() -> None:
     if args.check or os.environ.get("TRITON_INTERPRET") == "1":
         check()
         return
-    from bench.gptq_gemm import SHAPES, copy_bandwidth, graph_time, random_weights
+    from bench.gptq_gemm import SHAPES, card, graph_time, random_weights
 
     torch.manual_seed(0)
-    limit = copy_bandwidth()
-    print(
-        f"{torch.cuda.get_device_name()}: copy {limit / 1e12:.2f} TB/s, triton {triton.__version__}"
-    )
+    limit = card()
     results = []
     for name, (k, n) in SHAPES.items():
         w = random_weights(k, n)

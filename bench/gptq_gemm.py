@@ -73,6 +73,14 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() / seconds
 
 
+def card() -> float:
+    """The card's device-to-device copy bandwidth (bytes/s), printed with its name."""
+    limit = copy_bandwidth()
+    name = torch.cuda.get_device_name()
+    print(f"{name}: device copy {limit / 1e12:.2f} TB/s, triton {gt.triton.__version__}")
+    return limit
+
+
 def configs(rows: int) -> list[tuple[str, object]]:
     out: list[tuple[str, object]] = []
     if rows == 1:  # the GEMV only: the GEMM lost to it at one row on every shape before
@@ -94,9 +102,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.manual_seed(0)
-    limit = copy_bandwidth()
-    name = torch.cuda.get_device_name()
-    print(f"{name}: device copy {limit / 1e12:.2f} TB/s, triton {gt.triton.__version__}")
+    limit = card()
     results = []
     for name, (k, n) in SHAPES.items():
         w = random_weights(k, n)

@@ -219,6 +219,16 @@ if triton is not None:
         return bits.to(tl.int16).to(tl.float16, bitcast=True)
 
     @triton.jit
+    def _nibble_pairs(w):
+        """What `HALF2_DOT`'s four `lop3`s make of one int32 of weights, as Triton operations:
+        fp16 pairs 1024 + q of values (0, 4) and (2, 6), 1024 + 16 q of (1, 5) and (3, 7)."""
+        t0 = (w & 0x000F000F) | 0x64006400
+        t1 = (w & 0x00F000F0) | 0x64006400
+        t2 = ((w >> 8) & 0x000F000F) | 0x64006400
+        t3 = ((w >> 8) & 0x00F000F0) | 0x64006400
+        return t0, t1, t2, t3
+
+    @triton.jit
     def _half2_dot(w, z1024, z64, s2, x04, x15, x26, x37, ASM: tl.constexpr):
         """`HALF2_DOT` on tensors of one shape; without `ASM` the same steps in Triton's own
         operations, for the interpreter that checks the kernels on a CPU (no PTX there)."""
@@ -231,10 +241,7 @@ if triton is not None:
                 is_pure=True,
                 pack=1,
             )
-        t0 = (w & 0x000F000F) | 0x64006400
-        t1 = (w & 0x00F000F0) | 0x64006400
-        t2 = ((w >> 8) & 0x000F000F) | 0x64006400
-        t3 = ((w >> 8) & 0x00F000F0) | 0x64006400
+        t0, t1, t2, t3 = _nibble_pairs(w)
         out = tl.zeros(w.shape, dtype=tl.float32)
         for hi in tl.static_range(2):
             s = _lane(s2, hi)
