@@ -3,11 +3,12 @@
 For speed measurements on a machine that cannot receive a real model (the GPU machine gets at
 most 64 MiB): the shape comes from a folder's `config.json` (e.g. SmolLM2-135M-Instruct's, with
 its tokenizer files beside it, which are copied), the weights are random `qweight`, `qzeros`,
-`scales` and `g_idx` tensors of the right shapes, symmetric, no act-order. Seconds, no
-calibration; the values are meaningless. `../shared/gpu/random_gptq_7b.py` does the same for
-Llama-2-7B's shape.
+`scales` and `g_idx` tensors of the right shapes, no act-order: symmetric in GPTQ's v1 format
+(zero points stored minus one), or with `--v2` asymmetric in the v2 format (random zero points
+stored as they are, as transformers and loracord's build write them). Seconds, no calibration;
+the values are meaningless.
 
-    python bench/random_gptq.py BASE_DIR OUT_DIR [--group-size 32]
+    python bench/random_gptq.py BASE_DIR OUT_DIR [--group-size 32] [--v2]
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def main() -> None:
     parser.add_argument("base", type=Path, help="a folder with config.json and tokenizer files")
     parser.add_argument("out", type=Path)
     parser.add_argument("--group-size", type=int, default=32)
+    parser.add_argument("--v2", action="store_true", help="asymmetric, GPTQ v2 format")
     args = parser.parse_args()
     cfg = json.loads((args.base / "config.json").read_text())
     hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
@@ -40,7 +42,11 @@ def main() -> None:
         t[f"{prefix}.qweight"] = torch.randint(
             -(2**31), 2**31 - 1, (k // 8, n), dtype=torch.int32, generator=g
         )
-        t[f"{prefix}.qzeros"] = torch.full((k // group, n // 8), 0x77777777, dtype=torch.int32)
+        if args.v2:  # any zero point 0..15, stored as it is
+            zeros = torch.randint(-(2**31), 2**31 - 1, (k // group, n // 8), generator=g)
+            t[f"{prefix}.qzeros"] = zeros.to(torch.int32)
+        else:  # 8 for every group, stored as 7
+            t[f"{prefix}.qzeros"] = torch.full((k // group, n // 8), 0x77777777, dtype=torch.int32)
         t[f"{prefix}.scales"] = (torch.rand((k // group, n), generator=g) * 0.002 + 0.001).half()
         t[f"{prefix}.g_idx"] = torch.arange(k, dtype=torch.int32) // group
 
@@ -68,8 +74,8 @@ def main() -> None:
         "bits": 4,
         "group_size": group,
         "desc_act": False,
-        "sym": True,
-        "checkpoint_format": "gptq",
+        "sym": not args.v2,
+        "checkpoint_format": "gptq_v2" if args.v2 else "gptq",
     }
     (args.out / "config.json").write_text(json.dumps(cfg, indent=1))
     for f in args.base.iterdir():

@@ -34,10 +34,11 @@ def test_the_products_read_the_zero_points_gptqmodels_torch_kernel_uses(
     embedded_model_dir: Path, tmp_path: Path
 ) -> None:
     """The Triton products multiply by the matrix GPTQModel's `torch` kernel multiplies by, for
-    a v2 checkpoint (the embedded model: asymmetric, its modules still reporting format 1) and a
-    v1 one (converted when it loads). Read as v1 (as the module's flag says), every zero point
-    of the embedded model was one step off, its products off by up to half their largest value,
-    and a random v2 model answered one token over and over on a GPU."""
+    a GPTQ v2 checkpoint (asymmetric, as the embedded model and transformers' builds are: its
+    modules still report format 1) and a v1 one (converted when it loads). Read as v1 (as the
+    flag says), every zero point of a v2 checkpoint was one step off: the embedded model's
+    products by up to half their largest value, and a random v2 model answered one token over
+    and over on a GPU."""
     import torch
 
     from core.model import gptq_triton as gt
@@ -45,29 +46,29 @@ def test_the_products_read_the_zero_points_gptqmodels_torch_kernel_uses(
     from core.model.kernels import Runtime
     from core.model.loader import load_for_serving
 
-    v1 = _random_model(embedded_model_dir, tmp_path)
-    for folder in (embedded_model_dir, v1):
+    for v2 in (True, False):
+        folder = _random_model(embedded_model_dir, tmp_path / f"v2-{v2}", v2=v2)
         model, _tokenizer, _ = load_for_serving(folder, Runtime("cpu", torch.float16, "torch"))
         modules = [m for m in model.modules() if type(m).__name__ == "TorchLinear"]
-        assert modules, folder
+        assert len(modules) == 14, folder
         torch.manual_seed(0)
-        for m in modules[:4] + modules[-3:]:
+        for m in modules:
             x = torch.randn(2, m.in_features, dtype=torch.float16)
             with torch.no_grad():
                 want = m(x).float()
             got = x.float() @ gt.dequantize(torch_kernel_weights(m))
             error = float((got - want).abs().max() / want.abs().max())
-            assert error < 2e-3, (folder.name, error)
+            assert error < 2e-3, (v2, error)
 
 
-def _random_model(tokenizer_dir: Path, work: Path) -> Path:
+def _random_model(tokenizer_dir: Path, work: Path, *, v2: bool = False) -> Path:
     """A 2-layer Llama-shaped GPTQ checkpoint with random weights (`bench/random_gptq.py`:
-    symmetric, v1 format, grouped-query heads)."""
+    grouped-query heads; symmetric in the v1 format, or asymmetric in the v2 one)."""
     import json
     import shutil
 
     base, folder = work / "base", work / "model"
-    base.mkdir()
+    base.mkdir(parents=True)
     config = json.loads((tokenizer_dir / "config.json").read_text())
     config.pop("quantization_config", None)
     config.pop("head_dim", None)
@@ -82,7 +83,8 @@ def _random_model(tokenizer_dir: Path, work: Path) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_dir / name, base / name)
     script = ROOT / "bench" / "random_gptq.py"
-    subprocess.run([sys.executable, str(script), str(base), str(folder)], check=True)
+    command = [sys.executable, str(script), str(base), str(folder)]
+    subprocess.run(command + (["--v2"] if v2 else []), check=True)
     return folder
 
 
