@@ -183,7 +183,7 @@ def _random_gptq(k: int, n: int, group: int, torch):
     for j in range(8):
         packed |= q[j::8] << (4 * j)
     scales = (torch.rand(k // group, n) * 0.02 + 0.001).half()
-    zeros = torch.randint(0, 17, (k // group, n), dtype=torch.int32)  # 16: v1 format's top
+    zeros = torch.randint(0, 17, (k // group, n), dtype=torch.int32)  # (16: any value works)
     return gt.GptqWeights(packed, scales, zeros.half(), group), q
 
 
@@ -239,12 +239,13 @@ def _check_products(torch) -> None:
         assert gt.self_check(w) == "RuntimeError: PassManager::run failed"
     finally:
         gt.matmul = real
-    # v1 zero points (stored minus one) unpack with their offset
-    zeros = torch.randint(0, 15, (2, 16), dtype=torch.int32)
+    # zero points unpack as they are stored, lowest bits first, cut to the outputs
+    zeros = torch.randint(0, 16, (2, 16), dtype=torch.int32)
     packed = torch.zeros(2, 2, dtype=torch.int32)
     for j in range(8):
         packed |= zeros[:, j::8] << (4 * j)
-    assert torch.equal(gt.unpack_zeros(packed, 16, 1), zeros + 1)
+    assert torch.equal(gt.unpack_zeros(packed, 16), zeros)
+    assert torch.equal(gt.unpack_zeros(packed, 13), zeros[:, :13])
     with pytest.raises(ValueError, match="not supported"):
         gt.GptqWeights(
             torch.zeros(72, 8, dtype=torch.int32), torch.ones(1, 8), torch.ones(1, 8), -1

@@ -61,7 +61,7 @@ def unpack(packed: Any, bits: int, dim: int) -> Any:
     import torch
 
     per_word = 32 // bits
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
     mask = (1 << bits) - 1
     if dim == 0:  # [words, n] -> [words * per_word, n]
         codes = (packed[:, None, :] >> shifts[None, :, None]) & mask

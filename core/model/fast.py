@@ -187,7 +187,7 @@ def torch_kernel_weights(module: Any) -> Any:
     of v2 checkpoints (the embedded model's format)."""
     from core.model import gptq_triton as gt
 
-    zeros = gt.unpack_zeros(module.qzeros, int(module.out_features), 0).to(module.scales.dtype)
+    zeros = gt.unpack_zeros(module.qzeros, int(module.out_features)).to(module.scales.dtype)
     return gt.GptqWeights(module.qweight, module.scales, zeros, int(module.group_size))
 
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from core.errors import first_line
+from core.model.dense import unpack
 
 try:  # Triton comes with CUDA builds of torch; without it the kernels are not offered
     import triton
@@ -143,19 +144,15 @@ def supported_group(group: int, in_features: int) -> bool:
     return group >= 32 and group & (group - 1) == 0 and in_features % group == 0
 
 
-def unpack_zeros(qzeros: torch.Tensor, out_features: int, offset: int) -> torch.Tensor:
-    """GPTQ's packed zero points `[G, N/8]` int32 as `[G, N]` integers; `offset` is 1 for
-    the v1 format of checkpoints on disk (stored as z - 1), 0 for GPTQModel's v2."""
-    shifts = torch.arange(0, 32, 4, device=qzeros.device, dtype=torch.int32)
-    z = (qzeros[:, :, None] >> shifts) & 15
-    return (z.reshape(qzeros.shape[0], -1)[:, :out_features] + offset).to(torch.int32)
+def unpack_zeros(qzeros: torch.Tensor, out_features: int) -> torch.Tensor:
+    """GPTQ's packed zero points `[G, N/8]` int32 as the `[G, N]` integers they store (what
+    GPTQModel's `torch` kernel computes with: the v2 format, z itself)."""
+    return unpack(qzeros, 4, dim=1)[:, :out_features]
 
 
 def unpack_weight(qweight: torch.Tensor) -> torch.Tensor:
     """`qweight [K/8, N]` as the integers `[K, N]` (for tests and references)."""
-    shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
-    q = (qweight[:, None, :] >> shifts[None, :, None]) & 15
-    return q.reshape(-1, qweight.shape[1])
+    return unpack(qweight, 4, dim=0)
 
 
 def dequantize(w: GptqWeights) -> torch.Tensor:
