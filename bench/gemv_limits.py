@@ -292,7 +292,7 @@ def main() -> None:
     if args.check or INTERPRETED:
         check()
         return
-    from bench.gptq_gemm import SHAPES, card, graph_time, random_weights
+    from bench.gptq_gemm import SHAPES, card, fastest, graph_time, random_weights
 
     torch.manual_seed(0)
     limit = card()
@@ -307,24 +307,16 @@ def main() -> None:
         tb_s = w.nbytes / base / 1e12
         print(f"{name} {k}x{n}: served {base * 1e6:.1f} us ({tb_s:.2f} TB/s) {served}")
         for variant in args.variants.split(","):
-            best = None
-            for block_n, split, warps in itertools.product((32, 64, 128), (2, 4, 8), (2, 4)):
-                cfg = (variant, block_n, split, warps)
-                try:
-                    got = run(x, w, sz, *cfg)
-                    seconds = graph_time(lambda x=x, w=w, sz=sz, cfg=cfg: run(x, w, sz, *cfg))
-                except Exception as e:
-                    print(f"  {cfg}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
-                    continue
-                error = float((got - want).abs().max() / want.abs().max())
-                if VARIANTS[variant][-1] and error > 5e-3:
-                    print(f"  {cfg}: wrong ({error:.2e})", file=sys.stderr)
-                    continue
-                if best is None or seconds < best[0]:
-                    best = (seconds, cfg)
+            sweep = itertools.product([variant], (32, 64, 128), (2, 4, 8), (2, 4))
+            best = fastest(
+                sweep,
+                lambda cfg, x=x, w=w, sz=sz: run(x, w, sz, *cfg),
+                want,
+                5e-3 if VARIANTS[variant][-1] else None,
+            )
             if best is None:
                 continue
-            seconds, cfg = best
+            seconds, cfg, _error = best
             row = {
                 "shape": name, "variant": variant, "block_n": cfg[1], "split": cfg[2],
                 "warps": cfg[3], "us": seconds * 1e6, "served_us": base * 1e6,

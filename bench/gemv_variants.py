@@ -174,7 +174,7 @@ def main() -> None:
     if args.check or os.environ.get("TRITON_INTERPRET") == "1":
         check()
         return
-    from bench.gptq_gemm import SHAPES, card, graph_time, random_weights
+    from bench.gptq_gemm import SHAPES, card, fastest, graph_time, random_weights
 
     torch.manual_seed(0)
     limit = card()
@@ -190,21 +190,13 @@ def main() -> None:
             f" {served}"
         )
         for mode in args.modes.split(","):
-            best = None
-            for block_n, split, warps in itertools.product((32, 64, 128, 256), (2, 4, 8), (4, 8)):
-                cfg = (mode, block_n, split, warps)
-                try:
-                    got = run(x, w, *cfg)
-                    seconds = graph_time(lambda x=x, w=w, cfg=cfg: run(x, w, *cfg))
-                except Exception as e:
-                    print(f"  {cfg}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
-                    continue
-                error = float((got - want).abs().max() / want.abs().max())
-                if error > (5e-3 if mode == "half2" else 1e-4):
-                    print(f"  {cfg}: wrong ({error:.2e})", file=sys.stderr)
-                    continue
-                if best is None or seconds < best[0]:
-                    best = (seconds, cfg, error)
+            sweep = itertools.product([mode], (32, 64, 128, 256), (2, 4, 8), (4, 8))
+            best = fastest(
+                sweep,
+                lambda cfg, x=x, w=w: run(x, w, *cfg),
+                want,
+                5e-3 if mode == "half2" else 1e-4,
+            )
             if best is None:
                 continue
             seconds, cfg, error = best

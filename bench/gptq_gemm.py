@@ -73,6 +73,28 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() / seconds
 
 
+def fastest(configs, run, want: torch.Tensor, tolerance: float | None):
+    """The fastest of `configs` for `run(cfg)` (timed as `graph_time` times it) as `(seconds,
+    cfg, error)`, or None when none ran. A configuration the compiler refuses, or (with a
+    `tolerance`) one whose result is further from `want` than that, is named on stderr and
+    skipped."""
+    best = None
+    for cfg in configs:
+        try:
+            got = run(cfg)
+            seconds = graph_time(lambda cfg=cfg: run(cfg))
+        except Exception as e:  # registers, shared memory
+            print(f"  {cfg}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+            continue
+        error = float((got - want).abs().max() / want.abs().max())
+        if tolerance is not None and error > tolerance:
+            print(f"  {cfg}: wrong ({error:.2e})", file=sys.stderr)
+            continue
+        if best is None or seconds < best[0]:
+            best = (seconds, cfg, error)
+    return best
+
+
 def card() -> float:
     """The card's device-to-device copy bandwidth (bytes/s), printed with its name."""
     limit = copy_bandwidth()
