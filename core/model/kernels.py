@@ -66,7 +66,7 @@ def triton_takes(quant: dict[str, object]) -> bool:
         gt.available()
         and bits == 4
         and not quant.get("desc_act", False)
-        and gt.supported_group(group, group)
+        and gt.supported_group(group, group)  # (K is not known here: any K the group divides)
     )
 
 
