@@ -27,6 +27,9 @@ and ways to run the same arithmetic that could be faster (results checked):
   (`HALF2_DOT_LATE`: 18 instructions for eight weights instead of 21);
 - `two-tiles`, `two-tiles-late`: each program takes two tiles of columns over the same rows, so
   each thread's x pairs serve twice the weights.
+
+(`scale-late` and the two tiles won on an H100 and are now the served kernel's `late` and
+`tiles` options, chosen per shape by `bench/gptq_gemm.py --rows 1`.)
 """
 
 from __future__ import annotations
@@ -45,70 +48,9 @@ import triton
 import triton.language as tl
 
 from core.model import gptq_triton as gt
-from core.model.gptq_triton import _half2_dot, _lane, _nibble_pairs, _pair
+from core.model.gptq_triton import _half2_dot, _half2_dot_late, _pair
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-# The served `HALF2_DOT` with the scale applied once per int32 instead of once per weight pair:
-# each value is made into (q - z) / 16 (exact in fp16: one multiply-add of 1024 + q by 1/16, or
-# of 1024 + 16 q by 1/256, plus -(64 + z/16) or -(4 + z/16), both exact), the four products
-# with x are summed in fp16 pairs (at most 4 * 15/16 |x|: no overflow below |x| = 17,000), and
-# the sum is multiplied by 16 s once. 18 instructions for eight weights instead of 21.
-# $2 = -(64 + z/16) twice, $3 = -(4 + z/16) twice, $4 = 16 s twice, $5..$8 = x pairs.
-HALF2_DOT_LATE = tl.constexpr(
-    """
-    {
-    .reg .b32 t0, t1, t2, t3, w8, a, c16, c256;
-    .reg .b16 lo, hi;
-    .reg .f32 flo, fhi;
-    mov.b32 c16, 0x2C002C00;
-    mov.b32 c256, 0x1C001C00;
-    lop3.b32 t0, $1, 0x000F000F, 0x64006400, 0xEA;
-    lop3.b32 t1, $1, 0x00F000F0, 0x64006400, 0xEA;
-    shr.u32 w8, $1, 8;
-    lop3.b32 t2, w8, 0x000F000F, 0x64006400, 0xEA;
-    lop3.b32 t3, w8, 0x00F000F0, 0x64006400, 0xEA;
-    fma.rn.f16x2 t0, t0, c16, $2;
-    fma.rn.f16x2 t1, t1, c256, $3;
-    fma.rn.f16x2 t2, t2, c16, $2;
-    fma.rn.f16x2 t3, t3, c256, $3;
-    mul.rn.f16x2 a, t0, $5;
-    fma.rn.f16x2 a, t1, $6, a;
-    fma.rn.f16x2 a, t2, $7, a;
-    fma.rn.f16x2 a, t3, $8, a;
-    mul.rn.f16x2 a, a, $4;
-    mov.b32 {lo, hi}, a;
-    cvt.f32.f16 flo, lo;
-    cvt.f32.f16 fhi, hi;
-    add.f32 $0, flo, fhi;
-    }
-    """
-)
-
-
-@triton.jit
-def _half2_dot_late(w, z64, z4, s16, x04, x15, x26, x37, ASM: tl.constexpr):
-    """`HALF2_DOT_LATE`; without `ASM` the same steps as Triton operations (interpreter)."""
-    if ASM:
-        return tl.inline_asm_elementwise(
-            HALF2_DOT_LATE,
-            "=f,r,r,r,r,r,r,r,r",
-            [w, z64, z4, s16, x04, x15, x26, x37],
-            dtype=tl.float32,
-            is_pure=True,
-            pack=1,
-        )
-    t0, t1, t2, t3 = _nibble_pairs(w)
-    out = tl.zeros(w.shape, dtype=tl.float32)
-    for hi in tl.static_range(2):
-        d0 = _lane(t0, hi) * 0.0625 + _lane(z64, hi)
-        d1 = _lane(t1, hi) * 0.00390625 + _lane(z4, hi)
-        d2 = _lane(t2, hi) * 0.0625 + _lane(z64, hi)
-        d3 = _lane(t3, hi) * 0.00390625 + _lane(z4, hi)
-        a = d0 * _lane(x04, hi) + d1 * _lane(x15, hi)
-        a = a + d2 * _lane(x26, hi) + d3 * _lane(x37, hi)
-        out += (a * _lane(s16, hi)).to(tl.float32)
-    return out
 
 
 @triton.jit

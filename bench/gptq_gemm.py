@@ -103,13 +103,14 @@ def card() -> float:
     return limit
 
 
-def configs(rows: int) -> list[tuple[str, object]]:
+def configs(rows: int, stages: tuple[int, ...] = (1,)) -> list[tuple[str, object]]:
     out: list[tuple[str, object]] = []
     if rows == 1:  # the GEMV only: the GEMM lost to it at one row on every shape before
-        for block_n, split, warps, stages in itertools.product(
-            (32, 64, 128), (1, 2, 4, 8), (2, 4), (1, 2, 3, 4)
-        ):
-            out.append(("gemv", gt.GemvConfig(block_n, split, warps, stages)))
+        # (stages > 1 won nowhere in the served step on an H100: `--stages 1,2,3,4` to retry)
+        sweep = itertools.product((32, 64, 128), (2, 4, 8), (2, 4), stages, (False, True), (1, 2))
+        for block_n, split, warps, stage, late, tiles in sweep:
+            cfg = gt.GemvConfig(block_n, split, warps, stage, late=late, tiles=tiles)
+            out.append(("gemv", cfg))
         return out
     block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
     sweep = itertools.product((64, 128), (64, 128), (1, 2, 4), (3, 4))
@@ -122,7 +123,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1,2,4,8,16,32")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--stages", default="1", help="the GEMV's pipeline stages to sweep")
     args = parser.parse_args()
+    stages = tuple(int(s) for s in args.stages.split(","))
     torch.manual_seed(0)
     limit = card()
     results = []
@@ -134,7 +137,7 @@ def main() -> None:
             ref = x.float() @ dense.float()
             cublas = graph_time(lambda x=x, dense=dense: x @ dense)
             best = None
-            for kind, cfg in configs(rows):
+            for kind, cfg in configs(rows, stages):
                 if kind == "gemv":
                     kwargs = {"gemv_config": cfg}
                 else:
@@ -146,8 +149,9 @@ def main() -> None:
                     print(f"  {name} rows={rows} {cfg}: {type(e).__name__}", file=sys.stderr)
                     continue
                 error = float((got - ref).abs().max() / ref.abs().max())
-                if error > 2e-3:
-                    raise SystemExit(f"{name} rows={rows} {cfg}: wrong result ({error:.2e})")
+                if error > 2e-3:  # named, and never chosen
+                    print(f"  {name} rows={rows} {cfg}: WRONG ({error:.2e})", file=sys.stderr)
+                    continue
                 if best is None or seconds < best[0]:
                     best = (seconds, kind, cfg, error)
             seconds, kind, cfg, error = best

@@ -278,7 +278,7 @@ def test_cuda_auto_prefers_a_capturable_kernel_for_symmetric_checkpoints(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The committed table (core/model/kernels.py): loracord's Triton kernels (through `torch`)
-    first for the checkpoints they take once `AUTO_PREFERS_TRITON` is on, then Marlin where it
+    first for the checkpoints they take (`AUTO_PREFERS_TRITON`), then Marlin where it
     can serve (CUDA graphs capture it), ExLlamaV2 first for asymmetric checkpoints, which Marlin
     refuses; an explicit kernel is kept as set."""
     from core.model import kernels
@@ -287,11 +287,12 @@ def test_cuda_auto_prefers_a_capturable_kernel_for_symmetric_checkpoints(
 
     auto = Runtime("cuda", torch.float16, "exllama_v2", ("marlin", "auto"))
     g128 = {"bits": 4, "group_size": 128, "desc_act": False}
-    assert not kernels.AUTO_PREFERS_TRITON  # (until tests/gpu has run through them)
-    assert _kernels_for(auto, {"sym": True, **g128}) == ("marlin", "exllama_v2", "auto")
-    monkeypatch.setattr(kernels, "AUTO_PREFERS_TRITON", True)
+    assert kernels.AUTO_PREFERS_TRITON  # (tests/gpu passed through them)
     assert _kernels_for(auto, {"sym": True, **g128}) == ("torch", "marlin", "exllama_v2", "auto")
     assert _kernels_for(auto, {"sym": False, **g128}) == ("torch", "exllama_v2", "marlin", "auto")
+    monkeypatch.setattr(kernels, "AUTO_PREFERS_TRITON", False)
+    assert _kernels_for(auto, {"sym": True, **g128}) == ("marlin", "exllama_v2", "auto")
+    monkeypatch.setattr(kernels, "AUTO_PREFERS_TRITON", True)
     # act-order, 3 bits, groups the Triton kernels do not take: the CUDA kernels as before
     for other in ({"desc_act": True}, {"bits": 3}, {"group_size": 96}, {"group_size": -1}):
         quant = {"sym": True, **g128, **other}

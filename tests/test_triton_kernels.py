@@ -198,7 +198,13 @@ def _check_products(torch) -> None:
         for rows in (1, 3, 8, 20):  # the GEMV at one row, the GEMM above
             x = torch.randn(rows, k).half()
             want = x.float() @ dense
-            for cfg in (gt.GemvConfig(32, 1, 4), gt.GemvConfig(64, 4, 4, stages=3)):
+            for cfg in (
+                gt.GemvConfig(32, 1, 4),
+                gt.GemvConfig(64, 4, 4, stages=3),
+                gt.GemvConfig(32, 2, 4, late=True),
+                gt.GemvConfig(32, 4, 2, tiles=2),  # (160 columns: the last tile half masked)
+                gt.GemvConfig(64, 2, 4, late=True, tiles=2),
+            ):
                 got = gt.matmul(x, w, gemv_config=cfg, gemm_config=gt.GemmConfig(16, 32, 64, 2))
                 error = float((got.float() - want).abs().max() / want.abs().max())
                 assert got.dtype == torch.float16 and got.shape == (rows, n)
@@ -212,10 +218,11 @@ def _check_products(torch) -> None:
             assert float((got - want).abs().max() / want.abs().max()) < 2e-3
         # fp32 activations take the exact fp32 way (fp16 ones the fp16 pairs above)
         x = torch.randn(1, k)
-        got = gt.matmul(x, w, gemv_config=gt.GemvConfig(32, 2, 4, stages=2))
         want = x @ dense
-        assert got.dtype == torch.float32
-        assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+        for cfg in (gt.GemvConfig(32, 2, 4, stages=2), gt.GemvConfig(32, 2, 4, tiles=2)):
+            got = gt.matmul(x, w, gemv_config=cfg)
+            assert got.dtype == torch.float32
+            assert float((got - want).abs().max() / want.abs().max()) < 1e-5, cfg
         # a row that starts mid-pair is read the fp32 way too
         x = torch.randn(1, k + 1).half()[:, 1:]
         got = gt.matmul(x, w, gemv_config=gt.GemvConfig(32, 2, 4)).float()
@@ -224,6 +231,8 @@ def _check_products(torch) -> None:
         # one row only: more rows go to the GEMM
         with pytest.raises(ValueError, match="one contiguous row"):
             gt.gemv(torch.randn(2, k).half(), w, torch.empty(1, 2, n), gt.GemvConfig(32, 1, 4))
+        with pytest.raises(ValueError, match="1 or 2 tiles"):
+            gt.gemv(torch.randn(1, k).half(), w, torch.empty(1, 1, n), gt.GemvConfig(tiles=3))
     # the check a model's first matrix passes before any module is switched to the kernels
     w, _ = _random_gptq(256, 64, 64, torch)
     assert gt.self_check(w) is None

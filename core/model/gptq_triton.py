@@ -65,12 +65,15 @@ class GemvConfig:
     """How `_gemv` splits a product: outputs per program, K shares, warps, and how many
     groups of weights each program has in flight (`stages` > 1: Triton's loop pipeliner copies
     the next groups' tiles asynchronously into shared memory while the current one is summed;
-    1: each group is loaded, then summed)."""
+    1: each group is loaded, then summed); with fp16 activations, where the scale is applied
+    (`late`), and how many column tiles share each thread's x pairs (`tiles`)."""
 
     block_n: int = 128
     split: int = 4
     warps: int = 4
     stages: int = 1
+    late: bool = False  # fp16 pairs: the scale once per int32 of weights (`HALF2_DOT_LATE`)
+    tiles: int = 1  # tiles of `block_n` columns per program, over the same rows (and x)
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,44 @@ if triton is not None:
     """
     )
 
+    # `HALF2_DOT` with the scale applied once per int32 instead of once per weight pair: each
+    # value is made into (q - z) / 16, exactly in fp16 (one multiply-add of 1024 + q by 1/16, or
+    # of 1024 + 16 q by 1/256, plus -(64 + z/16) or -(4 + z/16), both exact), the four products
+    # with x are summed in fp16 pairs (at most 4 * 15/16 |x|: no overflow below |x| = 17,000),
+    # and the sum is multiplied by 16 s once: 18 instructions for eight weights instead of 21.
+    # The products are rounded at other places than GPTQModel's (which rounds (q - z) s to
+    # fp16 first), as closely. $2 = -(64 + z/16) twice, $3 = -(4 + z/16) twice, $4 = 16 s
+    # twice, $5..$8 = x pairs.
+    HALF2_DOT_LATE = tl.constexpr(
+        """
+    {
+    .reg .b32 t0, t1, t2, t3, w8, a, c16, c256;
+    .reg .b16 lo, hi;
+    .reg .f32 flo, fhi;
+    mov.b32 c16, 0x2C002C00;
+    mov.b32 c256, 0x1C001C00;
+    lop3.b32 t0, $1, 0x000F000F, 0x64006400, 0xEA;
+    lop3.b32 t1, $1, 0x00F000F0, 0x64006400, 0xEA;
+    shr.u32 w8, $1, 8;
+    lop3.b32 t2, w8, 0x000F000F, 0x64006400, 0xEA;
+    lop3.b32 t3, w8, 0x00F000F0, 0x64006400, 0xEA;
+    fma.rn.f16x2 t0, t0, c16, $2;
+    fma.rn.f16x2 t1, t1, c256, $3;
+    fma.rn.f16x2 t2, t2, c16, $2;
+    fma.rn.f16x2 t3, t3, c256, $3;
+    mul.rn.f16x2 a, t0, $5;
+    fma.rn.f16x2 a, t1, $6, a;
+    fma.rn.f16x2 a, t2, $7, a;
+    fma.rn.f16x2 a, t3, $8, a;
+    mul.rn.f16x2 a, a, $4;
+    mov.b32 {lo, hi}, a;
+    cvt.f32.f16 flo, lo;
+    cvt.f32.f16 fhi, hi;
+    add.f32 $0, flo, fhi;
+    }
+    """
+    )
+
     @triton.jit
     def _pair(h):
         """An fp16 tensor as int32 fp16 pairs holding it twice."""
@@ -252,6 +293,77 @@ if triton is not None:
         return out
 
     @triton.jit
+    def _half2_dot_late(w, z64, z4, s16, x04, x15, x26, x37, ASM: tl.constexpr):
+        """`HALF2_DOT_LATE`; without `ASM` the same steps as Triton operations."""
+        if ASM:
+            return tl.inline_asm_elementwise(
+                HALF2_DOT_LATE,
+                "=f,r,r,r,r,r,r,r,r",
+                [w, z64, z4, s16, x04, x15, x26, x37],
+                dtype=tl.float32,
+                is_pure=True,
+                pack=1,
+            )
+        t0, t1, t2, t3 = _nibble_pairs(w)
+        out = tl.zeros(w.shape, dtype=tl.float32)
+        for hi in tl.static_range(2):
+            d0 = _lane(t0, hi) * 0.0625 + _lane(z64, hi)
+            d1 = _lane(t1, hi) * 0.00390625 + _lane(z4, hi)
+            d2 = _lane(t2, hi) * 0.0625 + _lane(z64, hi)
+            d3 = _lane(t3, hi) * 0.00390625 + _lane(z4, hi)
+            a = d0 * _lane(x04, hi) + d1 * _lane(x15, hi)
+            a = a + d2 * _lane(x26, hi) + d3 * _lane(x37, hi)
+            out += (a * _lane(s16, hi)).to(tl.float32)
+        return out
+
+    @triton.jit
+    def _x_pairs(x_ptr, g, GROUP: tl.constexpr):
+        """Group `g`'s x, read as int32 pairs (k, k + 1), as the pairs (k, k + 4) that each
+        int32's eight weights take: a = (0, 1), b = (2, 3), c = (4, 5), d = (6, 7) give
+        (0, 4), (1, 5), (2, 6), (3, 7), each `[GROUP/8]`."""
+        at = x_ptr + g * (GROUP // 2) + tl.arange(0, GROUP // 8) * 4
+        a, b = tl.load(at), tl.load(at + 1)
+        c, d = tl.load(at + 2), tl.load(at + 3)
+        x04 = (a & 0xFFFF) | (c << 16)
+        x15 = ((a >> 16) & 0xFFFF) | (c & -65536)
+        x26 = (b & 0xFFFF) | (d << 16)
+        x37 = ((b >> 16) & 0xFFFF) | (d & -65536)
+        return x04, x15, x26, x37
+
+    @triton.jit
+    def _half2_group(w, s, z, x04, x15, x26, x37, LATE: tl.constexpr, ASM: tl.constexpr):
+        """One group's products in fp16 pairs, `[GROUP/8, BLOCK_N]` fp32: `w` its int32s, `s`
+        and `z` (fp32) its columns' scales and zero points, the x pairs from `_x_pairs`."""
+        zero = tl.zeros(w.shape, dtype=tl.int32)  # (the asm's operands have one shape)
+        xs = x04[:, None] + zero, x15[:, None] + zero, x26[:, None] + zero, x37[:, None] + zero
+        if LATE:
+            z64 = _pair((-(64.0 + z * 0.0625)).to(tl.float16))[None, :] + zero
+            z4 = _pair((-(4.0 + z * 0.0625)).to(tl.float16))[None, :] + zero
+            s16 = _pair((s.to(tl.float32) * 16.0).to(tl.float16))[None, :] + zero
+            return _half2_dot_late(w, z64, z4, s16, xs[0], xs[1], xs[2], xs[3], ASM)
+        z1024 = _pair((z + 1024.0).to(tl.float16))[None, :] + zero
+        z64 = _pair((-(z + 64.0)).to(tl.float16))[None, :] + zero
+        s2 = _pair(s.to(tl.float16))[None, :] + zero
+        return _half2_dot(w, z1024, z64, s2, xs[0], xs[1], xs[2], xs[3], ASM)
+
+    @triton.jit
+    def _fp32_group(x_ptr, w, s, z, g, GROUP: tl.constexpr, ASM: tl.constexpr):
+        """One group's products in fp32, `[GROUP/8, BLOCK_N]`, three instructions a weight."""
+        packed = tl.arange(0, GROUP // 8)
+        words = (w, w >> 16)  # nibbles 0-3 in place, 4-7 in the low half of the second
+        part = tl.zeros(w.shape, dtype=tl.float32)
+        for half in tl.static_range(2):
+            for p in tl.static_range(4):
+                # The nibble at bit 4p, masked in place, is 2^23 + q 16^p as fp32; minus
+                # 2^23 + z 16^p it is (q - z) 16^p exactly; x is scaled by 16^-p.
+                at = x_ptr + g * GROUP + packed * 8 + 4 * half + p
+                xj = tl.load(at).to(tl.float32)  # [GROUP/8]
+                v = _nibbles(words[half], 15 << (4 * p), ASM)
+                d = v - (z * (1 << (4 * p)) + 8388608.0)[None, :]
+                part += (xj * (1.0 / (1 << (4 * p))))[:, None] * d
+        return part * s.to(tl.float32)[None, :]
+
+    @triton.jit
     def _nibbles(w, mask, ASM: tl.constexpr):
         """`(w & mask) | 0x4B000000` read as fp32: 2^23 + the masked bits, exactly. With
         `ASM`, one `lop3` instruction (the compiler otherwise emits an and and an or); without
@@ -284,61 +396,47 @@ if triton is not None:
         HALF2: tl.constexpr,
         ASM: tl.constexpr,
         STAGES: tl.constexpr,
+        LATE: tl.constexpr,
+        TILES: tl.constexpr,
     ):
         """One row. With `HALF2` (fp16 activations) x comes as int32 pairs and each int32 of
-        weights is one `_half2_dot`; otherwise fp32 arithmetic, three instructions a weight."""
+        weights is one `_half2_dot` (or `_half2_dot_late`); otherwise fp32 arithmetic, three
+        instructions a weight. With `TILES` = 2 a program takes two tiles of `BLOCK_N` columns
+        over the same rows, so each thread's x pairs serve twice the weights."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
-        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n = pid_n * BLOCK_N * TILES + tl.arange(0, BLOCK_N)
         n_ok = n < N
+        nb = n + BLOCK_N  # (the second tile's columns, with TILES = 2)
+        nb_ok = nb < N
         P: tl.constexpr = GROUP // 8  # int32 rows of one group
-        packed = tl.arange(0, P)
-        w_ptrs = w_ptr + packed[:, None] * stride_w + n[None, :]
+        w_ptrs = w_ptr + tl.arange(0, P)[:, None] * stride_w + n[None, :]
         # Products accumulate elementwise in [GROUP/8, BLOCK_N] and are summed over K once
         # at the end: a sum per group would shuffle between threads eight times a group.
         acc = tl.zeros((P, BLOCK_N), dtype=tl.float32)
+        acc_b = tl.zeros((P, BLOCK_N), dtype=tl.float32)
         first = pid_k * groups_per_split
         last = tl.minimum(first + groups_per_split, K // GROUP)
         for g in tl.range(first, last, num_stages=STAGES):
             w = tl.load(w_ptrs + g * P * stride_w, mask=n_ok[None, :], other=0)
             s = tl.load(s_ptr + g * stride_s + n, mask=n_ok, other=0)
             z = tl.load(z_ptr + g * stride_s + n, mask=n_ok, other=0).to(tl.float32)
+            if TILES == 2:
+                wb = tl.load(w_ptrs + BLOCK_N + g * P * stride_w, mask=nb_ok[None, :], other=0)
+                sb = tl.load(s_ptr + g * stride_s + nb, mask=nb_ok, other=0)
+                zb = tl.load(z_ptr + g * stride_s + nb, mask=nb_ok, other=0).to(tl.float32)
             if HALF2:
-                # x pairs (k, k + 4) of each int32's eight inputs, from x read as int32 pairs
-                # (k, k + 1): a = (0, 1), b = (2, 3), c = (4, 5), d = (6, 7)
-                at = x_ptr + g * (GROUP // 2) + packed * 4
-                a, b = tl.load(at), tl.load(at + 1)
-                c, d = tl.load(at + 2), tl.load(at + 3)
-                x04 = (a & 0xFFFF) | (c << 16)
-                x15 = ((a >> 16) & 0xFFFF) | (c & -65536)
-                x26 = (b & 0xFFFF) | (d << 16)
-                x37 = ((b >> 16) & 0xFFFF) | (d & -65536)
-                zero = tl.zeros((P, BLOCK_N), dtype=tl.int32)  # (operands of one shape)
-                acc += _half2_dot(
-                    w,
-                    _pair((z + 1024.0).to(tl.float16))[None, :] + zero,
-                    _pair((-(z + 64.0)).to(tl.float16))[None, :] + zero,
-                    _pair(s.to(tl.float16))[None, :] + zero,
-                    x04[:, None] + zero,
-                    x15[:, None] + zero,
-                    x26[:, None] + zero,
-                    x37[:, None] + zero,
-                    ASM,
-                )
+                x04, x15, x26, x37 = _x_pairs(x_ptr, g, GROUP)
+                acc += _half2_group(w, s, z, x04, x15, x26, x37, LATE, ASM)
+                if TILES == 2:
+                    acc_b += _half2_group(wb, sb, zb, x04, x15, x26, x37, LATE, ASM)
             else:
-                words = (w, w >> 16)  # nibbles 0-3 in place, 4-7 in the low half of the second
-                part = tl.zeros((P, BLOCK_N), dtype=tl.float32)
-                for half in tl.static_range(2):
-                    for p in tl.static_range(4):
-                        # The nibble at bit 4p, masked in place, is 2^23 + q 16^p as fp32;
-                        # minus 2^23 + z 16^p it is (q - z) 16^p exactly; x is scaled by 16^-p.
-                        at = x_ptr + g * GROUP + packed * 8 + 4 * half + p
-                        xj = tl.load(at).to(tl.float32)  # [GROUP/8]
-                        v = _nibbles(words[half], 15 << (4 * p), ASM)
-                        d = v - (z * (1 << (4 * p)) + 8388608.0)[None, :]
-                        part += (xj * (1.0 / (1 << (4 * p))))[:, None] * d
-                acc += part * s.to(tl.float32)[None, :]
+                acc += _fp32_group(x_ptr, w, s, z, g, GROUP, ASM)
+                if TILES == 2:
+                    acc_b += _fp32_group(x_ptr, wb, sb, zb, g, GROUP, ASM)
         tl.store(out_ptr + pid_k * N + n, tl.sum(acc, axis=0), mask=n_ok)
+        if TILES == 2:
+            tl.store(out_ptr + pid_k * N + nb, tl.sum(acc_b, axis=0), mask=nb_ok)
 
     @triton.jit
     def _gemm(
@@ -473,7 +571,9 @@ def gemv(
         raise ValueError("the GEMV takes one contiguous row")
     split, per = gemv_shares(w, cfg)
     n = w.out_features
-    grid = (triton.cdiv(n, cfg.block_n), split)
+    if cfg.tiles not in (1, 2):
+        raise ValueError(f"a GEMV program takes 1 or 2 tiles of columns, not {cfg.tiles}")
+    grid = (triton.cdiv(n, cfg.block_n * cfg.tiles), split)
     half2 = x.dtype == torch.float16 and w.scales.dtype == torch.float16
     if half2 and x.storage_offset() % 2 == 0 and x.shape[1] % 2 == 0:
         x = x.view(torch.int32)  # read as pairs (a row that starts mid-pair takes the fp32 way)
@@ -483,7 +583,7 @@ def gemv(
         x, w.qweight, w.scales, w.zeros, out, n, w.in_features, w.qweight.stride(0),
         w.scales.stride(0), per,
         GROUP=w.group, BLOCK_N=cfg.block_n, HALF2=half2, ASM=not INTERPRETED, STAGES=cfg.stages,
-        num_warps=cfg.warps,
+        LATE=cfg.late, TILES=cfg.tiles, num_warps=cfg.warps,
     )  # fmt: skip
 
 

@@ -27,7 +27,7 @@ KNOWN_KERNELS: tuple[str, ...] = (
 )
 
 # The CUDA kernel `auto` means, from measurements (BENCHMARKS.md, "Serving speed"), by
-# checkpoint. First (once `AUTO_PREFERS_TRITON` is on) loracord's own Triton kernels, served
+# checkpoint. First (`AUTO_PREFERS_TRITON`) loracord's own Triton kernels, served
 # through GPTQModel's `torch` kernel (which keeps the checkpoint's 4-bit layout) for the
 # checkpoints they take (`triton_takes`):
 # on one H100, the 7B-shaped checkpoint (g128, symmetric) decoded 354.7 tok/s at batch 1 with
@@ -41,7 +41,7 @@ KNOWN_KERNELS: tuple[str, ...] = (
 #
 # | checkpoint                | measured (batch 1)                         | order               |
 # |---------------------------|--------------------------------------------|---------------------|
-# | 4-bit, no act-order, g32+ | H100: Triton 354.7, Marlin 201.8 (graphs)  | (torch), then below |
+# | 4-bit, no act-order, g32+ | H100: Triton 354.7, Marlin 201.8 (graphs)  | torch, then below   |
 # | symmetric (most on hubs)  | H200: Marlin + graphs 212, ExLlamaV2 37    | marlin, exllama_v2  |
 # | asymmetric (the embedded) | Marlin refuses it                          | exllama_v2, marlin  |
 #
@@ -70,11 +70,11 @@ def triton_takes(quant: dict[str, object]) -> bool:
     )
 
 
-# Whether `auto` puts the Triton kernels first. They decode 1.76x as fast as Marlin on one H100
-# and pass their own GPU tests (`tests/gpu/test_triton_step.py`), but the GPU engine tests
-# (`tests/gpu/test_cuda_engine.py`: a SmolLM2-shaped model, adapters, concurrent requests,
-# training beside serving) have not run through them yet: off until they have.
-AUTO_PREFERS_TRITON = False
+# Whether `auto` puts the Triton kernels first. They decode 1.76x as fast as Marlin on one H100,
+# and the whole `tests/gpu` (`test_triton_step.py`, and `test_cuda_engine.py`: a SmolLM2-shaped
+# v2 checkpoint, adapters in one batch, concurrent requests, training beside serving) passed
+# through them on an H100 (BENCHMARKS.md). False gives the CUDA kernels' order below.
+AUTO_PREFERS_TRITON = True
 
 
 def cuda_serving_order(symmetric: bool, triton: bool = False) -> tuple[str, ...]:
