@@ -8,7 +8,9 @@ Random packed weights in GPTQ's layout (g128) of Llama-2-7B's four products per 
 sweep is timed as 20 calls captured in one CUDA graph (as a served step replays them), the
 median of 5 replays; the result is checked against the dequantized matrix. Effective bandwidth
 is the 4-bit matrix's bytes (weights, scales, zero points) over the time; the card's own limit
-is printed beside it from a plain device-to-device copy.
+is printed beside it from a plain device-to-device copy. With `--cold` (as a served step reads
+them) each call takes the next of enough copies of the matrix that none is still in the L2
+cache; without it, one matrix again and again.
 """
 
 from __future__ import annotations
@@ -39,6 +41,14 @@ def random_weights(k: int, n: int, group: int = 128) -> gt.GptqWeights:
     scales = (torch.rand(k // group, n, device="cuda") * 0.01 + 0.001).half()
     zeros = torch.randint(0, 16, (k // group, n), device="cuda").half()
     return gt.GptqWeights(qweight, scales, zeros, group)
+
+
+def cold_copies(nbytes: int, least: int = 256 * 1024**2) -> int:
+    """How many copies of an `nbytes` matrix to cycle through so that no call finds its
+    matrix in the L2 cache (50 MB on an H100 or H200): at least `least` bytes in all. A
+    decode step reads each matrix once, so a benchmark that calls one matrix again and again
+    times reads that a served step never gets from L2 (an H100's holds all of `o`)."""
+    return max(1, -(-least // nbytes))
 
 
 def graph_time(fn, calls: int = 20, replays: int = 5) -> float:
@@ -124,6 +134,7 @@ def main() -> None:
     parser.add_argument("--rows", default="1,2,4,8,16,32")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--stages", default="1", help="the GEMV's pipeline stages to sweep")
+    parser.add_argument("--cold", action="store_true", help="no matrix read from the L2 cache")
     args = parser.parse_args()
     stages = tuple(int(s) for s in args.stages.split(","))
     torch.manual_seed(0)
@@ -132,10 +143,16 @@ def main() -> None:
     for name, (k, n) in SHAPES.items():
         w = random_weights(k, n)
         dense = gt.dequantize(w).half()
+        ws, denses = [w], [dense]
+        if args.cold:
+            ws += [random_weights(k, n) for _ in range(cold_copies(w.nbytes) - 1)]
+            denses += [dense.clone() for _ in range(cold_copies(dense.nbytes) - 1)]
+        calls = max(20, len(ws))
+        next_w, next_dense = itertools.cycle(ws).__next__, itertools.cycle(denses).__next__
         for rows in [int(r) for r in args.rows.split(",")]:
             x = torch.randn(rows, k, device="cuda", dtype=torch.float16)
             ref = x.float() @ dense.float()
-            cublas = graph_time(lambda x=x, dense=dense: x @ dense)
+            cublas = graph_time(lambda x=x, nd=next_dense: x @ nd(), max(20, len(denses)))
             best = None
             for kind, cfg in configs(rows, stages):
                 if kind == "gemv":
@@ -144,7 +161,9 @@ def main() -> None:
                     kwargs = {"gemm_config": cfg, "gemv_rows": 0}
                 try:
                     got = gt.matmul(x, w, **kwargs).float()
-                    seconds = graph_time(lambda x=x, w=w, kw=kwargs: gt.matmul(x, w, **kw))
+                    seconds = graph_time(
+                        lambda x=x, kw=kwargs, nw=next_w: gt.matmul(x, nw(), **kw), calls
+                    )
                 except Exception as e:  # a config the compiler refuses (registers, shared memory)
                     print(f"  {name} rows={rows} {cfg}: {type(e).__name__}", file=sys.stderr)
                     continue
@@ -169,7 +188,8 @@ def main() -> None:
                 flush=True,
             )
     if args.json:
-        args.json.write_text(json.dumps({"copy_tb_s": limit / 1e12, "results": results}, indent=1))
+        out = {"copy_tb_s": limit / 1e12, "cold": args.cold, "results": results}
+        args.json.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
