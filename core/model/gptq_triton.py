@@ -15,7 +15,9 @@ held twice): `qweight [K/8, N]` int32 with eight 4-bit values of consecutive k p
   arithmetic is kept short. With fp16 activations (CUDA's serving dtype) each int32 of weights
   is one block of inline PTX computing in fp16 pairs, as Marlin and ExLlama do: `lop3` makes
   two values at once into fp16 `1024 + q`, then pairwise (q - z), times the scale, times x,
-  and the pair's sum leaves as fp32 (`HALF2_DOT`, 21 instructions for eight weights). Otherwise
+  and the pair's sum leaves as fp32 (`HALF2_DOT`, 21 instructions for eight weights; with
+  `late`, the scale once per int32, 18). With `tiles` = 2 each thread's x pairs serve two
+  tiles of columns. Which of these runs, per shape, is measured (`GEMV_TABLE`). Otherwise
   fp32, three per weight: a nibble at bit 4p masked in place and or-ed with 0x4B000000 reads
   as `2^23 + q 16^p` exactly (one `lop3`), one subtraction of `2^23 + z 16^p` gives
   `(q - z) 16^p`, one multiply-add with x pre-scaled by `16^-p`. Neither converts an integer
@@ -501,13 +503,16 @@ GEMV_ROWS = 1
 
 
 # The fastest GEMV configuration per (K, N) of a 7B model at one row (fp16 activations, the
-# fp16-pair arithmetic), from a sweep of 48 on an H100 (`bench/gptq_gemm.py --rows 1`,
-# BENCHMARKS.md); other shapes get `gemv_config_for`'s rule.
+# fp16-pair arithmetic), from a sweep of 72 on an H100 with every call reading its matrix from
+# memory, not from the L2 cache, as a served step does (`bench/gptq_gemm.py --rows 1 --cold`,
+# BENCHMARKS.md); other shapes get `gemv_config_for`'s rule. Served, this table decoded a 7B
+# model 1.08x as fast as the previous one, chosen by a sweep that read one matrix again and
+# again (mostly from L2): 377.4 and 382.0 against 349.5 and 352.6 tokens/s, alternating.
 GEMV_TABLE: dict[str, GemvConfig] = {
-    "4096x12288": GemvConfig(block_n=64, split=4, warps=2),  # q/k/v, 14.2 us
-    "4096x4096": GemvConfig(block_n=64, split=8, warps=4),  # o, 9.0 us
-    "4096x22016": GemvConfig(block_n=32, split=4, warps=4),  # gate/up, 25.9 us
-    "11008x4096": GemvConfig(block_n=64, split=8, warps=2),  # down, 14.1 us
+    "4096x12288": GemvConfig(block_n=32, split=8, warps=2, late=True, tiles=2),  # q/k/v, 16.5 us
+    "4096x4096": GemvConfig(block_n=32, split=8, warps=4),  # o, 10.4 us
+    "4096x22016": GemvConfig(block_n=32, split=4, warps=2, late=True, tiles=2),  # gate/up, 25.3 us
+    "11008x4096": GemvConfig(block_n=32, split=8, warps=4),  # down, 17.0 us
 }
 
 
