@@ -117,9 +117,10 @@ def configs(rows: int, stages: tuple[int, ...] = (1,)) -> list[tuple[str, object
     out: list[tuple[str, object]] = []
     if rows == 1:  # the GEMV only: the GEMM lost to it at one row on every shape before
         # (stages > 1 won nowhere in the served step on an H100: `--stages 1,2,3,4` to retry)
-        sweep = itertools.product((32, 64, 128), (2, 4, 8), (2, 4), stages, (False, True), (1, 2))
-        for block_n, split, warps, stage, late, tiles in sweep:
-            cfg = gt.GemvConfig(block_n, split, warps, stage, late=late, tiles=tiles)
+        blocks, splits, warps = (32, 64, 128), (2, 4, 8, 16), (2, 4)
+        sweep = itertools.product(blocks, splits, warps, stages, (False, True), (1, 2))
+        for block_n, split, warp, stage, late, tiles in sweep:
+            cfg = gt.GemvConfig(block_n, split, warp, stage, late=late, tiles=tiles)
             out.append(("gemv", cfg))
         return out
     block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64

@@ -503,11 +503,12 @@ GEMV_ROWS = 1
 
 
 # The fastest GEMV configuration per (K, N) of a 7B model at one row (fp16 activations, the
-# fp16-pair arithmetic), from a sweep of 72 on an H100 with every call reading its matrix from
-# memory, not from the L2 cache, as a served step does (`bench/gptq_gemm.py --rows 1 --cold`,
-# BENCHMARKS.md); other shapes get `gemv_config_for`'s rule. Served, this table decoded a 7B
-# model 1.08x as fast as the previous one, chosen by a sweep that read one matrix again and
-# again (mostly from L2): 377.4 and 382.0 against 349.5 and 352.6 tokens/s, alternating.
+# fp16-pair arithmetic), from a sweep of 72 (K split 2-8 ways) on an H100 with every call
+# reading its matrix from memory, not from the L2 cache, as a served step does
+# (`bench/gptq_gemm.py --rows 1 --cold`, BENCHMARKS.md); other shapes get `gemv_config_for`'s
+# rule. Served, this table decoded a 7B model 1.08-1.10x as fast as the previous one, chosen by
+# a sweep that read one matrix again and again (mostly from L2): 377.4-390.5 against
+# 349.5-356.5 tokens/s, the two alternating in each of two leases.
 GEMV_TABLE: dict[str, GemvConfig] = {
     "4096x12288": GemvConfig(block_n=32, split=8, warps=2, late=True, tiles=2),  # q/k/v, 16.5 us
     "4096x4096": GemvConfig(block_n=32, split=8, warps=4),  # o, 10.4 us
