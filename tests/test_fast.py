@@ -304,6 +304,50 @@ def test_cuda_auto_prefers_a_capturable_kernel_for_symmetric_checkpoints(
     assert _kernels_for(cpu, {"sym": False}) == ("torch",)
 
 
+def test_auto_on_cuda_loads_the_next_kernel_when_the_triton_kernels_would_not_serve(
+    monkeypatch: pytest.MonkeyPatch, embedded_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`auto` on CUDA loads the `torch` kernel first, for loracord's Triton kernels. When they
+    would not serve every layer (a layer with a bias, a kernel that fails its check on the GPU;
+    here: a CPU, where they do not run) the loader goes on to the next kernel of the order,
+    with one warning, instead of leaving the model on GPTQModel's generic kernel. The CUDA
+    runtime only names the order; every load here is made on the CPU."""
+    import logging
+
+    from core.model import fast, loader
+    from core.model.kernels import Runtime
+
+    calls: list[str] = []
+    real = loader._load_with_kernel
+
+    def load(path: Path, runtime: Runtime, kernel: str, bits: int) -> Any:
+        calls.append(kernel)
+        return real(path, Runtime("cpu", torch.float32, "torch"), "torch", bits)
+
+    monkeypatch.setattr(loader, "_load_with_kernel", load)
+    auto = Runtime("cuda", torch.float16, "exllama_v2", ("marlin", "auto"))
+    with caplog.at_level(logging.WARNING, logger="core.model.loader"):
+        load_for_serving(embedded_model_dir, auto)
+    assert calls == ["torch", "exllama_v2"]  # (the embedded model is asymmetric)
+    warned = [r.getMessage() for r in caplog.records]
+    assert any(
+        "kernel torch cannot serve" in m
+        and "loracord's Triton kernels would not serve it: they do not take TorchLinear" in m
+        and "trying exllama_v2" in m
+        for m in warned
+    ), warned
+    # kernels that would serve every layer keep the `torch` kernel; a kernel set by hand is
+    # kept whatever serves it
+    calls.clear()
+    monkeypatch.setattr(fast, "triton_refusal", lambda layers: None)
+    load_for_serving(embedded_model_dir, auto)
+    assert calls == ["torch"]
+    calls.clear()
+    monkeypatch.setattr(fast, "triton_refusal", lambda layers: "refused")
+    load_for_serving(embedded_model_dir, Runtime("cuda", torch.float16, "torch"))
+    assert calls == ["torch"]
+
+
 def test_a_build_lock_left_by_a_killed_process_does_not_stall_the_next_load(
     served: BatchModel, served_model: Any
 ) -> None:

@@ -131,14 +131,21 @@ def _check_whole_step(torch, tokenizer_dir: Path, work: Path) -> None:
     from core.adapters import BaseShapes, inspect_adapter
     from core.model import triton_step as ts
     from core.model.batch import BatchModel
+    from core.model.fast import triton_refusal
     from core.model.kernels import Runtime
-    from core.model.loader import load_for_serving
+    from core.model.loader import load_for_serving, quant_layers
     from core.model.lora import read_weights
     from core.model.scheduler import Segment
     from tests.adapter_kit import write_adapter
 
     folder = _random_model(tokenizer_dir, work)
     model, _tokenizer, _ = load_for_serving(folder, Runtime("cpu", torch.float16, "torch"))
+    # what `auto` asks on CUDA before it keeps the `torch` kernel: every layer taken
+    layers = quant_layers(model)
+    assert triton_refusal(layers) is None
+    layers[3].bias = torch.zeros(layers[3].out_features, dtype=torch.float16)
+    assert "TorchLinear layers here (it has a bias)" in triton_refusal(layers)
+    layers[3].bias = None
     batch = BatchModel(model, 2, 32, adapter_slots=2, adapter_max_rank=8)
     assert "Triton step" in batch.decode_path, batch.decode_path
     shapes = BaseShapes.of_model(folder)

@@ -140,28 +140,17 @@ class Projection:
         kernel never dequantizes a whole matrix per call."""
         from core.model import gptq_triton as gt
 
-        parts = []
-        for m in self.modules:
-            if not (
-                gt.serves(m.qweight.device)
-                and int(m.bits) == 4
-                and m.qweight.dtype == torch.int32
-                and m.bias is None
-                and gt.supported_group(int(m.group_size), int(m.in_features))
-                and _trivial_g_idx(m)
-            ):
-                return
-            parts.append(torch_kernel_weights(m))
-        fused = gt.GptqWeights.concat(parts)
+        if not all(triton_takes_module(m) for m in self.modules):
+            return
+        fused = gt.GptqWeights.concat([torch_kernel_weights(m) for m in self.modules])
         device = str(fused.qweight.device)
-        if device not in _TRITON_CHECKED:  # the first matrix of a model, once per device
-            _TRITON_CHECKED[device] = gt.self_check(fused)
-            if _TRITON_CHECKED[device] is not None:
+        checked = device in _TRITON_CHECKED  # the first matrix of a model, once per device
+        problem = triton_check(fused)
+        if problem is not None:
+            if not checked:
                 log.warning(
-                    "the Triton GPTQ kernels are off, serving through GPTQModel's: %s",
-                    _TRITON_CHECKED[device],
+                    "the Triton GPTQ kernels are off, serving through GPTQModel's: %s", problem
                 )
-        if _TRITON_CHECKED[device] is not None:
             return
         start = 0
         for module, size in zip(self.modules, self.sizes, strict=True):
@@ -193,6 +182,48 @@ def torch_kernel_weights(module: Any) -> Any:
 
 # Device -> None when the Triton products passed their check there, else why they did not.
 _TRITON_CHECKED: dict[str, str | None] = {}
+
+
+def triton_takes_module(module: Any) -> bool:
+    """Whether loracord's Triton kernels serve this GPTQModel `torch`-kernel module: on a
+    device they run on, 4 bits, no bias, a group size they take, no act-order."""
+    from core.model import gptq_triton as gt
+
+    return (
+        gt.serves(module.qweight.device)
+        and int(module.bits) == 4
+        and module.qweight.dtype == torch.int32
+        and getattr(module, "bias", None) is None
+        and gt.supported_group(int(module.group_size), int(module.in_features))
+        and _trivial_g_idx(module)
+    )
+
+
+def triton_check(weights: Any) -> str | None:
+    """`gptq_triton.self_check` once per device (the first matrix asked about): None when the
+    Triton kernels compute right there, else why not (a kernel this GPU or Triton version does
+    not compile, a wrong product)."""
+    from core.model import gptq_triton as gt
+
+    device = str(weights.qweight.device)
+    if device not in _TRITON_CHECKED:
+        _TRITON_CHECKED[device] = gt.self_check(weights)
+    return _TRITON_CHECKED[device]
+
+
+def triton_refusal(layers: list[Any]) -> str | None:
+    """Why loracord's Triton kernels would not serve every one of a model's GPTQ layers (one
+    they do not take, or kernels that fail their check on this device), or None when they
+    would. `kernel = "auto"` on CUDA then loads the next kernel of its order instead of leaving
+    those layers to GPTQModel's generic kernel, which dequantizes a whole matrix per call."""
+    if not layers:
+        return "no GPTQ layers"
+    for layer in layers:
+        if not triton_takes_module(layer):
+            bias = getattr(layer, "bias", None) is not None
+            why = "it has a bias" if bias else "its device, bits, group size or act-order"
+            return f"they do not take {type(layer).__name__} layers here ({why})"
+    return triton_check(torch_kernel_weights(layers[0]))
 
 
 def _trivial_g_idx(module: Any) -> bool:

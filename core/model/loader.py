@@ -99,8 +99,11 @@ def load_for_serving(path: Path, runtime: Runtime) -> tuple[Any, Any, float]:
     for index, kernel in enumerate(kernels):
         try:
             model = _load_with_kernel(path, runtime, kernel, int(quant["bits"]))
+            if _auto_chose_triton(runtime, kernel):
+                _keep_only_if_triton_serves(model)
             break
         except (OSError, ValueError, RuntimeError, ImportError, NotImplementedError) as e:
+            model = None  # (a model loaded and refused leaves the GPU before the next loads)
             if index + 1 == len(kernels):
                 raise ModelError(f"could not load the model from {path}: {first_line(e)}") from e
             log.warning(
@@ -118,6 +121,27 @@ def load_for_serving(path: Path, runtime: Runtime) -> tuple[Any, Any, float]:
     _dequantize_once_if_small(model, runtime)
     _int8_lm_head_on_bf16_cpu(model, runtime)
     return model, tokenizer, time.monotonic() - started
+
+
+def _auto_chose_triton(runtime: Runtime, kernel: str) -> bool:
+    """Whether `kernel = "auto"` on CUDA loaded `torch` for loracord's Triton kernels (the
+    first of its order for the checkpoints they take; `kernel = "torch"` set by hand is kept
+    whatever serves it)."""
+    return runtime.device == "cuda" and bool(runtime.fallbacks) and kernel == "torch"
+
+
+def _keep_only_if_triton_serves(model: Any) -> None:
+    """Raise (so that the loader tries the next kernel) when loracord's Triton kernels would
+    not serve every GPTQ layer of a model `auto` loaded with the `torch` kernel for them: a
+    layer they do not take (a bias, say), or kernels that fail their check on this GPU. Left
+    alone, those layers would run GPTQModel's generic kernel, many times slower than Marlin or
+    ExLlamaV2."""
+    from core.model.fast import triton_refusal
+
+    refusal = triton_refusal(quant_layers(model))
+    if refusal is None:
+        return
+    raise RuntimeError(f"loracord's Triton kernels would not serve it: {refusal}")
 
 
 def _int8_lm_head_on_bf16_cpu(model: Any, runtime: Runtime) -> None:
