@@ -1,6 +1,6 @@
 """What bounds the one-row 4-bit GEMV: the served kernel with parts of its work taken away.
 
-    python3 bench/gemv_limits.py [--json F]          (CUDA)
+    python3 bench/gemv_limits.py [--cold] [--json F]          (CUDA)
     TRITON_INTERPRET=1 python3 bench/gemv_limits.py --check   (CPU: the correct variants)
 
 A copy of the served fp16-pair GEMV (`core.model.gptq_triton._gemv`) with switches, each timed
@@ -230,31 +230,38 @@ def main() -> None:
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--cold", action="store_true", help="no matrix read from the L2 cache")
     args = parser.parse_args()
     if args.check or INTERPRETED:
         check()
         return
-    from bench.gptq_gemm import SHAPES, card, fastest, graph_time, random_weights
+    from bench.gptq_gemm import SHAPES, card, cycle, fastest, graph_time, random_weights
 
     torch.manual_seed(0)
     limit = card()
     results = []
     for name, (k, n) in SHAPES.items():
         w = random_weights(k, n)
-        sz = packed_sz(w)
+        next_w, copies = cycle(w, args.cold)
+        calls = max(20, copies)
+        with_sz = [(c, packed_sz(c)) for c in [next_w() for _ in range(copies)]]
+        next_pair = itertools.cycle(with_sz).__next__
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)
         want = (x.float() @ gt.dequantize(w))[0]
         served = gt.gemv_config_for(w)
-        base = graph_time(lambda x=x, w=w, cfg=served: gt.matmul(x, w, gemv_config=cfg))
+        base = graph_time(
+            lambda x=x, nw=next_w, cfg=served: gt.matmul(x, nw(), gemv_config=cfg), calls
+        )
         tb_s = w.nbytes / base / 1e12
         print(f"{name} {k}x{n}: served {base * 1e6:.1f} us ({tb_s:.2f} TB/s) {served}")
         for variant in args.variants.split(","):
             sweep = itertools.product([variant], (32, 64, 128), (2, 4, 8), (2, 4))
             best = fastest(
                 sweep,
-                lambda cfg, x=x, w=w, sz=sz: run(x, w, sz, *cfg),
+                lambda cfg, x=x, np=next_pair: run(x, *np(), *cfg),
                 want,
                 5e-3 if VARIANTS[variant][-1] else None,
+                calls,
             )
             if best is None:
                 continue

@@ -51,6 +51,18 @@ def cold_copies(nbytes: int, least: int = 256 * 1024**2) -> int:
     return max(1, -(-least // nbytes))
 
 
+def cycle(w: gt.GptqWeights, cold: bool):
+    """(a function giving the next of the copies of `w` to call, the number of copies): with
+    `cold`, `cold_copies` clones of it (the same products, other memory), else `w` itself."""
+    copies = [w]
+    if cold:
+        copies += [
+            gt.GptqWeights(w.qweight.clone(), w.scales.clone(), w.zeros.clone(), w.group)
+            for _ in range(cold_copies(w.nbytes) - 1)
+        ]
+    return itertools.cycle(copies).__next__, len(copies)
+
+
 def graph_time(fn, calls: int = 20, replays: int = 5) -> float:
     """Seconds per call of `fn`, captured `calls` times in one CUDA graph."""
     stream = torch.cuda.Stream()
@@ -83,7 +95,7 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() / seconds
 
 
-def fastest(configs, run, want: torch.Tensor, tolerance: float | None):
+def fastest(configs, run, want: torch.Tensor, tolerance: float | None, calls: int = 20):
     """The fastest of `configs` for `run(cfg)` (timed as `graph_time` times it) as `(seconds,
     cfg, error)`, or None when none ran. A configuration the compiler refuses, or (with a
     `tolerance`) one whose result is further from `want` than that, is named on stderr and
@@ -92,7 +104,7 @@ def fastest(configs, run, want: torch.Tensor, tolerance: float | None):
     for cfg in configs:
         try:
             got = run(cfg)
-            seconds = graph_time(lambda cfg=cfg: run(cfg))
+            seconds = graph_time(lambda cfg=cfg: run(cfg), calls)
         except Exception as e:  # registers, shared memory
             print(f"  {cfg}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
             continue
@@ -144,16 +156,14 @@ def main() -> None:
     for name, (k, n) in SHAPES.items():
         w = random_weights(k, n)
         dense = gt.dequantize(w).half()
-        ws, denses = [w], [dense]
-        if args.cold:
-            ws += [random_weights(k, n) for _ in range(cold_copies(w.nbytes) - 1)]
-            denses += [dense.clone() for _ in range(cold_copies(dense.nbytes) - 1)]
-        calls = max(20, len(ws))
-        next_w, next_dense = itertools.cycle(ws).__next__, itertools.cycle(denses).__next__
+        next_w, copies = cycle(w, args.cold)
+        calls = max(20, copies)
+        denses = [dense] + [dense.clone() for _ in range(cold_copies(dense.nbytes) - 1)]
+        next_dense = itertools.cycle(denses if args.cold else [dense]).__next__
         for rows in [int(r) for r in args.rows.split(",")]:
             x = torch.randn(rows, k, device="cuda", dtype=torch.float16)
             ref = x.float() @ dense.float()
-            cublas = graph_time(lambda x=x, nd=next_dense: x @ nd(), max(20, len(denses)))
+            cublas = graph_time(lambda x=x, nd=next_dense: x @ nd(), calls)
             best = None
             for kind, cfg in configs(rows, stages):
                 if kind == "gemv":
