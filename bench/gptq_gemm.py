@@ -148,6 +148,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--stages", default="1", help="the GEMV's pipeline stages to sweep")
     parser.add_argument("--cold", action="store_true", help="no matrix read from the L2 cache")
+    parser.add_argument(
+        "--pdl", action="store_true", help="GEMVs as programmatic dependent launches (Hopper)"
+    )
     args = parser.parse_args()
     stages = tuple(int(s) for s in args.stages.split(","))
     torch.manual_seed(0)
@@ -167,7 +170,7 @@ def main() -> None:
             best = None
             for kind, cfg in configs(rows, stages):
                 if kind == "gemv":
-                    kwargs = {"gemv_config": cfg}
+                    kwargs = {"gemv_config": cfg, "pdl": args.pdl}
                 else:
                     kwargs = {"gemm_config": cfg, "gemv_rows": 0}
                 try:

@@ -65,6 +65,12 @@ def main() -> int:
         "results) in place of the committed table, to serve with a fresh sweep's winners",
     )
     parser.add_argument(
+        "--pdl",
+        action="store_true",
+        help="CUDA, Triton step: launch its kernels as programmatic dependent launches "
+        "(`triton_step.PDL`; Hopper and later)",
+    )
+    parser.add_argument(
         "--attention-splits",
         type=int,
         default=None,
@@ -86,10 +92,12 @@ def main() -> int:
 
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
-    if args.attention_splits is not None:
+    if args.attention_splits is not None or args.pdl:
         from core.model import triton_step
 
-        triton_step.MAX_ATTENTION_SPLITS = args.attention_splits
+        if args.attention_splits is not None:
+            triton_step.MAX_ATTENTION_SPLITS = args.attention_splits
+        triton_step.PDL = triton_step.PDL or args.pdl
     if args.gemv_table:
         from core.model import gptq_triton as gt
 

@@ -10,6 +10,7 @@ before the kernels are defined, so the checks run in a child process.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -102,6 +103,118 @@ def test_the_benchmarked_gemv_variants_compute_the_product(bench: str) -> None:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "variants agree" in done.stdout
+
+
+def _hopper(kernel, args: dict[str, object], warps: int, pdl: bool) -> dict[str, str]:
+    """`kernel` compiled for sm_90 by Triton's own compiler, offline (no GPU): its stages' text
+    ("ttir", "ptx", ...). `args` gives each argument's type ("*fp16", "i32", ...) or, for a
+    constexpr, its value."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {n: v if isinstance(v, str) else "constexpr" for n, v in args.items()}
+    constants = {n: v for n, v in args.items() if not isinstance(v, str)}
+    signature["PDL"], constants["PDL"] = "constexpr", pdl
+    source = ASTSource(kernel, signature, constants, {})
+    options = {"num_warps": warps, "launch_pdl": pdl}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm
+
+
+def _before_the_wait(ttir: str) -> tuple[list[set[str]], bool]:
+    """From a kernel's Triton IR: for each load before `griddepcontrol.wait`, the kernel
+    arguments its address is made from; and whether anything is stored before the wait."""
+    lines = ttir[ttir.index("tt.func") :].splitlines()
+    wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
+    made_from: dict[str, list[str]] = {}
+    for line in lines[:wait]:
+        left, _, right = line.partition(" = ")
+        if left.strip().startswith("%"):
+            made_from[left.strip().split(":")[0]] = re.findall(r"%[\w.]+", right.split(" : ")[0])
+
+    def arguments(name: str) -> set[str]:
+        if name not in made_from:  # an argument of the kernel
+            return {name[1:]}
+        return set().union(*(arguments(o) for o in made_from[name]))
+
+    loads = [
+        arguments(re.findall(r"%[\w.]+", line.split("tt.load", 1)[1])[0])
+        for line in lines[:wait]
+        if "tt.load " in line
+    ]
+    return loads, any("tt.store" in line for line in lines[:wait])
+
+
+def test_the_step_kernels_as_dependent_launches_compile_for_hopper_and_wait_first() -> None:
+    """Programmatic dependent launch (`triton_step.PDL`) lets a kernel start while the one
+    before it still runs; that is only correct if every kernel waits (`griddepcontrol.wait`)
+    before it reads what an earlier kernel wrote or writes anything. No Hopper GPU here, so
+    each kernel is compiled for sm_90 offline: with PDL, only the weights (the GEMV's, the
+    norm's) are read before the wait, traced back to the kernel's arguments in its Triton IR,
+    and in the PTX nothing is stored before it; without PDL there is no such instruction."""
+    from core.model import gptq_triton as gt
+    from core.model import triton_step as ts
+
+    gemv = {
+        "x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "out_ptr": "*fp32",
+        "N": "i32", "K": "i32", "stride_w": "i32", "stride_s": "i32", "groups_per_split": "i32",
+        "GROUP": 128, "BLOCK_N": 32, "HALF2": True, "ASM": True, "STAGES": 1, "LATE": True,
+        "TILES": 2,
+    }  # fmt: skip
+    norm = {
+        "hidden_ptr": "*fp16", "delta_ptr": "*fp32", "weight_ptr": "*fp16", "out_ptr": "*fp16",
+        "H": "i32", "delta_share_stride": "i32", "eps": "fp32", "SHARES": 8, "BLOCK": 4096,
+    }  # fmt: skip
+    silu = {
+        "gate_up_ptr": "*fp32", "share_stride": "i32", "out_ptr": "*fp16", "INNER": "i32",
+        "SHARES": 4, "BLOCK": 128,
+    }  # fmt: skip
+    rope = {
+        "qkv_ptr": "*fp32", "qkv_share_stride": "i32", "cos_ptr": "*fp16", "sin_ptr": "*fp16",
+        "pos_ptr": "*i64", "row_ptr": "*i64", "k_ptr": "*fp16", "v_ptr": "*fp16",
+        "q_ptr": "*fp16", "cache_row_stride": "i32", "cache_head_stride": "i32", "HEADS": 32,
+        "KV_HEADS": 32, "D": 128, "SHARES": 8,
+    }  # fmt: skip
+    attention = {
+        "q_ptr": "*fp16", "k_ptr": "*fp16", "v_ptr": "*fp16", "pos_ptr": "*i64", "row_ptr": "*i64",
+        "out_ptr": "*fp16", "scaling": "fp32", "cache_row_stride": "i32",
+        "cache_head_stride": "i32", "HEADS": 32, "GROUPS": 1, "GROUPS_P2": 1, "D": 128,
+        "BLOCK_S": 64,
+    }  # fmt: skip
+    spans = {**attention, "part_ptr": "*fp32", "lse_ptr": "*fp32", "SPLITS": 8}
+    spans = {n: spans[n] for n in ts._attention_split.arg_names if n in spans}
+    combine = {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*fp16", "HEADS": 32, "D": 128}
+    weights = {"w_ptr", "s_ptr", "z_ptr"}
+    kernels = {  # name: (kernel, arguments, warps, what it may read before the wait)
+        "gemv": (gt._gemv, gemv, 2, weights),
+        "gemv, fp32": (
+            gt._gemv,
+            {**gemv, "x_ptr": "*fp32", "HALF2": False, "TILES": 1},
+            2,
+            weights,
+        ),
+        "add_rms_norm": (ts._add_rms_norm, norm, 8, {"weight_ptr"}),
+        "silu_mul": (ts._silu_mul, silu, 4, set()),
+        "rope_write": (ts._rope_write, rope, 1, set()),
+        "decode_attention": (ts._decode_attention, attention, 4, set()),
+        "attention_split": (ts._attention_split, spans, 4, set()),
+        "attention_combine": (ts._attention_combine, {**combine, "SPLITS": 8}, 1, set()),
+    }
+    for name, (kernel, args, warps, early) in kernels.items():
+        assert "griddepcontrol" not in _hopper(kernel, args, warps, pdl=False)["ptx"], name
+        stages = _hopper(kernel, args, warps, pdl=True)
+        pointers = {n for n, v in args.items() if isinstance(v, str) and v.startswith("*")}
+        loads, stored = _before_the_wait(stages["ttir"])
+        loads = [made_from & pointers for made_from in loads]
+        assert not stored, name
+        assert all(made_from <= early for made_from in loads), (name, loads)
+        assert bool(loads) == bool(early), (name, loads)  # (the weights are read early)
+        ptx = stages["ptx"]
+        ptx = ptx[ptx.index(".visible .entry") :]
+        wait = ptx.index("griddepcontrol.wait")
+        assert wait < ptx.index("griddepcontrol.launch_dependents"), name
+        assert "st.global" not in ptx[:wait], name
+        print(f"{name}: {len(loads)} loads before the wait, from {sorted(set().union(*loads))}")
 
 
 def test_the_triton_step_decodes_what_the_plain_path_does(

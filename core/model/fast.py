@@ -502,7 +502,7 @@ class FastDecode:
             self.triton = None
             log.warning("the Triton decode step is off, decoding eagerly: %s", first_line(e))
             return
-        self.kind += ", Triton step"
+        self.kind += ", Triton step" + (" (dependent launches)" if layers.pdl else "")
 
     def _build_native(self, build_dir: Path | None) -> None:
         """Build (or load the cached build of) the C++ step and check it once against the

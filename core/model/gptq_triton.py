@@ -46,6 +46,11 @@ except ImportError:  # pragma: no cover - depends on the torch build
     triton = None
     tl = None
 
+try:  # programmatic dependent launch (Hopper and later; Triton 3.4 and later)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - depends on the Triton version
+    gdc_launch_dependents = gdc_wait = None
+
 
 # Triton's interpreter (`TRITON_INTERPRET=1`, the CPU check of these kernels) runs no PTX: the
 # GEMV's one inline instruction is then written as Triton operations.
@@ -54,6 +59,17 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 def available() -> bool:
     return triton is not None
+
+
+def pdl_available(device: torch.device) -> bool:
+    """Whether kernels can be launched as programmatic dependent launches on `device`: a
+    Hopper or later GPU and a Triton with grid dependency control (not the interpreter)."""
+    return (
+        gdc_wait is not None
+        and not INTERPRETED
+        and device.type == "cuda"
+        and torch.cuda.get_device_capability(device)[0] >= 9
+    )
 
 
 def serves(device: torch.device) -> bool:
@@ -382,6 +398,33 @@ if triton is not None:
         return ((w & mask) | 0x4B000000).to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _gemv_loads(w_ptrs, s_ptr, z_ptr, g, n, n_ok, stride_w, stride_s, P: tl.constexpr):
+        """Group g's int32s of weights `[P, BLOCK_N]`, scales and zero points (fp32) of the
+        columns `n`."""
+        w = tl.load(w_ptrs + g * P * stride_w, mask=n_ok[None, :], other=0)
+        s = tl.load(s_ptr + g * stride_s + n, mask=n_ok, other=0)
+        z = tl.load(z_ptr + g * stride_s + n, mask=n_ok, other=0).to(tl.float32)
+        return w, s, z
+
+    @triton.jit
+    def _gemv_products(
+        acc, acc_b, x_ptr, g, w, s, z, wb, sb, zb,
+        GROUP: tl.constexpr, HALF2: tl.constexpr, ASM: tl.constexpr, LATE: tl.constexpr,
+        TILES: tl.constexpr,
+    ):  # fmt: skip
+        """`acc` (and with two tiles `acc_b`) plus group g's products with x."""
+        if HALF2:
+            x04, x15, x26, x37 = _x_pairs(x_ptr, g, GROUP)
+            acc += _half2_group(w, s, z, x04, x15, x26, x37, LATE, ASM)
+            if TILES == 2:
+                acc_b += _half2_group(wb, sb, zb, x04, x15, x26, x37, LATE, ASM)
+        else:
+            acc += _fp32_group(x_ptr, w, s, z, g, GROUP, ASM)
+            if TILES == 2:
+                acc_b += _fp32_group(x_ptr, wb, sb, zb, g, GROUP, ASM)
+        return acc, acc_b
+
+    @triton.jit
     def _gemv(
         x_ptr,
         w_ptr,
@@ -400,11 +443,14 @@ if triton is not None:
         STAGES: tl.constexpr,
         LATE: tl.constexpr,
         TILES: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         """One row. With `HALF2` (fp16 activations) x comes as int32 pairs and each int32 of
         weights is one `_half2_dot` (or `_half2_dot_late`); otherwise fp32 arithmetic, three
         instructions a weight. With `TILES` = 2 a program takes two tiles of `BLOCK_N` columns
-        over the same rows, so each thread's x pairs serve twice the weights."""
+        over the same rows, so each thread's x pairs serve twice the weights. With `PDL`
+        (launched as a programmatic dependent launch) the first group's weights, which no
+        earlier kernel writes, are read while the kernel before (which writes x) still runs."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         n = pid_n * BLOCK_N * TILES + tl.arange(0, BLOCK_N)
@@ -419,23 +465,29 @@ if triton is not None:
         acc_b = tl.zeros((P, BLOCK_N), dtype=tl.float32)
         first = pid_k * groups_per_split
         last = tl.minimum(first + groups_per_split, K // GROUP)
-        for g in tl.range(first, last, num_stages=STAGES):
-            w = tl.load(w_ptrs + g * P * stride_w, mask=n_ok[None, :], other=0)
-            s = tl.load(s_ptr + g * stride_s + n, mask=n_ok, other=0)
-            z = tl.load(z_ptr + g * stride_s + n, mask=n_ok, other=0).to(tl.float32)
+        if PDL:
+            w, s, z = _gemv_loads(w_ptrs, s_ptr, z_ptr, first, n, n_ok, stride_w, stride_s, P)
+            wb, sb, zb = w, s, z
             if TILES == 2:
-                wb = tl.load(w_ptrs + BLOCK_N + g * P * stride_w, mask=nb_ok[None, :], other=0)
-                sb = tl.load(s_ptr + g * stride_s + nb, mask=nb_ok, other=0)
-                zb = tl.load(z_ptr + g * stride_s + nb, mask=nb_ok, other=0).to(tl.float32)
-            if HALF2:
-                x04, x15, x26, x37 = _x_pairs(x_ptr, g, GROUP)
-                acc += _half2_group(w, s, z, x04, x15, x26, x37, LATE, ASM)
-                if TILES == 2:
-                    acc_b += _half2_group(wb, sb, zb, x04, x15, x26, x37, LATE, ASM)
-            else:
-                acc += _fp32_group(x_ptr, w, s, z, g, GROUP, ASM)
-                if TILES == 2:
-                    acc_b += _fp32_group(x_ptr, wb, sb, zb, g, GROUP, ASM)
+                wb, sb, zb = _gemv_loads(
+                    w_ptrs + BLOCK_N, s_ptr, z_ptr, first, nb, nb_ok, stride_w, stride_s, P
+                )
+            gdc_wait()  # the kernels before have written x (and read what this one writes)
+            gdc_launch_dependents()
+            acc, acc_b = _gemv_products(
+                acc, acc_b, x_ptr, first, w, s, z, wb, sb, zb, GROUP, HALF2, ASM, LATE, TILES
+            )
+            first += 1
+        for g in tl.range(first, last, num_stages=STAGES):
+            w, s, z = _gemv_loads(w_ptrs, s_ptr, z_ptr, g, n, n_ok, stride_w, stride_s, P)
+            wb, sb, zb = w, s, z
+            if TILES == 2:
+                wb, sb, zb = _gemv_loads(
+                    w_ptrs + BLOCK_N, s_ptr, z_ptr, g, nb, nb_ok, stride_w, stride_s, P
+                )
+            acc, acc_b = _gemv_products(
+                acc, acc_b, x_ptr, g, w, s, z, wb, sb, zb, GROUP, HALF2, ASM, LATE, TILES
+            )
         tl.store(out_ptr + pid_k * N + n, tl.sum(acc, axis=0), mask=n_ok)
         if TILES == 2:
             tl.store(out_ptr + pid_k * N + nb, tl.sum(acc_b, axis=0), mask=nb_ok)
@@ -570,9 +622,11 @@ def gemv(
     w: GptqWeights,
     out: torch.Tensor,
     cfg: GemvConfig,
+    pdl: bool = False,
 ) -> None:
     """`_gemv` of one row `x [1, K]` into `out [split, 1, N]` (fp32 when split > 1: the caller
-    sums the shares)."""
+    sums the shares); with `pdl` as a programmatic dependent launch (`pdl_available`), which
+    reads its first weights while the kernel before it finishes."""
     if x.shape[0] != 1 or x.stride(-1) != 1:
         raise ValueError("the GEMV takes one contiguous row")
     split, per = gemv_shares(w, cfg)
@@ -589,8 +643,13 @@ def gemv(
         x, w.qweight, w.scales, w.zeros, out, n, w.in_features, w.qweight.stride(0),
         w.scales.stride(0), per,
         GROUP=w.group, BLOCK_N=cfg.block_n, HALF2=half2, ASM=not INTERPRETED, STAGES=cfg.stages,
-        LATE=cfg.late, TILES=cfg.tiles, num_warps=cfg.warps,
+        LATE=cfg.late, TILES=cfg.tiles, PDL=pdl, num_warps=cfg.warps, **launch_options(pdl),
     )  # fmt: skip
+
+
+def launch_options(pdl: bool) -> dict[str, bool]:
+    """A kernel launch's options for `pdl` (none without it: the interpreter takes none)."""
+    return {"launch_pdl": True} if pdl else {}
 
 
 def matmul(
@@ -600,9 +659,10 @@ def matmul(
     gemv_config: GemvConfig | None = None,
     gemm_config: GemmConfig | None = None,
     gemv_rows: int = GEMV_ROWS,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """`x [M, K] @ W` -> `[M, N]` in x's dtype; the GEMV for one row (when `gemv_rows` is
-    not 0), else the GEMM."""
+    not 0; with `pdl` as a programmatic dependent launch), else the GEMM."""
     if triton is None:
         raise RuntimeError("Triton is not installed")
     m, k = x.shape
@@ -614,7 +674,7 @@ def matmul(
     if m <= min(gemv_rows, 1):
         cfg = gemv_config or gemv_config_for(w)
         partial = partials(x, gemv_shares(w, cfg)[0], n)
-        gemv(x, w, partial, cfg)
+        gemv(x, w, partial, cfg, pdl)
     else:
         cfg2 = gemm_config or default_gemm(m, n)
         block_k = min(cfg2.block_k, w.group)

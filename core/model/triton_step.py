@@ -36,9 +36,21 @@ if TYPE_CHECKING:
     from core.model.fast import Delta, FastDecode
 
 triton, tl = gt.triton, gt.tl
+gdc_wait, gdc_launch_dependents = gt.gdc_wait, gt.gdc_launch_dependents
 
 
 if triton is not None:
+
+    @triton.jit
+    def _wait_if(PDL: tl.constexpr):
+        """In a kernel launched as a programmatic dependent launch (it may start while the
+        kernel before it still runs): wait until the kernels before have finished and their
+        writes are visible, then let the next kernel launch. Every kernel of the step waits
+        before it reads what an earlier one wrote or writes anything, so none overtakes
+        another."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
 
     @triton.jit
     def _add_rms_norm(
@@ -51,10 +63,15 @@ if triton is not None:
         eps,
         SHARES: tl.constexpr,
         BLOCK: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         row = tl.program_id(0)
         h = tl.arange(0, BLOCK)
         ok = h < H
+        if PDL:  # (the norm's weight, which no kernel writes, is read before the wait)
+            w = tl.load(weight_ptr + h, mask=ok, other=0.0)
+            gdc_wait()
+            gdc_launch_dependents()
         x = tl.load(hidden_ptr + row * H + h, mask=ok, other=0.0).to(tl.float32)
         if SHARES > 0:
             for s in tl.static_range(SHARES):
@@ -65,7 +82,8 @@ if triton is not None:
             x = x16.to(tl.float32)
         variance = tl.sum(x * x, axis=0) / H
         y = (x * tl.rsqrt(variance + eps)).to(out_ptr.dtype.element_ty)
-        w = tl.load(weight_ptr + h, mask=ok, other=0.0)
+        if not PDL:
+            w = tl.load(weight_ptr + h, mask=ok, other=0.0)
         tl.store(out_ptr + row * H + h, y * w, mask=ok)
 
     @triton.jit
@@ -76,9 +94,11 @@ if triton is not None:
         INNER,
         SHARES: tl.constexpr,
         BLOCK: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         """The MLP's `silu(gate) * up` from the gate/up GEMV's shares of K, rounded where the
         plain path rounds (the projections, the activation) to the model's dtype."""
+        _wait_if(PDL)
         row = tl.program_id(0)
         i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = i < INNER
@@ -110,7 +130,9 @@ if triton is not None:
         KV_HEADS: tl.constexpr,
         D: tl.constexpr,
         SHARES: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        _wait_if(PDL)
         t = tl.program_id(0)
         head = tl.program_id(1)
         d = tl.arange(0, D)
@@ -206,7 +228,9 @@ if triton is not None:
         GROUPS_P2: tl.constexpr,
         D: tl.constexpr,
         BLOCK_S: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        _wait_if(PDL)
         t = tl.program_id(0)
         kv = tl.program_id(1)
         pos = tl.load(pos_ptr + t)
@@ -240,11 +264,13 @@ if triton is not None:
         D: tl.constexpr,
         BLOCK_S: tl.constexpr,
         SPLITS: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         """`_decode_attention` over one of `SPLITS` equal spans of each row's positions (the
         span is cut at run time from the row's position, so the grid stays fixed under CUDA
         graphs): its normalized output `part [T, HEADS, SPLITS, D]` and its log-sum-exp
         `lse [T, HEADS, SPLITS]` (-inf for an empty span), for `_attention_combine`."""
+        _wait_if(PDL)
         t = tl.program_id(0)
         kv = tl.program_id(1)
         split = tl.program_id(2)
@@ -267,10 +293,12 @@ if triton is not None:
 
     @triton.jit
     def _attention_combine(
-        part_ptr, lse_ptr, out_ptr, HEADS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr
-    ):
+        part_ptr, lse_ptr, out_ptr, HEADS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+        PDL: tl.constexpr = False,
+    ):  # fmt: skip
         """One head's output from its `SPLITS` spans, weighted by their share of the softmax
         (in split order, so a replayed step gives the same numbers)."""
+        _wait_if(PDL)
         t = tl.program_id(0)
         head = tl.program_id(1)
         splits = tl.arange(0, SPLITS)
@@ -287,6 +315,12 @@ if triton is not None:
 # kernel, no split). 8 served a 2,000-token prompt 1.74x as fast as 1 on an H100 (7B shape,
 # `bench/serving.py --attention-splits 1` and `8`, BENCHMARKS.md).
 MAX_ATTENTION_SPLITS = 8
+
+# Whether the step's kernels are launched as programmatic dependent launches (Hopper and later,
+# `gptq_triton.pdl_available`): each may start while the one before it finishes, and a GEMV
+# reads its first weights before it waits. Off until a GPU has measured it
+# (`bench/serving.py --pdl`); the kernels compile either way (`tests/test_triton_kernels.py`).
+PDL = False
 
 
 def _next_power_of_two(n: int) -> int:
@@ -316,6 +350,7 @@ class TritonLayers:
         self.configs = tuple(gt.gemv_config_for(w) for w in first)
         self.groups = fast.heads // fast.kv_heads
         cuda = batch.device.type == "cuda"
+        self.pdl = PDL and gt.pdl_available(batch.device)
         self.sms = (
             torch.cuda.get_device_properties(batch.device).multi_processor_count if cuda else 1
         )
@@ -360,7 +395,7 @@ class TritonLayers:
         from the GEMM above its rows."""
         if x.shape[0] <= gt.GEMV_ROWS:
             out = gt.partials(x, gt.gemv_shares(w, cfg)[0], w.out_features)
-            gt.gemv(x, w, out, cfg)
+            gt.gemv(x, w, out, cfg, self.pdl)
             return out
         return gt.matmul(x, w)[None]
 
@@ -371,7 +406,7 @@ class TritonLayers:
         block = 128  # many programs: each reads every share of its block (8 for a 7B MLP)
         _silu_mul[(rows, triton.cdiv(inner, block))](
             gate_up, gate_up.stride(0), out, inner, SHARES=gate_up.shape[0], BLOCK=block,
-            num_warps=4,
+            PDL=self.pdl, num_warps=4, **gt.launch_options(self.pdl),
         )  # fmt: skip
         return out
 
@@ -384,7 +419,8 @@ class TritonLayers:
         stride = 0 if delta is None else delta.stride(0)
         _add_rms_norm[(rows,)](
             hidden, hidden if delta is None else delta, weight, out, width, stride, self.eps,
-            SHARES=shares, BLOCK=_next_power_of_two(width), num_warps=8,
+            SHARES=shares, BLOCK=_next_power_of_two(width), PDL=self.pdl, num_warps=8,
+            **gt.launch_options(self.pdl),
         )  # fmt: skip
         return out
 
@@ -403,6 +439,7 @@ class TritonLayers:
         count = ids.shape[0]
         q_width, k_width = heads * head_dim, kv_heads * head_dim
         qkv_cfg, o_cfg, gate_up_cfg, down_cfg = self.configs
+        pdl, launch = self.pdl, gt.launch_options(self.pdl)
         hidden = batch.embed(ids).contiguous()  # [T, hidden], updated in place below
         x = self._norm(hidden, None, self.attn_norms[0])
         q = torch.empty((count, q_width), dtype=hidden.dtype, device=hidden.device)
@@ -426,25 +463,27 @@ class TritonLayers:
             _rope_write[(count, heads + 2 * kv_heads)](
                 qkv, qkv.stride(0), fast.cos, fast.sin, positions, rows, keys, values, q,
                 keys.stride(0), keys.stride(1),
-                HEADS=heads, KV_HEADS=kv_heads, D=head_dim, SHARES=qkv.shape[0], num_warps=1,
+                HEADS=heads, KV_HEADS=kv_heads, D=head_dim, SHARES=qkv.shape[0], PDL=pdl,
+                num_warps=1, **launch,
             )  # fmt: skip
             if splits == 1:
                 _decode_attention[(count, kv_heads)](
                     q, keys, values, positions, rows, attended, batch.scaling,
                     keys0.stride(0), keys0.stride(1),
                     HEADS=heads, GROUPS=self.groups, GROUPS_P2=group_p2, D=head_dim,
-                    BLOCK_S=block_s, num_warps=4,
+                    BLOCK_S=block_s, PDL=pdl, num_warps=4, **launch,
                 )  # fmt: skip
             else:
                 _attention_split[(count, kv_heads, splits)](
                     q, keys, values, positions, rows, part, lse, batch.scaling,
                     keys0.stride(0), keys0.stride(1),
                     HEADS=heads, GROUPS=self.groups, GROUPS_P2=group_p2, D=head_dim,
-                    BLOCK_S=block_s, SPLITS=splits, num_warps=4,
+                    BLOCK_S=block_s, SPLITS=splits, PDL=pdl, num_warps=4, **launch,
                 )  # fmt: skip
                 _attention_combine[(count, heads)](
-                    part, lse, attended, HEADS=heads, D=head_dim, SPLITS=splits, num_warps=1
-                )
+                    part, lse, attended, HEADS=heads, D=head_dim, SPLITS=splits, PDL=pdl,
+                    num_warps=1, **launch,
+                )  # fmt: skip
             o = self._project(attended, o_w, o_cfg)
             if delta is not None:
                 o = gt.summed(o, torch.float32)

@@ -135,3 +135,41 @@ async def test_the_triton_step_matches_the_plain_path(triton_app: App, tmp_path:
     assert agree >= 0.9 and error < 0.05, (agree, error)
     for ref in refs:
         await engine.unload_adapter(ref)
+
+
+async def test_dependent_launches_give_the_same_step(
+    triton_app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `triton_step.PDL` (Hopper and later) each of the step's kernels may start while the
+    one before it finishes, reading only weights until it waits. Done right, nothing changes
+    but the time: the graph-replayed step gives exactly the logits it gives without, for two
+    rows decoding together. Skipped where the GPU or Triton cannot launch so."""
+    from core.model import gptq_triton as gt
+    from core.model import triton_step as ts
+
+    engine = triton_app.engine
+    batch = engine._batch
+    if not gt.pdl_available(batch.device):
+        pytest.skip("no programmatic dependent launch on this GPU or Triton")
+
+    def compare(_model: Any, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, answer = forced_tokens(tokenizer, seed=4)
+        rows = [(0, 0), (1, 0)]
+        fast = batch.fast
+        served = fast.triton
+        without = teacher_forced(batch, ids, answer, rows, "graph")
+        monkeypatch.setattr(ts, "PDL", True)
+        fast.triton = ts.TritonLayers(fast)
+        batch.graphs.reset()  # (the graphs captured so far launch without it)
+        try:
+            assert fast.triton.pdl
+            with_pdl = teacher_forced(batch, ids, answer, rows, "graph")
+        finally:
+            fast.triton = served
+            batch.graphs.reset()
+        return without, with_pdl
+
+    without, with_pdl = await engine.run_on_model(compare)
+    difference = float((without - with_pdl).abs().max())
+    print(f"dependent launches: max |difference| of the logits {difference}")
+    assert torch.equal(without, with_pdl), difference
