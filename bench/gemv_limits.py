@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from core.model import gptq_triton as gt
-from core.model.gptq_triton import _half2_dot, _half2_dot_late, _pair
+from core.model.gptq_triton import _half2_dot, _pair
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -92,18 +92,18 @@ def _sum_group(w, s, z, a, b, c, d, PACKED: tl.constexpr, LATE: tl.constexpr, AS
     if LATE:
         zf = z.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         sf = s.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        return _half2_dot_late(
+        return _half2_dot(
             w,
             _pair((-(64.0 + zf * 0.0625)).to(tl.float16))[None, :] + zero,
             _pair((-(4.0 + zf * 0.0625)).to(tl.float16))[None, :] + zero,
             _pair((sf * 16.0).to(tl.float16))[None, :] + zero,
             x04[:, None] + zero, x15[:, None] + zero, x26[:, None] + zero, x37[:, None] + zero,
-            ASM,
+            True, ASM,
         )  # fmt: skip
     return _half2_dot(
         w, z1024[None, :] + zero, z64[None, :] + zero, s2[None, :] + zero,
         x04[:, None] + zero, x15[:, None] + zero, x26[:, None] + zero, x37[:, None] + zero,
-        ASM,
+        False, ASM,
     )  # fmt: skip
 
 

@@ -285,14 +285,16 @@ if triton is not None:
         return t0, t1, t2, t3
 
     @triton.jit
-    def _half2_dot(w, z1024, z64, s2, x04, x15, x26, x37, ASM: tl.constexpr):
-        """`HALF2_DOT` on tensors of one shape; without `ASM` the same steps in Triton's own
-        operations, for the interpreter that checks the kernels on a CPU (no PTX there)."""
+    def _half2_dot(w, a2, b2, s2, x04, x15, x26, x37, LATE: tl.constexpr, ASM: tl.constexpr):
+        """`HALF2_DOT` (a2 = 1024 + z, b2 = -(64 + z), s2 = the scale) or, with `LATE`,
+        `HALF2_DOT_LATE` (a2 = -(64 + z/16), b2 = -(4 + z/16), s2 = 16 s), each an fp16 pair, on
+        tensors of one shape; without `ASM` the same steps in Triton's own operations, for the
+        interpreter that checks the kernels on a CPU (no PTX there)."""
         if ASM:
             return tl.inline_asm_elementwise(
-                HALF2_DOT,
+                HALF2_DOT_LATE if LATE else HALF2_DOT,
                 "=f,r,r,r,r,r,r,r,r",
-                [w, z1024, z64, s2, x04, x15, x26, x37],
+                [w, a2, b2, s2, x04, x15, x26, x37],
                 dtype=tl.float32,
                 is_pure=True,
                 pack=1,
@@ -300,38 +302,18 @@ if triton is not None:
         t0, t1, t2, t3 = _nibble_pairs(w)
         out = tl.zeros(w.shape, dtype=tl.float32)
         for hi in tl.static_range(2):
-            s = _lane(s2, hi)
-            d0 = (_lane(t0, hi) - _lane(z1024, hi)) * s
-            d1 = (_lane(t1, hi) * 0.0625 + _lane(z64, hi)) * s
-            d2 = (_lane(t2, hi) - _lane(z1024, hi)) * s
-            d3 = (_lane(t3, hi) * 0.0625 + _lane(z64, hi)) * s
-            a = d0 * _lane(x04, hi) + d1 * _lane(x15, hi)
-            a = a + d2 * _lane(x26, hi) + d3 * _lane(x37, hi)
-            out += a.to(tl.float32)
-        return out
-
-    @triton.jit
-    def _half2_dot_late(w, z64, z4, s16, x04, x15, x26, x37, ASM: tl.constexpr):
-        """`HALF2_DOT_LATE`; without `ASM` the same steps as Triton operations."""
-        if ASM:
-            return tl.inline_asm_elementwise(
-                HALF2_DOT_LATE,
-                "=f,r,r,r,r,r,r,r,r",
-                [w, z64, z4, s16, x04, x15, x26, x37],
-                dtype=tl.float32,
-                is_pure=True,
-                pack=1,
-            )
-        t0, t1, t2, t3 = _nibble_pairs(w)
-        out = tl.zeros(w.shape, dtype=tl.float32)
-        for hi in tl.static_range(2):
-            d0 = _lane(t0, hi) * 0.0625 + _lane(z64, hi)
-            d1 = _lane(t1, hi) * 0.00390625 + _lane(z4, hi)
-            d2 = _lane(t2, hi) * 0.0625 + _lane(z64, hi)
-            d3 = _lane(t3, hi) * 0.00390625 + _lane(z4, hi)
-            a = d0 * _lane(x04, hi) + d1 * _lane(x15, hi)
-            a = a + d2 * _lane(x26, hi) + d3 * _lane(x37, hi)
-            out += (a * _lane(s16, hi)).to(tl.float32)
+            a, b, s = _lane(a2, hi), _lane(b2, hi), _lane(s2, hi)
+            if LATE:  # (q - z) / 16, the products with x summed, then times 16 s
+                d0, d2 = _lane(t0, hi) * 0.0625 + a, _lane(t2, hi) * 0.0625 + a
+                d1, d3 = _lane(t1, hi) * 0.00390625 + b, _lane(t3, hi) * 0.00390625 + b
+            else:  # (q - z) s, then the products with x summed
+                d0, d2 = (_lane(t0, hi) - a) * s, (_lane(t2, hi) - a) * s
+                d1, d3 = (_lane(t1, hi) * 0.0625 + b) * s, (_lane(t3, hi) * 0.0625 + b) * s
+            sum_ = d0 * _lane(x04, hi) + d1 * _lane(x15, hi)
+            sum_ = sum_ + d2 * _lane(x26, hi) + d3 * _lane(x37, hi)
+            if LATE:
+                sum_ = sum_ * s
+            out += sum_.to(tl.float32)
         return out
 
     @triton.jit
@@ -358,11 +340,11 @@ if triton is not None:
             z64 = _pair((-(64.0 + z * 0.0625)).to(tl.float16))[None, :] + zero
             z4 = _pair((-(4.0 + z * 0.0625)).to(tl.float16))[None, :] + zero
             s16 = _pair((s.to(tl.float32) * 16.0).to(tl.float16))[None, :] + zero
-            return _half2_dot_late(w, z64, z4, s16, xs[0], xs[1], xs[2], xs[3], ASM)
+            return _half2_dot(w, z64, z4, s16, xs[0], xs[1], xs[2], xs[3], LATE, ASM)
         z1024 = _pair((z + 1024.0).to(tl.float16))[None, :] + zero
         z64 = _pair((-(z + 64.0)).to(tl.float16))[None, :] + zero
         s2 = _pair(s.to(tl.float16))[None, :] + zero
-        return _half2_dot(w, z1024, z64, s2, xs[0], xs[1], xs[2], xs[3], ASM)
+        return _half2_dot(w, z1024, z64, s2, xs[0], xs[1], xs[2], xs[3], LATE, ASM)
 
     @triton.jit
     def _fp32_group(x_ptr, w, s, z, g, GROUP: tl.constexpr, ASM: tl.constexpr):
@@ -446,7 +428,7 @@ if triton is not None:
         PDL: tl.constexpr = False,
     ):
         """One row. With `HALF2` (fp16 activations) x comes as int32 pairs and each int32 of
-        weights is one `_half2_dot` (or `_half2_dot_late`); otherwise fp32 arithmetic, three
+        weights is one `_half2_dot`; otherwise fp32 arithmetic, three
         instructions a weight. With `TILES` = 2 a program takes two tiles of `BLOCK_N` columns
         over the same rows, so each thread's x pairs serve twice the weights. With `PDL`
         (launched as a programmatic dependent launch) the first group's weights, which no
