@@ -300,6 +300,26 @@ def test_auto_on_cuda_has_fallbacks_in_float16() -> None:
     assert runtime.dtype == torch.float16
 
 
+def test_auto_loads_the_next_kernel_when_the_triton_kernels_would_not_serve(
+    cuda_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`auto` keeps the `torch` kernel only for loracord's Triton kernels; when they would not
+    serve every layer (here refused on purpose, as for a layer with a bias) the loader loads the
+    next kernel of its order on the GPU, and the model serves through it (ExLlamaV2 for this
+    asymmetric model: no Marlin build)."""
+    from core.model import fast
+    from core.model.kernels import choose_runtime
+    from core.model.loader import describe, load_for_serving
+
+    monkeypatch.setattr(fast, "triton_refusal", lambda layers: "refused for this test")
+    runtime = choose_runtime("cuda", "auto", "auto")
+    model, _tokenizer, seconds = load_for_serving(cuda_model_dir, runtime)
+    info = describe("gpu-test", cuda_model_dir, model, runtime, seconds)
+    assert info.kernel.startswith(("ExllamaV2", "Marlin")), info.kernel
+    del model
+    torch.cuda.empty_cache()
+
+
 async def test_adapters_in_one_batch_on_cuda(cuda_app: App, tmp_path: Path) -> None:
     """Rows on the base model and on two adapters decode together on the GPU; the slots' LoRA
     term equals an fp32 reference computed on the CPU from the same files."""
