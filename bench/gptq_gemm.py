@@ -51,15 +51,16 @@ def cold_copies(nbytes: int, least: int = 256 * 1024**2) -> int:
     return max(1, -(-least // nbytes))
 
 
-def cycle(w: gt.GptqWeights, cold: bool):
+def cycle(w: gt.GptqWeights | torch.Tensor, cold: bool):
     """(a function giving the next of the copies of `w` to call, the number of copies): with
     `cold`, `cold_copies` clones of it (the same products, other memory), else `w` itself."""
-    copies = [w]
-    if cold:
-        copies += [
-            gt.GptqWeights(w.qweight.clone(), w.scales.clone(), w.zeros.clone(), w.group)
-            for _ in range(cold_copies(w.nbytes) - 1)
-        ]
+
+    def clone():
+        if isinstance(w, torch.Tensor):
+            return w.clone()
+        return gt.GptqWeights(w.qweight.clone(), w.scales.clone(), w.zeros.clone(), w.group)
+
+    copies = [w] + ([clone() for _ in range(cold_copies(w.nbytes) - 1)] if cold else [])
     return itertools.cycle(copies).__next__, len(copies)
 
 
@@ -160,34 +161,26 @@ def main() -> None:
         w = random_weights(k, n)
         dense = gt.dequantize(w).half()
         next_w, copies = cycle(w, args.cold)
+        next_dense, _ = cycle(dense, args.cold)  # (fewer copies than of the 4-bit matrix)
         calls = max(20, copies)
-        denses = [dense] + [dense.clone() for _ in range(cold_copies(dense.nbytes) - 1)]
-        next_dense = itertools.cycle(denses if args.cold else [dense]).__next__
+
+        def product(kind_cfg, x, nw=next_w):
+            kind, cfg = kind_cfg
+            if kind == "gemv":
+                return gt.matmul(x, nw(), gemv_config=cfg, pdl=args.pdl).float()
+            return gt.matmul(x, nw(), gemm_config=cfg, gemv_rows=0).float()
+
         for rows in [int(r) for r in args.rows.split(",")]:
             x = torch.randn(rows, k, device="cuda", dtype=torch.float16)
             ref = x.float() @ dense.float()
             cublas = graph_time(lambda x=x, nd=next_dense: x @ nd(), calls)
-            best = None
-            for kind, cfg in configs(rows, stages):
-                if kind == "gemv":
-                    kwargs = {"gemv_config": cfg, "pdl": args.pdl}
-                else:
-                    kwargs = {"gemm_config": cfg, "gemv_rows": 0}
-                try:
-                    got = gt.matmul(x, w, **kwargs).float()
-                    seconds = graph_time(
-                        lambda x=x, kw=kwargs, nw=next_w: gt.matmul(x, nw(), **kw), calls
-                    )
-                except Exception as e:  # a config the compiler refuses (registers, shared memory)
-                    print(f"  {name} rows={rows} {cfg}: {type(e).__name__}", file=sys.stderr)
-                    continue
-                error = float((got - ref).abs().max() / ref.abs().max())
-                if error > 2e-3:  # named, and never chosen
-                    print(f"  {name} rows={rows} {cfg}: WRONG ({error:.2e})", file=sys.stderr)
-                    continue
-                if best is None or seconds < best[0]:
-                    best = (seconds, kind, cfg, error)
-            seconds, kind, cfg, error = best
+            best = fastest(
+                configs(rows, stages), lambda kind_cfg, x=x: product(kind_cfg, x), ref, 2e-3, calls
+            )
+            if best is None:
+                print(f"{name} rows {rows}: no configuration ran", file=sys.stderr)
+                continue
+            seconds, (kind, cfg), error = best
             row = {
                 "shape": name, "K": k, "N": n, "rows": rows, "kernel": kind, "config": cfg.__dict__,
                 "us": seconds * 1e6, "cublas_fp16_us": cublas * 1e6, "speedup": cublas / seconds,

@@ -93,6 +93,10 @@ class GemvConfig:
     late: bool = False  # fp16 pairs: the scale once per int32 of weights (`HALF2_DOT_LATE`)
     tiles: int = 1  # tiles of `block_n` columns per program, over the same rows (and x)
 
+    def __post_init__(self) -> None:
+        if self.tiles not in (1, 2):
+            raise ValueError(f"a GEMV program takes 1 or 2 tiles of columns, not {self.tiles}")
+
 
 @dataclass(frozen=True)
 class GemmConfig:
@@ -380,13 +384,39 @@ if triton is not None:
         return ((w & mask) | 0x4B000000).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _gemv_loads(w_ptrs, s_ptr, z_ptr, g, n, n_ok, stride_w, stride_s, P: tl.constexpr):
+    def _wait_if(PDL: tl.constexpr):
+        """In a kernel launched as a programmatic dependent launch (it may start while the
+        kernel before it still runs): wait until the kernels before have finished and their
+        writes are visible, then let the next kernel launch. Every kernel of the decode step
+        waits before it reads what an earlier one wrote or writes anything, so none overtakes
+        another."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+
+    @triton.jit
+    def _tile_loads(w_ptrs, s_ptr, z_ptr, g, n, n_ok, stride_w, stride_s, P: tl.constexpr):
         """Group g's int32s of weights `[P, BLOCK_N]`, scales and zero points (fp32) of the
         columns `n`."""
         w = tl.load(w_ptrs + g * P * stride_w, mask=n_ok[None, :], other=0)
         s = tl.load(s_ptr + g * stride_s + n, mask=n_ok, other=0)
         z = tl.load(z_ptr + g * stride_s + n, mask=n_ok, other=0).to(tl.float32)
         return w, s, z
+
+    @triton.jit
+    def _gemv_loads(
+        w_ptrs, s_ptr, z_ptr, g, n, n_ok, nb, nb_ok, stride_w, stride_s,
+        P: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr,
+    ):  # fmt: skip
+        """`_tile_loads` of group g for the first tile of columns and, with two tiles, the
+        second (else the first's again, unused)."""
+        w, s, z = _tile_loads(w_ptrs, s_ptr, z_ptr, g, n, n_ok, stride_w, stride_s, P)
+        wb, sb, zb = w, s, z
+        if TILES == 2:
+            wb, sb, zb = _tile_loads(
+                w_ptrs + BLOCK_N, s_ptr, z_ptr, g, nb, nb_ok, stride_w, stride_s, P
+            )
+        return w, s, z, wb, sb, zb
 
     @triton.jit
     def _gemv_products(
@@ -447,26 +477,20 @@ if triton is not None:
         acc_b = tl.zeros((P, BLOCK_N), dtype=tl.float32)
         first = pid_k * groups_per_split
         last = tl.minimum(first + groups_per_split, K // GROUP)
-        if PDL:
-            w, s, z = _gemv_loads(w_ptrs, s_ptr, z_ptr, first, n, n_ok, stride_w, stride_s, P)
-            wb, sb, zb = w, s, z
-            if TILES == 2:
-                wb, sb, zb = _gemv_loads(
-                    w_ptrs + BLOCK_N, s_ptr, z_ptr, first, nb, nb_ok, stride_w, stride_s, P
-                )
-            gdc_wait()  # the kernels before have written x (and read what this one writes)
-            gdc_launch_dependents()
+        if PDL:  # the first group's weights before the wait for x (written by the kernel before)
+            w, s, z, wb, sb, zb = _gemv_loads(
+                w_ptrs, s_ptr, z_ptr, first, n, n_ok, nb, nb_ok, stride_w, stride_s, P, BLOCK_N,
+                TILES,
+            )  # fmt: skip
+            _wait_if(PDL)
             acc, acc_b = _gemv_products(
                 acc, acc_b, x_ptr, first, w, s, z, wb, sb, zb, GROUP, HALF2, ASM, LATE, TILES
             )
             first += 1
         for g in tl.range(first, last, num_stages=STAGES):
-            w, s, z = _gemv_loads(w_ptrs, s_ptr, z_ptr, g, n, n_ok, stride_w, stride_s, P)
-            wb, sb, zb = w, s, z
-            if TILES == 2:
-                wb, sb, zb = _gemv_loads(
-                    w_ptrs + BLOCK_N, s_ptr, z_ptr, g, nb, nb_ok, stride_w, stride_s, P
-                )
+            w, s, z, wb, sb, zb = _gemv_loads(
+                w_ptrs, s_ptr, z_ptr, g, n, n_ok, nb, nb_ok, stride_w, stride_s, P, BLOCK_N, TILES
+            )
             acc, acc_b = _gemv_products(
                 acc, acc_b, x_ptr, g, w, s, z, wb, sb, zb, GROUP, HALF2, ASM, LATE, TILES
             )
@@ -613,8 +637,6 @@ def gemv(
         raise ValueError("the GEMV takes one contiguous row")
     split, per = gemv_shares(w, cfg)
     n = w.out_features
-    if cfg.tiles not in (1, 2):
-        raise ValueError(f"a GEMV program takes 1 or 2 tiles of columns, not {cfg.tiles}")
     grid = (triton.cdiv(n, cfg.block_n * cfg.tiles), split)
     half2 = x.dtype == torch.float16 and w.scales.dtype == torch.float16
     if half2 and x.storage_offset() % 2 == 0 and x.shape[1] % 2 == 0:

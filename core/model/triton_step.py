@@ -36,21 +36,10 @@ if TYPE_CHECKING:
     from core.model.fast import Delta, FastDecode
 
 triton, tl = gt.triton, gt.tl
-gdc_wait, gdc_launch_dependents = gt.gdc_wait, gt.gdc_launch_dependents
 
 
 if triton is not None:
-
-    @triton.jit
-    def _wait_if(PDL: tl.constexpr):
-        """In a kernel launched as a programmatic dependent launch (it may start while the
-        kernel before it still runs): wait until the kernels before have finished and their
-        writes are visible, then let the next kernel launch. Every kernel of the step waits
-        before it reads what an earlier one wrote or writes anything, so none overtakes
-        another."""
-        if PDL:
-            gdc_wait()
-            gdc_launch_dependents()
+    _wait_if = gt._wait_if  # (before a dependent launch reads or writes: see there)
 
     @triton.jit
     def _add_rms_norm(
@@ -70,8 +59,7 @@ if triton is not None:
         ok = h < H
         if PDL:  # (the norm's weight, which no kernel writes, is read before the wait)
             w = tl.load(weight_ptr + h, mask=ok, other=0.0)
-            gdc_wait()
-            gdc_launch_dependents()
+            _wait_if(PDL)
         x = tl.load(hidden_ptr + row * H + h, mask=ok, other=0.0).to(tl.float32)
         if SHARES > 0:
             for s in tl.static_range(SHARES):
