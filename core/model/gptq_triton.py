@@ -188,6 +188,23 @@ def dequantize(w: GptqWeights) -> torch.Tensor:
 
 
 if triton is not None:
+    # The four `lop3`s both blocks below begin with (`_nibble_pairs` as Triton operations): from
+    # the int32 $1, fp16 pairs t0 = 1024 + q of values (0, 4), t2 = of (2, 6), and t1, t3 =
+    # 1024 + 16 q of (1, 5) and (3, 7), left in place.
+    NIBBLE_PAIRS = """
+    lop3.b32 t0, $1, 0x000F000F, 0x64006400, 0xEA;
+    lop3.b32 t1, $1, 0x00F000F0, 0x64006400, 0xEA;
+    shr.u32 w8, $1, 8;
+    lop3.b32 t2, w8, 0x000F000F, 0x64006400, 0xEA;
+    lop3.b32 t3, w8, 0x00F000F0, 0x64006400, 0xEA;"""
+    # The two halves of the fp16 pair `a` leave as one fp32, $0.
+    PAIR_SUM = """
+    mov.b32 {lo, hi}, a;
+    cvt.f32.f16 flo, lo;
+    cvt.f32.f16 fhi, hi;
+    add.f32 $0, flo, fhi;
+    }
+    """
     # One int32 of `qweight` (eight 4-bit values of consecutive k) times its eight inputs, in
     # fp16 pairs as Marlin and ExLlama compute: `lop3` puts two values into the mantissas of
     # an fp16 pair read as 1024 + q (or 1024 + 16 q for the odd ones, left in place), one pair
@@ -202,12 +219,9 @@ if triton is not None:
     .reg .b32 t0, t1, t2, t3, w8, a, c16;
     .reg .b16 lo, hi;
     .reg .f32 flo, fhi;
-    mov.b32 c16, 0x2C002C00;
-    lop3.b32 t0, $1, 0x000F000F, 0x64006400, 0xEA;
-    lop3.b32 t1, $1, 0x00F000F0, 0x64006400, 0xEA;
-    shr.u32 w8, $1, 8;
-    lop3.b32 t2, w8, 0x000F000F, 0x64006400, 0xEA;
-    lop3.b32 t3, w8, 0x00F000F0, 0x64006400, 0xEA;
+    mov.b32 c16, 0x2C002C00;"""
+        + NIBBLE_PAIRS
+        + """
     sub.f16x2 t0, t0, $2;
     fma.rn.f16x2 t1, t1, c16, $3;
     sub.f16x2 t2, t2, $2;
@@ -219,13 +233,8 @@ if triton is not None:
     mul.rn.f16x2 a, t0, $5;
     fma.rn.f16x2 a, t1, $6, a;
     fma.rn.f16x2 a, t2, $7, a;
-    fma.rn.f16x2 a, t3, $8, a;
-    mov.b32 {lo, hi}, a;
-    cvt.f32.f16 flo, lo;
-    cvt.f32.f16 fhi, hi;
-    add.f32 $0, flo, fhi;
-    }
-    """
+    fma.rn.f16x2 a, t3, $8, a;"""
+        + PAIR_SUM
     )
 
     # `HALF2_DOT` with the scale applied once per int32 instead of once per weight pair: each
@@ -243,12 +252,9 @@ if triton is not None:
     .reg .b16 lo, hi;
     .reg .f32 flo, fhi;
     mov.b32 c16, 0x2C002C00;
-    mov.b32 c256, 0x1C001C00;
-    lop3.b32 t0, $1, 0x000F000F, 0x64006400, 0xEA;
-    lop3.b32 t1, $1, 0x00F000F0, 0x64006400, 0xEA;
-    shr.u32 w8, $1, 8;
-    lop3.b32 t2, w8, 0x000F000F, 0x64006400, 0xEA;
-    lop3.b32 t3, w8, 0x00F000F0, 0x64006400, 0xEA;
+    mov.b32 c256, 0x1C001C00;"""
+        + NIBBLE_PAIRS
+        + """
     fma.rn.f16x2 t0, t0, c16, $2;
     fma.rn.f16x2 t1, t1, c256, $3;
     fma.rn.f16x2 t2, t2, c16, $2;
@@ -257,13 +263,8 @@ if triton is not None:
     fma.rn.f16x2 a, t1, $6, a;
     fma.rn.f16x2 a, t2, $7, a;
     fma.rn.f16x2 a, t3, $8, a;
-    mul.rn.f16x2 a, a, $4;
-    mov.b32 {lo, hi}, a;
-    cvt.f32.f16 flo, lo;
-    cvt.f32.f16 fhi, hi;
-    add.f32 $0, flo, fhi;
-    }
-    """
+    mul.rn.f16x2 a, a, $4;"""
+        + PAIR_SUM
     )
 
     @triton.jit
