@@ -123,9 +123,7 @@ class App:
 def locate_model(settings: Settings, *, retry_build: bool = False) -> ResolvedModel:
     """Resolve the `model` setting to a local GPTQ folder (builds the embedded model once;
     `retry_build` tries again after a build that failed its quality gate)."""
-    return resolve(
-        settings.model, settings.cache_dir, settings.embedded_group_size, retry_build=retry_build
-    )
+    return resolve(settings.model, settings.cache_dir, retry_build=retry_build)
 
 
 def build_registry(settings: Settings) -> Registry:

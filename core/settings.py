@@ -165,7 +165,6 @@ class Settings(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     kernel: str = "auto"
-    embedded_group_size: Literal[32, 64] = 32
     threads: int | None = Field(default=None, ge=1)
 
     data_dir: Path = Field(default_factory=_default_data_dir)

@@ -50,11 +50,12 @@ def test_dequantize_follows_the_gptq_formula(bits: int, v1: bool) -> None:
 
 def test_the_embedded_model_reads_as_gptqmodel_dequantizes_it(embedded_model_dir: Path) -> None:
     """Layer for layer the same weights as GPTQModel's trainable kernel computes (which rounds
-    its product to the fp16 of the scales: agreement within fp16's precision), and the same
-    next-token logits."""
+    its product to the fp16 of the scales: agreement within fp16's precision) plus the layer's
+    zero-point residual, and the same next-token logits."""
     from transformers import AutoModelForCausalLM, GPTQConfig
 
     from core.model.loader import quant_layers
+    from core.model.residuals import attach, residual_of
 
     quant = read_quantization(embedded_model_dir)
     dense = dense_model(embedded_model_dir, quant, torch.float32)
@@ -64,12 +65,14 @@ def test_the_embedded_model_reads_as_gptqmodel_dequantizes_it(embedded_model_dir
         dtype=torch.float32,
         device_map="cpu",
     )
+    assert attach(kernel, embedded_model_dir) == 7 * kernel.config.num_hidden_layers
     kernel.train()  # the kernel's training format is what it dequantizes
     names = {id(m): name for name, m in kernel.named_modules()}
     layers = quant_layers(kernel)
     assert len(layers) == 7 * kernel.config.num_hidden_layers
     for layer in layers:
-        theirs = layer.dequantize_weight(num_itr=1).t().float()
+        residual = residual_of(layer)[layer.g_idx.long()]  # [in, out]
+        theirs = (layer.dequantize_weight(num_itr=1).float() + residual).t()
         mine = dense.get_submodule(names[id(layer)]).weight
         assert not isinstance(dense.get_submodule(names[id(layer)]), type(layer))
         torch.testing.assert_close(mine, theirs, rtol=1e-3, atol=1e-4)

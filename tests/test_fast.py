@@ -225,8 +225,9 @@ def test_served_bf16_fast_path_is_as_close_to_fp32_as_the_plain_path(
     near-tied tokens may flip between them; what must hold is that it is as faithful. Fed the
     same tokens (the fp32 model's greedy answers, teacher-forced), with the same adapters: its
     logits stay as close to fp32's as the plain bf16 path's (mean max-difference within 1.5x),
-    its top-1 agreement with fp32 within 5 points of the plain path's, and rows decoding
-    together (out of order, on different adapters) each read their own cache and adapter."""
+    its top-1 agreement with fp32 where fp32 decides within 5 points of the plain path's, and
+    rows decoding together (out of order, on different adapters) each read their own cache and
+    adapter."""
     tokenizer = loaded[1]
     assert served.fast is not None and served.fast.kind == EXPECTED_NATIVE
     prompts = [_ids(tokenizer, text) for text in PROMPTS[: len(rows)]]
@@ -260,14 +261,22 @@ def test_served_bf16_fast_path_is_as_close_to_fp32_as_the_plain_path(
     def error(x: torch.Tensor) -> float:
         return float((x - reference).abs().amax(-1).mean())
 
+    # Tokens fp32 itself barely prefers (its top two within half a logit; the random adapters
+    # make many) flip with any rounding, the plain path's as well: measured on 3 rows x 23
+    # steps, every disagreement of either path was one of them. Agreement is counted where
+    # fp32 decides.
+    top2 = reference.topk(2, dim=-1).values
+    decided = top2[..., 0] - top2[..., 1] > 0.5
+
     def agreement(x: torch.Tensor) -> float:
-        return float((x.argmax(-1) == reference.argmax(-1)).float().mean())
+        return float((x.argmax(-1) == reference.argmax(-1))[decided].float().mean())
 
     print(
         f"rows {rows} slots {slots}: error plain {error(plain):.3f} served {error(got):.3f}, "
         f"agreement plain {agreement(plain):.3f} served {agreement(got):.3f}"
     )
     assert error(got) <= 1.5 * error(plain), (error(got), error(plain))
+    assert int(decided.sum()) >= decided.numel() // 3
     assert agreement(got) >= agreement(plain) - 0.05, (agreement(got), agreement(plain))
     if any(slots):  # the adapters move the served step's logits far more than rounding does
         without = forced(served, True, [0] * len(rows))
@@ -373,13 +382,15 @@ def test_a_build_lock_left_by_a_killed_process_does_not_stall_the_next_load(
 
 
 def test_the_cpp_step_refuses_a_row_or_position_outside_the_cache(served: BatchModel) -> None:
-    """The C++ loops index the cache without checks: a bad row or position is refused first."""
+    """The C++ loops index the cache and the residuals without checks: a bad row or position,
+    or residuals of the wrong number or shape, are refused first."""
     fast = served.fast
     assert fast is not None and fast.native is not None
     native = fast.native
     hidden = served.embed(torch.tensor([1]))
+    assert len(native.residuals) == 4 * len(served.layers)  # the embedded build has them
 
-    def call(row: int, position: int) -> Any:
+    def call(row: int, position: int, residuals: list[torch.Tensor] | None = None) -> Any:
         return native.module.decode_layers(
             hidden,
             native.weights,
@@ -397,11 +408,16 @@ def test_the_cpp_step_refuses_a_row_or_position_outside_the_cache(served: BatchM
             [],
             [],
             [],
+            native.residuals if residuals is None else residuals,
         )
 
     for row, position in ((0, served.cache.context), (served.cache.rows, 0), (-1, 0)):
         with pytest.raises(RuntimeError, match="outside the cache"):
             call(row, position)
+    with pytest.raises(RuntimeError, match="residuals of qkv, o, gate_up, down per layer"):
+        call(0, 0, native.residuals[:-1])
+    with pytest.raises(RuntimeError, match="qkv residual shape"):
+        call(0, 0, [torch.zeros(3, 5), *native.residuals[1:]])
     assert call(0, 0).shape == hidden.shape
 
 

@@ -63,7 +63,7 @@ def test_build_records_its_gate(embedded_model_dir: Path) -> None:
     manifest = json.loads((embedded_model_dir / "loracord-build.json").read_text())
     assert manifest["gate"]["passed"] is True
     assert manifest["gate"]["top1_agreement"] >= gate.MIN_TOP1_AGREEMENT
-    assert manifest["recipe"]["calibration"] == "chat+quotes"
+    assert manifest["recipe"]["method"] == "q4_1"
     assert manifest["weights_sha256"] and len(manifest["weights_sha256"]) == 64
 
 
@@ -77,7 +77,7 @@ def test_gate_refuses_a_quote_only_build(
     build.dequantized_dir(cache).symlink_to(dequantized_model_dir)
     # The recipe loracord shipped before the gate: quotes only, symmetric, group size 32.
     quotes_only = build.Recipe(calibration="quotes", sym=True, group_size=32, damp_percent=0.05)
-    monkeypatch.setattr(build, "recipes", lambda group_size=32: (quotes_only,))
+    monkeypatch.setattr(build, "recipes", lambda: (quotes_only,))
     with pytest.raises(ModelError) as refused:
         build.ensure_embedded(cache)
     message = str(refused.value)

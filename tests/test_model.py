@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -175,17 +174,11 @@ def test_interrupted_build_leaves_nothing_visible(
         shutil.copy(f, fp_dir)
     (fp_dir / "loracord-build.json").write_text("{}")
 
-    class KilledWhileSaving:
-        config = SimpleNamespace(quantization_config=SimpleNamespace(dataset=[]))
+    def killed_while_saving(gguf: Path, fp_dir: Path, folder: Path) -> None:
+        (folder / "model.safetensors").write_bytes(b"half a model")
+        raise KeyboardInterrupt
 
-        def save_pretrained(self, path: Path) -> None:
-            (Path(path) / "model.safetensors").write_bytes(b"half a model")
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(build, "_calibration_dataset", lambda fp_dir, recipe: [])
-    monkeypatch.setattr(
-        "transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: KilledWhileSaving()
-    )
+    monkeypatch.setattr("core.model.q4_1.write_checkpoint", killed_while_saving)
     with pytest.raises(KeyboardInterrupt):
         build.ensure_embedded(cache)
     left = sorted(p.name for p in (cache / "models").iterdir())

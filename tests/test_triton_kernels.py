@@ -259,6 +259,11 @@ def _check_whole_step(torch, tokenizer_dir: Path, work: Path) -> None:
     layers[3].bias = torch.zeros(layers[3].out_features, dtype=torch.float16)
     assert "TorchLinear layers here (it has a bias)" in triton_refusal(layers)
     layers[3].bias = None
+    # zero-point residuals (the embedded build's): the fp16-pair GEMV cannot fold them in
+    groups = layers[3].in_features // layers[3].group_size
+    layers[3].loracord_residual = torch.zeros(groups, layers[3].out_features)
+    assert "(it has zero-point residuals)" in triton_refusal(layers)
+    layers[3].loracord_residual = None
     batch = BatchModel(model, 2, 32, adapter_slots=2, adapter_max_rank=8)
     assert "Triton step" in batch.decode_path, batch.decode_path
     shapes = BaseShapes.of_model(folder)

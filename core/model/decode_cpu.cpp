@@ -91,6 +91,34 @@ void add_lora(const bf16* x, int64_t in, bf16* y, int64_t y_stride, int64_t offs
   }
 }
 
+// Zero-point residuals (core/model/residuals.py): y[r] += group_sums(x[r]) @ R, with R fp32
+// [groups, out] and the term rounded to bf16 before the add, as the eager step adds it. An
+// empty R adds nothing.
+void add_residual(const bf16* x, int64_t n, int64_t in, bf16* y, const at::Tensor& residual) {
+  if (residual.numel() == 0) return;
+  const int64_t groups = residual.size(0), out = residual.size(1), group = in / groups;
+  const float* rp = residual.data_ptr<float>();
+  std::vector<float> sums(groups), acc(out);
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t g = 0; g < groups; ++g) {
+      float sum = 0.f;
+      for (int64_t i = 0; i < group; ++i) sum += static_cast<float>(x[r * in + g * group + i]);
+      sums[g] = sum;
+    }
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t g = 0; g < groups; ++g) {
+      const float s = sums[g];
+      const float* row = rp + g * out;
+#pragma omp simd
+      for (int64_t o = 0; o < out; ++o) acc[o] += s * row[o];
+    }
+    bf16* yr = y + r * out;
+    for (int64_t o = 0; o < out; ++o) {
+      yr[o] = bf16(static_cast<float>(yr[o]) + static_cast<float>(bf16(acc[o])));
+    }
+  }
+}
+
 }  // namespace
 
 // hidden [n, d] bf16 (the embedded tokens), updated through every layer and returned.
@@ -103,7 +131,8 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& weigh
                          const std::vector<int64_t>& positions, int64_t heads, int64_t kv_heads,
                          int64_t head_dim, double eps, int64_t group,
                          const std::vector<at::Tensor>& lora_a, const std::vector<at::Tensor>& lora_b,
-                         const std::vector<int64_t>& slots) {
+                         const std::vector<int64_t>& slots,
+                         const std::vector<at::Tensor>& residuals) {
   at::NoGradGuard no_grad;
   const int64_t n = hidden.size(0), d = hidden.size(1);
   const int64_t layers = static_cast<int64_t>(keys.size());
@@ -133,6 +162,18 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& weigh
       TORCH_CHECK(slots[r] >= 0 && slots[r] < lora_a[0].size(0), "decode_layers: slot out of range");
     }
   }
+  // Zero-point residuals of qkv, o, gate_up and down per layer (empty: none), or none at all.
+  const bool residual = !residuals.empty();
+  if (residual) {
+    TORCH_CHECK(static_cast<int64_t>(residuals.size()) == 4 * layers,
+                "decode_layers: residuals of qkv, o, gate_up, down per layer");
+    for (int64_t i = 0; i < 4 * layers; ++i) {
+      const auto& r = residuals[i];
+      TORCH_CHECK(r.numel() == 0 || (r.scalar_type() == at::kFloat && r.is_contiguous() &&
+                                     r.dim() == 2 && r.size(0) > 0),
+                  "decode_layers: fp32 residuals [groups, out]");
+    }
+  }
   for (int64_t l = 0; l < layers; ++l) {
     TORCH_CHECK(keys[l].scalar_type() == at::kFloat && values[l].scalar_type() == at::kFloat &&
                     keys[l].is_contiguous() && values[l].is_contiguous() &&
@@ -158,6 +199,12 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& weigh
     auto x = rms_norm(hidden, w[0], eps);
     auto qkv = gemm(x, w[1], w[2], w[3], group);
     const int64_t width = qkv.size(1);
+    if (residual) {
+      TORCH_CHECK(residuals[4 * l].numel() == 0 || (residuals[4 * l].size(1) == width &&
+                                                    d % residuals[4 * l].size(0) == 0),
+                  "decode_layers: qkv residual shape");
+      add_residual(x.data_ptr<bf16>(), n, d, qkv.data_ptr<bf16>(), residuals[4 * l]);
+    }
     if (lora) {
       const bf16* xp = x.data_ptr<bf16>();
       bf16* yp = qkv.data_ptr<bf16>();
@@ -230,6 +277,12 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& weigh
       }
     }
     auto o = gemm(attention, w[4], w[5], w[6], group);
+    if (residual) {
+      TORCH_CHECK(residuals[4 * l + 1].numel() == 0 ||
+                      (residuals[4 * l + 1].size(1) == d && q_width % residuals[4 * l + 1].size(0) == 0),
+                  "decode_layers: o residual shape");
+      add_residual(attention.data_ptr<bf16>(), n, q_width, o.data_ptr<bf16>(), residuals[4 * l + 1]);
+    }
     if (lora) {
       add_lora(attention.data_ptr<bf16>(), q_width, o.data_ptr<bf16>(), d, 0, lora_a[4 * l + 3],
                lora_b[4 * l + 3], slots);
@@ -237,8 +290,15 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& weigh
     bf16* hp = hidden.data_ptr<bf16>();
     const bf16* op = o.data_ptr<bf16>();
     for (int64_t i = 0; i < n * d; ++i) hp[i] = bf16(static_cast<float>(hp[i]) + static_cast<float>(op[i]));
-    auto gu = gemm(rms_norm(hidden, w[7], eps), w[8], w[9], w[10], group);
+    auto x2 = rms_norm(hidden, w[7], eps);
+    auto gu = gemm(x2, w[8], w[9], w[10], group);
     const int64_t inner = gu.size(1) / 2;
+    if (residual) {
+      TORCH_CHECK(residuals[4 * l + 2].numel() == 0 ||
+                      (residuals[4 * l + 2].size(1) == gu.size(1) && d % residuals[4 * l + 2].size(0) == 0),
+                  "decode_layers: gate_up residual shape");
+      add_residual(x2.data_ptr<bf16>(), n, d, gu.data_ptr<bf16>(), residuals[4 * l + 2]);
+    }
     auto act = at::empty({n, inner}, hidden.options());
     const bf16* gp = gu.data_ptr<bf16>();
     bf16* actp = act.data_ptr<bf16>();
@@ -251,6 +311,12 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& weigh
       }
     }
     auto down = gemm(act, w[11], w[12], w[13], group);
+    if (residual) {
+      TORCH_CHECK(residuals[4 * l + 3].numel() == 0 ||
+                      (residuals[4 * l + 3].size(1) == d && inner % residuals[4 * l + 3].size(0) == 0),
+                  "decode_layers: down residual shape");
+      add_residual(act.data_ptr<bf16>(), n, inner, down.data_ptr<bf16>(), residuals[4 * l + 3]);
+    }
     const bf16* dp = down.data_ptr<bf16>();
     for (int64_t i = 0; i < n * d; ++i) hp[i] = bf16(static_cast<float>(hp[i]) + static_cast<float>(dp[i]));
   }

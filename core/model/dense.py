@@ -8,11 +8,12 @@ out]` (int32 words, `32 / bits` codes each, lowest bits first, packed along `in`
     W[o, i] = scales[g_idx[i], o] * (q[i, o] - z[g_idx[i], o])
 
 where the zero points are stored as they are (`checkpoint_format` "gptq_v2") or minus one (the
-older "gptq" format, so one is added back). GPTQModel's trainable kernels compute exactly this on
-every call; the trainer wants it once. Reading it here, from the safetensors file, skips loading
-the checkpoint through GPTQModel first: its kernels keep their packed buffers and workspaces
-alive beside the dense copy (measured: +574 MiB on the embedded model in bf16, where the dense
-weights are 256 MiB).
+older "gptq" format, so one is added back), plus the layer's zero-point residual
+`r[g_idx[i], o]` where the checkpoint has them (`core.model.residuals`). GPTQModel's trainable
+kernels compute the first part on every call; the trainer wants it once. Reading it here, from
+the safetensors file, skips loading the checkpoint through GPTQModel first: its kernels keep
+their packed buffers and workspaces alive beside the dense copy (measured: +574 MiB on the
+embedded model in bf16, where the dense weights are 256 MiB).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from core.errors import ModelError
+from core.model.residuals import RESIDUALS_FILE
 
 QUANT_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
 
@@ -42,12 +44,17 @@ def v1_zeros(quant: dict[str, Any]) -> bool:
     return _checkpoint_format(quant) == "gptq"
 
 
+def weight_files(path: Path) -> list[Path]:
+    """The checkpoint's safetensors files of weights (not its zero-point residuals)."""
+    return [f for f in sorted(path.glob("*.safetensors")) if f.name != RESIDUALS_FILE]
+
+
 def dense_parameters(path: Path, quant: dict[str, Any]) -> int:
     """How many weights the checkpoint's GPTQ layers hold once dense, from the files' headers
     alone (each `qweight [in * bits / 32, out]`)."""
     per_word = 32 // int(quant["bits"])
     total = 0
-    for file in sorted(path.glob("*.safetensors")):
+    for file in weight_files(path):
         with _Tensors(file) as f:
             for name in f.names:
                 if name.endswith(".qweight"):
@@ -104,7 +111,7 @@ def dense_model(path: Path, quant: dict[str, Any], dtype: Any) -> Any:
         raise ModelError(f"cannot read a {quant.get('bits')}-bit checkpoint densely")
     bits = int(quant["bits"])
     old_zeros = v1_zeros(quant)
-    files = sorted(path.glob("*.safetensors"))
+    files = weight_files(path)
     if not files:
         raise ModelError(f"{path} has no safetensors weights")
     config = AutoConfig.from_pretrained(path)
@@ -114,6 +121,10 @@ def dense_model(path: Path, quant: dict[str, Any], dtype: Any) -> Any:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     state: dict[str, Any] = {}
     try:
+        residuals: dict[str, Any] = {}
+        if (path / RESIDUALS_FILE).is_file():
+            with _Tensors(path / RESIDUALS_FILE) as f:
+                residuals = {name: f.read(name) for name in f.names}
         for file in files:
             with _Tensors(file) as f:
                 for name in sorted(f.names):
@@ -123,11 +134,16 @@ def dense_model(path: Path, quant: dict[str, Any], dtype: Any) -> Any:
                         prefix = name[: -len(".qweight")]
                         parts = [f.read(prefix + s) for s in QUANT_SUFFIXES]
                         weight = dequantize(*parts, bits=bits, v1_zeros=old_zeros)
+                        residual = residuals.pop(prefix, None)
+                        if residual is not None:  # [groups, out] by input channel's group
+                            weight = weight + residual.float()[parts[3].long()].t()
                         state[prefix + ".weight"] = weight.to(dtype).contiguous()
                     else:
                         state[name] = f.read(name).to(dtype)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelError(f"the model's weights in {path} cannot be read: {e}") from None
+    if residuals:
+        raise ModelError(f"{RESIDUALS_FILE} in {path} names layers it does not have")
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     state.clear()
     if getattr(config, "tie_word_embeddings", False):

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from core.errors import first_line
+from core.model.residuals import correction, residual_of
 from core.model.scheduler import Segment
 
 if TYPE_CHECKING:
@@ -57,6 +58,9 @@ class Projection:
         self.sizes = [int(m.out_features) for m in modules]
         self.kind = "modules"
         self.packed: tuple[torch.Tensor, ...] = ()
+        # fp32 zero-point residuals `[groups, sum(out)]` the fused product adds itself
+        # (`core.model.residuals`); None when the checkpoint has none or the product holds them
+        self.residual: torch.Tensor | None = None
         self.triton: Any = None  # GptqWeights of the fused Triton product
         self.group = 0
         self.bias: torch.Tensor | None = None
@@ -130,7 +134,30 @@ class Projection:
         self.kind = "avx512"
         self.packed = (qweight, qzeros, scales)  # for the C++ step
         self.group = group
-        self._call = lambda x: kernel(x.contiguous(), qweight, qzeros, scales, group, bias)
+        self.residual = self._residuals()
+        residual = self.residual
+        if residual is None:
+            self._call = lambda x: kernel(x.contiguous(), qweight, qzeros, scales, group, bias)
+            return
+
+        def call(x: torch.Tensor) -> torch.Tensor:
+            out = kernel(x.contiguous(), qweight, qzeros, scales, group, bias)
+            return out + correction(x, residual).to(out.dtype)  # as the modules' hooks add it
+
+        self._call = call
+
+    def _residuals(self) -> torch.Tensor | None:
+        """The modules' zero-point residuals side by side (zeros for a module without), or
+        None when none has any."""
+        found = [residual_of(m) for m in self.modules]
+        if all(r is None for r in found):
+            return None
+        groups = next(r for r in found if r is not None).shape[0]
+        parts = [
+            r if r is not None else torch.zeros(groups, size, device=self.modules[0].qweight.device)
+            for r, size in zip(found, self.sizes, strict=True)
+        ]
+        return torch.cat(parts, dim=1).contiguous()
 
     def _fuse_triton(self) -> None:
         """GPTQModel's `torch` kernel on CUDA keeps the checkpoint's layout, which the Triton
@@ -186,7 +213,9 @@ _TRITON_CHECKED: dict[str, str | None] = {}
 
 def triton_takes_module(module: Any) -> bool:
     """Whether loracord's Triton kernels serve this GPTQModel `torch`-kernel module: on a
-    device they run on, 4 bits, no bias, a group size they take, no act-order."""
+    device they run on, 4 bits, no bias, a group size they take, no act-order, no zero-point
+    residuals (`core.model.residuals`: the fp16-pair GEMV subtracts its zero points at a
+    magnitude where fp16 holds whole numbers only, so it cannot fold them in)."""
     from core.model import gptq_triton as gt
 
     return (
@@ -196,6 +225,7 @@ def triton_takes_module(module: Any) -> bool:
         and getattr(module, "bias", None) is None
         and gt.supported_group(int(module.group_size), int(module.in_features))
         and _trivial_g_idx(module)
+        and residual_of(module) is None
     )
 
 
@@ -220,8 +250,12 @@ def triton_refusal(layers: list[Any]) -> str | None:
         return "no GPTQ layers"
     for layer in layers:
         if not triton_takes_module(layer):
-            bias = getattr(layer, "bias", None) is not None
-            why = "it has a bias" if bias else "its device, bits, group size or act-order"
+            if getattr(layer, "bias", None) is not None:
+                why = "it has a bias"
+            elif residual_of(layer) is not None:
+                why = "it has zero-point residuals"
+            else:
+                why = "its device, bits, group size or act-order"
             return f"they do not take {type(layer).__name__} layers here ({why})"
     return triton_check(torch_kernel_weights(layers[0]))
 
@@ -340,6 +374,13 @@ class _NativeLayers:
                 for target in ("q_proj", "k_proj", "v_proj", "o_proj"):
                     self.lora_a.append(batch.lora.a[index, target])
                     self.lora_b.append(batch.lora.b[index, target])
+        # zero-point residuals of qkv, o, gate_up and down of every layer (an empty tensor for
+        # a product without), or none at all
+        self.residuals: list[torch.Tensor] = []
+        projections = [p for x in fast.layers for p in (x.qkv, x.o, x.gate_up, x.down)]
+        if any(p.residual is not None for p in projections):
+            none = torch.empty(0)
+            self.residuals = [none if p.residual is None else p.residual for p in projections]
         self.weights: list[torch.Tensor] = []
         for hf, layer in zip(batch.layers, fast.layers, strict=True):
             self.weights += [
@@ -399,6 +440,7 @@ class _NativeLayers:
             self.lora_a,
             self.lora_b,
             [s.slot for s in segments] if any(s.slot for s in segments) else [],
+            self.residuals,
         )
         return batch.lm_head(fast.norm(hidden))
 

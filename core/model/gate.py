@@ -26,10 +26,10 @@ from core.model.fidelity import (
 
 log = logging.getLogger(__name__)
 
-# The target was 90%; the best 4-bit recipes measured 86-87% on this 135M model (BENCHMARKS.md),
-# so the gate sits where it refuses the builds that broke chat (74-78%) with a margin for the
-# differences between machines' builds.
-MIN_TOP1_AGREEMENT = 0.82
+# The embedded build holds the reference's own weights (`core.model.q4_1`) and measured 96.6%
+# served in bf16, where serving the fp32 weights in bf16 measured 97.5%; GPTQ re-quantizations
+# measured 74-86% (BENCHMARKS.md). 90% refuses all of those with room for machines' rounding.
+MIN_TOP1_AGREEMENT = 0.90
 MAX_PERPLEXITY_RATIO = 1.20
 REFERENCE_ANSWER_TOKENS = 48
 

@@ -52,14 +52,12 @@ def read_quantization(path: Path) -> dict[str, Any]:
     return quant
 
 
-def resolve(
-    model: str, cache_dir: Path, embedded_group_size: int = 32, *, retry_build: bool = False
-) -> ResolvedModel:
+def resolve(model: str, cache_dir: Path, *, retry_build: bool = False) -> ResolvedModel:
     """Turn the `model` setting into a local GPTQ checkpoint folder, building or fetching it."""
     if model == "embedded":
         from core.model.build import ensure_embedded
 
-        path = ensure_embedded(cache_dir, embedded_group_size, retry=retry_build)
+        path = ensure_embedded(cache_dir, retry=retry_build)
         return ResolvedModel(path, "embedded", "SmolLM2-135M-Instruct (embedded)")
     folder = Path(model).expanduser()
     if folder.is_dir():

@@ -152,6 +152,8 @@ def load(job: TrainJob) -> Loaded:
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
 
+    from core.model.residuals import attach as attach_residuals
+
     path = Path(job.model_dir)
     if not path.is_dir():
         raise TrainingError(f"the model folder {path} does not exist")
@@ -172,6 +174,7 @@ def load(job: TrainJob) -> Loaded:
             dtype=getattr(torch, load_dtype),
             device_map=job.device,
         )
+        attach_residuals(base, path)  # the checkpoint's whole weights, as served
         if not _dequantize_once_if_small(base, getattr(torch, dtype)):
             dtype = load_dtype  # too big to hold dense: it trains through the kernel as loaded
             if job.device == "cuda":
@@ -265,6 +268,7 @@ def _dequantize_once_if_small(model: Any, dtype: Any) -> bool:
     import torch
 
     from core.model.loader import quant_layers
+    from core.model.residuals import detach as detach_residual
 
     layers = quant_layers(model)
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -277,6 +281,9 @@ def _dequantize_once_if_small(model: Any, dtype: Any) -> bool:
     with torch.no_grad():
         for layer in layers:
             weight = layer.dequantize_weight(num_itr=layer.g_idx.shape[0] // layer.in_features)
+            residual = detach_residual(layer)
+            if residual is not None:  # [in, out]: each input channel its group's residual
+                weight = weight.float() + residual[layer.g_idx.long()]
             dense = torch.nn.Linear(
                 layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta"
             )
