@@ -250,7 +250,7 @@ def _build_first_passing(
         tried.append(f"recipe {index}: {result.summary()}")
     message = (
         "the embedded model could not be built to quality on this machine "
-        f"({'; '.join(tried)}); nothing is served. Run `loracord model build -v` to try "
+        f"({'; '.join(tried)}); nothing is served. Run `loracord -v model build` to try "
         "again, or set `model` to a GPTQ checkpoint"
     )
     failure.write_text(json.dumps({"message": message}), encoding="utf-8")

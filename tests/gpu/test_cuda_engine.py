@@ -320,6 +320,66 @@ def test_auto_loads_the_next_kernel_when_the_triton_kernels_would_not_serve(
     torch.cuda.empty_cache()
 
 
+def test_zero_point_residuals_are_served_on_cuda(cuda_model_dir: Path, tmp_path: Path) -> None:
+    """A checkpoint with zero-point residuals (as the embedded build has) under `auto`: the
+    Triton kernels refuse it (their GEMV cannot fold them in), the next kernel serves it, and
+    the residual term is in every path: the served logits, plain and through the fast step's
+    CUDA graphs, match the checkpoint's whole weights read densely in fp32 on the CPU, and
+    differ from them without the residuals by far more."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from core.model.batch import BatchModel
+    from core.model.dense import dense_model
+    from core.model.kernels import choose_runtime
+    from core.model.loader import describe, load_for_serving
+    from core.model.residuals import RESIDUALS_FILE
+    from core.model.scheduler import Segment
+    from core.model.source import read_quantization
+
+    folder = tmp_path / "with-residuals"
+    folder.mkdir()
+    for file in cuda_model_dir.iterdir():
+        if file.is_file():
+            (folder / file.name).symlink_to(file)
+    gen = torch.Generator().manual_seed(0)
+    residuals = {}
+    with safe_open(str(cuda_model_dir / "model.safetensors"), "pt") as f:
+        for name in f.keys():  # noqa: SIM118 (not a dict)
+            if name.endswith(".scales"):  # up to half a step, as a rounded offset leaves
+                scales = f.get_tensor(name).float()
+                noise = torch.rand(scales.shape, generator=gen) - 0.5
+                residuals[name.removesuffix(".scales")] = (scales * noise).contiguous()
+    save_file(residuals, str(folder / RESIDUALS_FILE))
+
+    runtime = choose_runtime("cuda", "auto", "auto")
+    model, tokenizer, seconds = load_for_serving(folder, runtime)
+    info = describe("gpu-test", folder, model, runtime, seconds)
+    assert info.kernel.startswith(("ExllamaV2", "Marlin")), info.kernel
+    quant = read_quantization(folder)
+    whole = dense_model(folder, quant, torch.float32)
+    without = dense_model(cuda_model_dir, quant, torch.float32)
+    ids = tokenizer("The quick brown fox jumps over the lazy dog.").input_ids
+    with torch.no_grad():
+        want = whole(torch.tensor([ids])).logits[0, -1]
+        apart = float((without(torch.tensor([ids])).logits[0, -1] - want).abs().max())
+        plain = model(torch.tensor([ids], device="cuda")).logits[0, -1].float().cpu()
+    batch = BatchModel(model, 2, 64)
+    assert batch.fast is not None, batch.decode_path  # (graphs where the kernel is captured)
+    batch.plain_step([Segment(0, 0, ids[:-1], True)])
+    for _ in range(2):  # the first step captures the graph, the second replays it
+        stepped = batch.step([Segment(0, len(ids) - 1, ids[-1:], True)]).float().cpu()[0]
+    for got in (plain, stepped):
+        error = float((got - want).abs().max())
+        assert error < 0.25 * apart, (error, apart)
+    print(
+        f"residuals on CUDA ({info.kernel}, {batch.decode_path}): error {error:.3f}, "
+        f"without them {apart:.3f}"
+    )
+    del model, batch
+    torch.cuda.empty_cache()
+
+
 async def test_adapters_in_one_batch_on_cuda(cuda_app: App, tmp_path: Path) -> None:
     """Rows on the base model and on two adapters decode together on the GPU; the slots' LoRA
     term equals an fp32 reference computed on the CPU from the same files."""
