@@ -409,6 +409,7 @@ def test_the_cpp_step_refuses_a_row_or_position_outside_the_cache(served: BatchM
             [],
             [],
             native.residuals if residuals is None else residuals,
+            native.residual_scales,
         )
 
     for row, position in ((0, served.cache.context), (served.cache.rows, 0), (-1, 0)):
@@ -417,7 +418,10 @@ def test_the_cpp_step_refuses_a_row_or_position_outside_the_cache(served: BatchM
     with pytest.raises(RuntimeError, match="residuals of qkv, o, gate_up, down per layer"):
         call(0, 0, native.residuals[:-1])
     with pytest.raises(RuntimeError, match="qkv residual shape"):
-        call(0, 0, [torch.zeros(3, 5), *native.residuals[1:]])
+        width = native.residuals[0].shape[1]  # 5 groups do not divide the 576 inputs
+        call(0, 0, [torch.zeros(5, width, dtype=torch.int8), *native.residuals[1:]])
+    with pytest.raises(RuntimeError, match="int8 residuals"):
+        call(0, 0, [native.residuals[0].float(), *native.residuals[1:]])
     assert call(0, 0).shape == hidden.shape
 
 

@@ -375,12 +375,16 @@ class _NativeLayers:
                     self.lora_a.append(batch.lora.a[index, target])
                     self.lora_b.append(batch.lora.b[index, target])
         # zero-point residuals of qkv, o, gate_up and down of every layer (an empty tensor for
-        # a product without), or none at all
+        # a product without), or none at all: int8 with an fp32 scale per output column, a
+        # quarter of the bytes a step would read for them in fp32 (`_int8_columns`)
         self.residuals: list[torch.Tensor] = []
+        self.residual_scales: list[torch.Tensor] = []
         projections = [p for x in fast.layers for p in (x.qkv, x.o, x.gate_up, x.down)]
         if any(p.residual is not None for p in projections):
-            none = torch.empty(0)
-            self.residuals = [none if p.residual is None else p.residual for p in projections]
+            for p in projections:
+                codes, scale = _int8_columns(p.residual)
+                self.residuals.append(codes)
+                self.residual_scales.append(scale)
         self.weights: list[torch.Tensor] = []
         for hf, layer in zip(batch.layers, fast.layers, strict=True):
             self.weights += [
@@ -441,8 +445,19 @@ class _NativeLayers:
             self.lora_b,
             [s.slot for s in segments] if any(s.slot for s in segments) else [],
             self.residuals,
+            self.residual_scales,
         )
         return batch.lm_head(fast.norm(hidden))
+
+
+def _int8_columns(residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A `[groups, out]` residual as int8 times an fp32 scale per column (the column's largest
+    |value| over 127: each value within 1/254 of that); empty tensors for None."""
+    if residual is None:
+        return torch.empty(0, dtype=torch.int8), torch.empty(0)
+    scale = residual.abs().amax(dim=0).clamp_min(1e-30) / 127
+    codes = torch.round(residual / scale).clamp(-127, 127).to(torch.int8)
+    return codes.contiguous(), scale.to(torch.float32).contiguous()
 
 
 def native_module(build_dir: Path | None) -> Any:
