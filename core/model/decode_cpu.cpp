@@ -93,56 +93,84 @@ void add_lora(const bf16* x, int64_t in, bf16* y, int64_t y_stride, int64_t offs
   }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define LORACORD_RESIDUAL_SIMD 1
+// 16 bf16 -> fp32 (a 16-bit shift), and fp32 -> bf16 rounded to nearest even (as c10 rounds)
+static inline __m512 load_bf16x16(const bf16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+static inline __m512 round_bf16x16(__m512 v) {
+  const __m256i half = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+static inline void store_bf16x16(bf16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+}
+#endif
+
 // Zero-point residuals (core/model/residuals.py): y[r] += group_sums(x[r]) @ R, with R held
 // as int8 [groups, out] times an fp32 scale per output column (R's largest |value| in the
 // column over 127: within 1/254 of it, finer than bf16's 1/512 relative step for all but the
 // smallest values), and the term rounded to bf16 before the add, as the eager step adds it.
-// An empty R adds nothing. R is read once per step for all rows, its columns split between
-// the threads: its bytes are what this costs (the embedded model's: 3.3 MB a step in int8,
-// against 6.6 in bf16, which measured ~0.7 ms of a ~7-8 ms step here).
+// An empty R adds nothing. One thread, vectorised: ~120 calls a step, each too small to share
+// out (a parallel region per call cost more than it saved); the embedded model's R is 3.3 MB a
+// step in int8.
 void add_residual(const bf16* x, int64_t n, int64_t in, bf16* y, const at::Tensor& residual,
                   const at::Tensor& scale) {
   if (residual.numel() == 0) return;
   const int64_t groups = residual.size(0), out = residual.size(1), group = in / groups;
   const int8_t* rp = residual.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
-  std::vector<float> sums(n * groups);
+  thread_local std::vector<float> sums, acc;
+  sums.resize(n * groups);
+  acc.assign(n * out, 0.f);
   for (int64_t r = 0; r < n; ++r) {
     for (int64_t g = 0; g < groups; ++g) {
+      const bf16* xg = x + r * in + g * group;
       float sum = 0.f;
-      for (int64_t i = 0; i < group; ++i) sum += static_cast<float>(x[r * in + g * group + i]);
+      int64_t i = 0;
+#ifdef LORACORD_RESIDUAL_SIMD
+      __m512 vsum = _mm512_setzero_ps();
+      for (; i + 16 <= group; i += 16) vsum = _mm512_add_ps(vsum, load_bf16x16(xg + i));
+      sum = _mm512_reduce_add_ps(vsum);
+#endif
+      for (; i < group; ++i) sum += static_cast<float>(xg[i]);
       sums[r * groups + g] = sum;
     }
   }
-  at::parallel_for(0, out, 256, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(n * (end - begin), 0.f);
-    for (int64_t g = 0; g < groups; ++g) {
-      const int8_t* row = rp + g * out;
-      for (int64_t r = 0; r < n; ++r) {
-        const float s = sums[r * groups + g];
-        float* a = acc.data() + r * (end - begin);
-        int64_t o = begin;
-#ifdef __AVX512F__
-        const __m512 vs = _mm512_set1_ps(s);
-        for (; o + 16 <= end; o += 16) {
-          const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + o));
-          const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
-          float* dst = a + (o - begin);
-          _mm512_storeu_ps(dst, _mm512_fmadd_ps(vs, w, _mm512_loadu_ps(dst)));
-        }
-#endif
-        for (; o < end; ++o) a[o - begin] += s * static_cast<float>(row[o]);
-      }
-    }
+  for (int64_t g = 0; g < groups; ++g) {
+    const int8_t* row = rp + g * out;
     for (int64_t r = 0; r < n; ++r) {
-      bf16* yr = y + r * out;
-      const float* a = acc.data() + r * (end - begin);
-      for (int64_t o = begin; o < end; ++o) {
-        const float term = a[o - begin] * sp[o];
-        yr[o] = bf16(static_cast<float>(yr[o]) + static_cast<float>(bf16(term)));
+      const float s = sums[r * groups + g];
+      float* a = acc.data() + r * out;
+      int64_t o = 0;
+#ifdef LORACORD_RESIDUAL_SIMD
+      const __m512 vs = _mm512_set1_ps(s);
+      for (; o + 16 <= out; o += 16) {
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + o));
+        const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
+        _mm512_storeu_ps(a + o, _mm512_fmadd_ps(vs, w, _mm512_loadu_ps(a + o)));
       }
+#endif
+      for (; o < out; ++o) a[o] += s * static_cast<float>(row[o]);
     }
-  });
+  }
+  for (int64_t r = 0; r < n; ++r) {
+    bf16* yr = y + r * out;
+    const float* a = acc.data() + r * out;
+    int64_t o = 0;
+#ifdef LORACORD_RESIDUAL_SIMD
+    for (; o + 16 <= out; o += 16) {
+      const __m512 term = round_bf16x16(_mm512_mul_ps(_mm512_loadu_ps(a + o), _mm512_loadu_ps(sp + o)));
+      store_bf16x16(yr + o, _mm512_add_ps(load_bf16x16(yr + o), term));
+    }
+#endif
+    for (; o < out; ++o) {
+      const float term = a[o] * sp[o];
+      yr[o] = bf16(static_cast<float>(yr[o]) + static_cast<float>(bf16(term)));
+    }
+  }
 }
 
 }  // namespace
