@@ -66,9 +66,9 @@ def main() -> int:
     )
     parser.add_argument(
         "--pdl",
-        action="store_true",
-        help="CUDA, Triton step: launch its kernels as programmatic dependent launches "
-        "(`triton_step.PDL`; Hopper and later)",
+        choices=("on", "off"),
+        help="CUDA, Triton step: launch its kernels as programmatic dependent launches or not "
+        "(default: `triton_step.PDL`, on; Hopper and later)",
     )
     parser.add_argument(
         "--attention-splits",
@@ -97,7 +97,8 @@ def main() -> int:
 
         if args.attention_splits is not None:
             triton_step.MAX_ATTENTION_SPLITS = args.attention_splits
-        triton_step.PDL = triton_step.PDL or args.pdl
+        if args.pdl is not None:
+            triton_step.PDL = args.pdl == "on"
     if args.gemv_table:
         from core.model import gptq_triton as gt
 

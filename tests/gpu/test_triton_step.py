@@ -140,10 +140,10 @@ async def test_the_triton_step_matches_the_plain_path(triton_app: App, tmp_path:
 async def test_dependent_launches_give_the_same_step(
     triton_app: App, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With `triton_step.PDL` (Hopper and later) each of the step's kernels may start while the
-    one before it finishes, reading only weights until it waits. Done right, nothing changes
-    but the time: the graph-replayed step gives exactly the logits it gives without, for two
-    rows decoding together. Skipped where the GPU or Triton cannot launch so."""
+    """With `triton_step.PDL` (Hopper and later; on by default) each of the step's kernels may
+    start while the one before it finishes, reading only weights until it waits. Done right,
+    nothing changes but the time: the graph-replayed step gives exactly the logits it gives
+    without, for two rows decoding together. Skipped where the GPU or Triton cannot launch so."""
     from core.model import gptq_triton as gt
     from core.model import triton_step as ts
 
@@ -157,13 +157,15 @@ async def test_dependent_launches_give_the_same_step(
         rows = [(0, 0), (1, 0)]
         fast = batch.fast
         served = fast.triton
-        without = teacher_forced(batch, ids, answer, rows, "graph")
-        monkeypatch.setattr(ts, "PDL", True)
-        fast.triton = ts.TritonLayers(fast)
-        batch.graphs.reset()  # (the graphs captured so far launch without it)
         try:
-            assert fast.triton.pdl
-            with_pdl = teacher_forced(batch, ids, answer, rows, "graph")
+            steps = {}
+            for pdl in (False, True):
+                monkeypatch.setattr(ts, "PDL", pdl)
+                fast.triton = ts.TritonLayers(fast)
+                batch.graphs.reset()  # (the graphs captured so far launch the other way)
+                assert fast.triton.pdl == pdl
+                steps[pdl] = teacher_forced(batch, ids, answer, rows, "graph")
+            without, with_pdl = steps[False], steps[True]
         finally:
             fast.triton = served
             batch.graphs.reset()
