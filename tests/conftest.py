@@ -52,6 +52,17 @@ def dequantized_model_dir(embedded_model_dir: Path) -> Path:
     return dequantized_dir(CACHE_DIR)
 
 
+def cache_beside(reference: Path, tmp: Path) -> Path:
+    """A fresh cache dir under `tmp` whose fp32 reference is `reference` (linked, not copied)
+    and where nothing is built yet: for tests of the build itself."""
+    from core.model.build import dequantized_dir
+
+    cache = tmp / "cache"
+    (cache / "models").mkdir(parents=True)
+    dequantized_dir(cache).symlink_to(reference)
+    return cache
+
+
 def make_settings(tmp: Path, **overrides: object) -> Settings:
     """Settings for a test: real model cache, everything else in `tmp`, no stray environment."""
     values: dict[str, object] = {

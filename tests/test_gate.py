@@ -11,6 +11,7 @@ from core.app import App
 from core.errors import ModelError
 from core.model import build, calibration, fidelity, gate
 from core.model.requests import DEFAULT_SYSTEM_PROMPT
+from tests.conftest import cache_beside
 
 
 def test_measurement_set_is_fixed_varied_and_never_calibrates() -> None:
@@ -72,9 +73,7 @@ def test_gate_refuses_a_quote_only_build(
     dequantized_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Quotes alone keep quote perplexity but break chat: the gate must not cache it."""
-    cache = tmp_path / "cache"
-    (cache / "models").mkdir(parents=True)
-    build.dequantized_dir(cache).symlink_to(dequantized_model_dir)
+    cache = cache_beside(dequantized_model_dir, tmp_path)
     # The recipe loracord shipped before the gate: quotes only, symmetric, group size 32.
     quotes_only = build.Recipe(calibration="quotes", sym=True, group_size=32, damp_percent=0.05)
     monkeypatch.setattr(build, "recipes", lambda: (quotes_only,))

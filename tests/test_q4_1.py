@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from core.errors import ModelError
 from core.model import build, q4_1, residuals
+from tests.conftest import cache_beside
 
 
 def _q4_1_bytes(d: np.ndarray, m: np.ndarray, codes: np.ndarray) -> np.ndarray:
@@ -148,9 +149,7 @@ def test_attach_adds_the_residual_term_and_refuses_a_file_that_does_not_fit(
 def test_a_carry_over_that_cannot_be_made_ends_the_build_in_one_line(
     dequantized_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cache = tmp_path / "cache"
-    (cache / "models").mkdir(parents=True)
-    build.dequantized_dir(cache).symlink_to(dequantized_model_dir)
+    cache = cache_beside(dequantized_model_dir, tmp_path)
 
     def other_layout(gguf: Path, fp_dir: Path, folder: Path) -> None:
         raise ModelError("blk.0.attn_q.weight is Q8_0, not Q4_1")

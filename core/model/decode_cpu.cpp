@@ -116,10 +116,12 @@ static inline void store_bf16x16(bf16* p, __m512 v) {
 // An empty R adds nothing. One thread, vectorised: ~120 calls a step, each too small to share
 // out (a parallel region per call cost more than it saved); the embedded model's R is 3.3 MB a
 // step in int8.
-void add_residual(const bf16* x, int64_t n, int64_t in, bf16* y, const at::Tensor& residual,
-                  const at::Tensor& scale) {
+void add_residual(const bf16* x, int64_t n, int64_t in, bf16* y, int64_t out,
+                  const at::Tensor& residual, const at::Tensor& scale, const char* what) {
   if (residual.numel() == 0) return;
-  const int64_t groups = residual.size(0), out = residual.size(1), group = in / groups;
+  TORCH_CHECK(residual.size(1) == out && in % residual.size(0) == 0, "decode_layers: ", what,
+              " residual shape");
+  const int64_t groups = residual.size(0), group = in / groups;
   const int8_t* rp = residual.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   thread_local std::vector<float> sums, acc;
@@ -259,11 +261,8 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& weigh
     auto qkv = gemm(x, w[1], w[2], w[3], group);
     const int64_t width = qkv.size(1);
     if (residual) {
-      TORCH_CHECK(residuals[4 * l].numel() == 0 || (residuals[4 * l].size(1) == width &&
-                                                    d % residuals[4 * l].size(0) == 0),
-                  "decode_layers: qkv residual shape");
-      add_residual(x.data_ptr<bf16>(), n, d, qkv.data_ptr<bf16>(), residuals[4 * l],
-                   residual_scales[4 * l]);
+      add_residual(x.data_ptr<bf16>(), n, d, qkv.data_ptr<bf16>(), width, residuals[4 * l],
+                   residual_scales[4 * l], "qkv");
     }
     if (lora) {
       const bf16* xp = x.data_ptr<bf16>();
@@ -338,11 +337,8 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& weigh
     }
     auto o = gemm(attention, w[4], w[5], w[6], group);
     if (residual) {
-      TORCH_CHECK(residuals[4 * l + 1].numel() == 0 ||
-                      (residuals[4 * l + 1].size(1) == d && q_width % residuals[4 * l + 1].size(0) == 0),
-                  "decode_layers: o residual shape");
-      add_residual(attention.data_ptr<bf16>(), n, q_width, o.data_ptr<bf16>(), residuals[4 * l + 1],
-                   residual_scales[4 * l + 1]);
+      add_residual(attention.data_ptr<bf16>(), n, q_width, o.data_ptr<bf16>(), d,
+                   residuals[4 * l + 1], residual_scales[4 * l + 1], "o");
     }
     if (lora) {
       add_lora(attention.data_ptr<bf16>(), q_width, o.data_ptr<bf16>(), d, 0, lora_a[4 * l + 3],
@@ -355,11 +351,8 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& weigh
     auto gu = gemm(x2, w[8], w[9], w[10], group);
     const int64_t inner = gu.size(1) / 2;
     if (residual) {
-      TORCH_CHECK(residuals[4 * l + 2].numel() == 0 ||
-                      (residuals[4 * l + 2].size(1) == gu.size(1) && d % residuals[4 * l + 2].size(0) == 0),
-                  "decode_layers: gate_up residual shape");
-      add_residual(x2.data_ptr<bf16>(), n, d, gu.data_ptr<bf16>(), residuals[4 * l + 2],
-                   residual_scales[4 * l + 2]);
+      add_residual(x2.data_ptr<bf16>(), n, d, gu.data_ptr<bf16>(), gu.size(1), residuals[4 * l + 2],
+                   residual_scales[4 * l + 2], "gate_up");
     }
     auto act = at::empty({n, inner}, hidden.options());
     const bf16* gp = gu.data_ptr<bf16>();
@@ -374,11 +367,8 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& weigh
     }
     auto down = gemm(act, w[11], w[12], w[13], group);
     if (residual) {
-      TORCH_CHECK(residuals[4 * l + 3].numel() == 0 ||
-                      (residuals[4 * l + 3].size(1) == d && inner % residuals[4 * l + 3].size(0) == 0),
-                  "decode_layers: down residual shape");
-      add_residual(act.data_ptr<bf16>(), n, inner, down.data_ptr<bf16>(), residuals[4 * l + 3],
-                   residual_scales[4 * l + 3]);
+      add_residual(act.data_ptr<bf16>(), n, inner, down.data_ptr<bf16>(), d, residuals[4 * l + 3],
+                   residual_scales[4 * l + 3], "down");
     }
     const bf16* dp = down.data_ptr<bf16>();
     for (int64_t i = 0; i < n * d; ++i) hp[i] = bf16(static_cast<float>(hp[i]) + static_cast<float>(dp[i]));
