@@ -13,7 +13,7 @@ from typing import Any
 from core.errors import ModelError, first_line
 from core.model.kernels import Runtime, cuda_serving_order, triton_takes
 from core.model.residuals import attach as attach_residuals
-from core.model.residuals import detach as detach_residual
+from core.model.residuals import fold as fold_residual
 from core.model.source import read_quantization
 
 log = logging.getLogger(__name__)
@@ -185,9 +185,7 @@ def _dequantize_once_if_small(model: Any, runtime: Runtime) -> None:
     names = {id(m): name for name, m in model.named_modules()}
     for layer in layers:
         weight = type(layer).dequantize_weight(layer).to(torch.float32)  # [in, out], eager
-        residual = detach_residual(layer)
-        if residual is not None:  # the whole weight: the integer-zero part plus the residual
-            weight += residual[layer.g_idx.long()]
+        weight = fold_residual(layer, weight)  # the whole weight
         dense = torch.nn.Linear(
             layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta"
         )

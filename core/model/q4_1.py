@@ -13,7 +13,7 @@ bf16 loses.
 
 `write_checkpoint` checks the result against the fp32 checkpoint tensor by tensor and refuses
 to write one that differs, so a GGUF laid out otherwise (another block type, another row order)
-fails in one line and the build goes on to its GPTQ recipes.
+ends the build in one line rather than serving other weights.
 """
 
 from __future__ import annotations
@@ -95,16 +95,13 @@ def to_gptq(
 
 
 def dequantize(tensors: dict[str, torch.Tensor], residual: torch.Tensor) -> torch.Tensor:
-    """The `[out, in]` fp32 weight a checkpoint written by `to_gptq` holds (for the check)."""
-    qweight = tensors["qweight"].view(torch.uint32).to(torch.int64)
-    qzeros = tensors["qzeros"].view(torch.uint32).to(torch.int64)
-    shifts = torch.arange(8) * 4
-    codes = ((qweight[:, None, :] >> shifts[None, :, None]) & 15).flatten(0, 1)  # [in, out]
-    zeros = ((qzeros[:, :, None] >> shifts[None, None, :]) & 15).flatten(1, 2)  # [groups, out]
-    groups = tensors["g_idx"].long()
-    scales = tensors["scales"].float()
-    weight = scales[groups] * (codes - zeros[groups]).float() + residual[groups]
-    return weight.T
+    """The `[out, in]` fp32 weight a checkpoint written by `to_gptq` holds (for the check): the
+    GPTQ part as the trainer reads it (`core.model.dense`), plus the residual."""
+    from core.model.dense import dequantize as gptq_weight
+
+    t = tensors
+    weight = gptq_weight(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, v1_zeros=False)
+    return weight + residual[tensors["g_idx"].long()].T
 
 
 def write_checkpoint(gguf: Path, fp_dir: Path, folder: Path) -> dict[str, Any]:

@@ -14,9 +14,10 @@ inputs' group sums with a `[groups, out]` matrix (1/group of the layer's multipl
 `core.model.q4_1` writes them beside a checkpoint (`RESIDUALS_FILE`); `attach` gives each layer
 its matrix and a forward hook that adds the term, so every path that calls the layer (the plain
 step, `generate`, PEFT training through its base layer) computes the full weight. The fused
-paths of the fast step read `residual_of` and add the same term themselves, or fold it where
-their format allows (real-valued zero points on the Triton path, the dense fp32 weights).
-A checkpoint without the file loads as before.
+paths of the fast step read `residual_of` and add the same term themselves; paths that hold a
+layer's weights dense fold it in (`fold`). loracord's Triton kernels refuse such layers (their
+fp16-pair GEMV holds zero points to whole numbers). A checkpoint without the file loads as
+before.
 """
 
 from __future__ import annotations
@@ -95,6 +96,16 @@ def attach(model: Any, folder: Path) -> int:
         raise ModelError(f"could not read {path}: {e}") from e
     log.info("zero-point residuals for %d GPTQ layers", len(keys))
     return len(keys)
+
+
+def fold(module: Any, weight: torch.Tensor) -> torch.Tensor:
+    """A GPTQ layer's dequantized weight `[in, out]` made whole: plus its residual, each input
+    channel its group's row, which is then detached (the dense copy holds it; a hook would add it
+    twice). Unchanged for a layer without one."""
+    residual = detach(module)
+    if residual is None:
+        return weight
+    return weight.float() + residual[module.g_idx.long()]
 
 
 def detach(module: Any) -> torch.Tensor | None:

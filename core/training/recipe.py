@@ -268,7 +268,7 @@ def _dequantize_once_if_small(model: Any, dtype: Any) -> bool:
     import torch
 
     from core.model.loader import quant_layers
-    from core.model.residuals import detach as detach_residual
+    from core.model.residuals import fold as fold_residual
 
     layers = quant_layers(model)
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -281,9 +281,7 @@ def _dequantize_once_if_small(model: Any, dtype: Any) -> bool:
     with torch.no_grad():
         for layer in layers:
             weight = layer.dequantize_weight(num_itr=layer.g_idx.shape[0] // layer.in_features)
-            residual = detach_residual(layer)
-            if residual is not None:  # [in, out]: each input channel its group's residual
-                weight = weight.float() + residual[layer.g_idx.long()]
+            weight = fold_residual(layer, weight)  # [in, out], plus the layer's residual
             dense = torch.nn.Linear(
                 layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta"
             )
