@@ -382,15 +382,16 @@ def test_a_build_lock_left_by_a_killed_process_does_not_stall_the_next_load(
 
 
 def test_the_cpp_step_refuses_a_row_or_position_outside_the_cache(served: BatchModel) -> None:
-    """The C++ loops index the cache and the residuals without checks: a bad row or position,
-    or residuals of the wrong number or shape, are refused first."""
+    """The C++ loops index the cache and the 4-bit products' offsets without checks: a bad row
+    or position, or offsets of the wrong number, shape or type, are refused first."""
     fast = served.fast
     assert fast is not None and fast.native is not None
     native = fast.native
     hidden = served.embed(torch.tensor([1]))
-    assert len(native.residuals) == 4 * len(served.layers)  # the embedded build has them
+    if _has_vnni():
+        assert len(native.offsets) == 4 * len(served.layers)  # the step's own 4-bit products
 
-    def call(row: int, position: int, residuals: list[torch.Tensor] | None = None) -> Any:
+    def call(row: int, position: int, offsets: list[torch.Tensor] | None = None) -> Any:
         return native.module.decode_layers(
             hidden,
             native.weights,
@@ -408,21 +409,78 @@ def test_the_cpp_step_refuses_a_row_or_position_outside_the_cache(served: BatchM
             [],
             [],
             [],
-            native.residuals if residuals is None else residuals,
-            native.residual_scales,
+            native.offsets if offsets is None else offsets,
         )
 
     for row, position in ((0, served.cache.context), (served.cache.rows, 0), (-1, 0)):
         with pytest.raises(RuntimeError, match="outside the cache"):
             call(row, position)
-    with pytest.raises(RuntimeError, match="residuals of qkv, o, gate_up, down per layer"):
-        call(0, 0, native.residuals[:-1])
-    with pytest.raises(RuntimeError, match="qkv residual shape"):
-        width = native.residuals[0].shape[1]  # 5 groups do not divide the 576 inputs
-        call(0, 0, [torch.zeros(5, width, dtype=torch.int8), *native.residuals[1:]])
-    with pytest.raises(RuntimeError, match="int8 residuals"):
-        call(0, 0, [native.residuals[0].float(), *native.residuals[1:]])
+    if _has_vnni():
+        with pytest.raises(RuntimeError, match="offsets of qkv, o, gate_up, down per layer"):
+            call(0, 0, native.offsets[:-1])
+        with pytest.raises(RuntimeError, match=r"fp16 offsets \[groups, out\]"):
+            call(0, 0, [native.offsets[0][:, :-32].contiguous(), *native.offsets[1:]])
+        with pytest.raises(RuntimeError, match=r"fp16 offsets \[groups, out\]"):
+            call(0, 0, [native.offsets[0].float(), *native.offsets[1:]])
     assert call(0, 0).shape == hidden.shape
+
+
+def _q4_layer(out: int, inputs: int, group: int, seed: int) -> dict[str, torch.Tensor]:
+    """A random 4-bit matrix in GPTQModel's AVX512 layout (`pack_hf_int4`), with scales, zero
+    points, zero-point residuals, the offsets `linear_q4` takes and the exact fp32 weight."""
+    from gptqmodel.nn_modules.qlinear.torch_cpu_avx512 import pack_hf_int4
+
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (out, inputs), generator=g, dtype=torch.uint8)
+    groups = inputs // group
+    scales = torch.rand(groups, out, generator=g) * 0.02 + 0.001
+    zeros = torch.randint(0, 16, (groups, out), generator=g)
+    residual = (torch.rand(groups, out, generator=g) - 0.5) * scales
+    offsets = (residual - scales * zeros).half()
+    index = torch.arange(inputs) // group
+    weight = codes.float() * scales[index].T + offsets.float()[index].T
+    return {
+        "qweight": pack_hf_int4(codes),
+        "scales": scales,
+        "offsets": offsets.contiguous(),
+        "weight": weight,
+    }
+
+
+@pytest.mark.parametrize(
+    ("out", "inputs", "group"), [(96, 576, 32), (64, 1536, 512), (32, 256, 128)]
+)
+def test_the_cpp_4bit_product_is_closer_to_the_exact_one_than_bf16(
+    served: BatchModel, out: int, inputs: int, group: int
+) -> None:
+    """`linear_q4` (int16 activations x 4-bit codes, VNNI integer sums, the offset per group)
+    against the exact fp32 product of the same weights, for 1 to 6 rows (every register
+    blocking: two blocks of one row, four, two and one rows), an odd number of output blocks,
+    and a group longer than its int32 sums (512): within the bf16 rounding of its output, as
+    close as the same product computed in bf16 would be at best. Bad inputs are refused."""
+    if not _has_vnni():
+        pytest.skip("this CPU has no AVX512-VNNI")
+    fast = served.fast
+    assert fast is not None and fast.native is not None
+    module = fast.native.module
+    layer = _q4_layer(out, inputs, group, seed=out + inputs)
+    torch.manual_seed(0)
+    for rows in range(1, 7):
+        x = (torch.randn(rows, inputs) * torch.rand(rows, 1) * 4).to(torch.bfloat16)
+        exact = x.float() @ layer["weight"].T
+        got = module.linear_q4(x, layer["qweight"], layer["scales"], layer["offsets"], group)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, out)
+        bf16_step = exact.abs().clamp_min(1e-3) * 2**-8  # bf16's spacing around each value
+        assert bool(((got.float() - exact).abs() <= bf16_step + 1e-3 * exact.abs().max()).all())
+    x = torch.randn(1, inputs).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="fp32 scales"):
+        module.linear_q4(x, layer["qweight"], layer["scales"].half(), layer["offsets"], group)
+    with pytest.raises(RuntimeError, match="fp16 offsets"):
+        module.linear_q4(x, layer["qweight"], layer["scales"], layer["offsets"][:, :-1], group)
+    with pytest.raises(RuntimeError, match="qweight"):
+        module.linear_q4(x[:, :-2], layer["qweight"], layer["scales"], layer["offsets"], group)
+    with pytest.raises(RuntimeError, match="groups of a multiple of 4"):
+        module.linear_q4(x, layer["qweight"], layer["scales"], layer["offsets"], 6)
 
 
 def test_the_vnni_lm_head_is_at_least_as_exact_as_torchs_int8_one(served: BatchModel) -> None:

@@ -13,6 +13,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -93,87 +94,198 @@ void add_lora(const bf16* x, int64_t in, bf16* y, int64_t y_stride, int64_t offs
   }
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-#define LORACORD_RESIDUAL_SIMD 1
-// 16 bf16 -> fp32 (a 16-bit shift), and fp32 -> bf16 rounded to nearest even (as c10 rounds)
-static inline __m512 load_bf16x16(const bf16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-static inline __m512 round_bf16x16(__m512 v) {
-  const __m256i half = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
-static inline void store_bf16x16(bf16* p, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
-}
-#endif
+#ifdef LORACORD_VNNI
+// 4-bit products with integer dot products (AVX512-VNNI), reading GPTQModel's AVX512 layout as
+// it is: `qweight` [out, in / 2] bytes, whose flat order is [out / 32, in / 2, 16, 2]: for each
+// block of 32 outputs and each pair of inputs (2h, 2h + 1), byte (k, e) holds output k's code
+// for input 2h + e in its low nibble and output k + 16's in its high nibble. Widened to 16 bits,
+// the low nibbles are 16 lanes of (code(k, 2h), code(k, 2h + 1)), exactly vpdpwssd's pairs, and
+// so are the high nibbles for outputs 16-31: 64 weights from 32 bytes in three instructions.
+//
+// Each weight is `scale * code + offset` per group and output, `offset = residual - scale *
+// zero` (core/model/residuals.py; the GGUF's own Q4_1 offset for the carried-over build), so
+//   y[o] = sum_g scale[g, o] * sum_{i in g} x[i] * code[i, o] + offset[g, o] * sum_{i in g} x[i]
+// and the zero-point residual costs nothing beyond the offset's read. x is quantized to int16
+// per row and group (the group's largest |x| maps to 32767: its absolute error is at most
+// 1/65534 of that, finer than bf16 rounds the same values), the code sums are exact in int32,
+// and the group sums of x are exact fp32 sums of the bf16 values.
+struct Q4Rows {
+  std::vector<int16_t> q;   // [n, in]
+  std::vector<float> step;  // [n, groups]: the int16 step of each row's group
+  std::vector<float> sum;   // [n, groups]: the group's sum of x
+};
 
-// Zero-point residuals (core/model/residuals.py): y[r] += group_sums(x[r]) @ R, with R held
-// as int8 [groups, out] times an fp32 scale per output column (R's largest |value| in the
-// column over 127: within 1/254 of it, finer than bf16's 1/512 relative step for all but the
-// smallest values), and the term rounded to bf16 before the add, as the eager step adds it.
-// An empty R adds nothing. One thread, vectorised: ~120 calls a step, each too small to share
-// out (a parallel region per call cost more than it saved); the embedded model's R is 3.3 MB a
-// step in int8.
-void add_residual(const bf16* x, int64_t n, int64_t in, bf16* y, int64_t out,
-                  const at::Tensor& residual, const at::Tensor& scale, const char* what) {
-  if (residual.numel() == 0) return;
-  TORCH_CHECK(residual.size(1) == out && in % residual.size(0) == 0, "decode_layers: ", what,
-              " residual shape");
-  const int64_t groups = residual.size(0), group = in / groups;
-  const int8_t* rp = residual.data_ptr<int8_t>();
-  const float* sp = scale.data_ptr<float>();
-  thread_local std::vector<float> sums, acc;
-  sums.resize(n * groups);
-  acc.assign(n * out, 0.f);
+static void quantize_rows(const bf16* x, int64_t n, int64_t in, int64_t group, Q4Rows& rows) {
+  const int64_t groups = in / group;
+  rows.q.resize(n * in);
+  rows.step.resize(n * groups);
+  rows.sum.resize(n * groups);
   for (int64_t r = 0; r < n; ++r) {
     for (int64_t g = 0; g < groups; ++g) {
       const bf16* xg = x + r * in + g * group;
-      float sum = 0.f;
-      int64_t i = 0;
-#ifdef LORACORD_RESIDUAL_SIMD
-      __m512 vsum = _mm512_setzero_ps();
-      for (; i + 16 <= group; i += 16) vsum = _mm512_add_ps(vsum, load_bf16x16(xg + i));
-      sum = _mm512_reduce_add_ps(vsum);
-#endif
-      for (; i < group; ++i) sum += static_cast<float>(xg[i]);
-      sums[r * groups + g] = sum;
-    }
-  }
-  for (int64_t g = 0; g < groups; ++g) {
-    const int8_t* row = rp + g * out;
-    for (int64_t r = 0; r < n; ++r) {
-      const float s = sums[r * groups + g];
-      float* a = acc.data() + r * out;
-      int64_t o = 0;
-#ifdef LORACORD_RESIDUAL_SIMD
-      const __m512 vs = _mm512_set1_ps(s);
-      for (; o + 16 <= out; o += 16) {
-        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + o));
-        const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
-        _mm512_storeu_ps(a + o, _mm512_fmadd_ps(vs, w, _mm512_loadu_ps(a + o)));
+      float peak = 0.f, sum = 0.f;
+      for (int64_t i = 0; i < group; ++i) {
+        const float v = static_cast<float>(xg[i]);
+        peak = std::max(peak, std::abs(v));
+        sum += v;
       }
-#endif
-      for (; o < out; ++o) a[o] += s * static_cast<float>(row[o]);
-    }
-  }
-  for (int64_t r = 0; r < n; ++r) {
-    bf16* yr = y + r * out;
-    const float* a = acc.data() + r * out;
-    int64_t o = 0;
-#ifdef LORACORD_RESIDUAL_SIMD
-    for (; o + 16 <= out; o += 16) {
-      const __m512 term = round_bf16x16(_mm512_mul_ps(_mm512_loadu_ps(a + o), _mm512_loadu_ps(sp + o)));
-      store_bf16x16(yr + o, _mm512_add_ps(load_bf16x16(yr + o), term));
-    }
-#endif
-    for (; o < out; ++o) {
-      const float term = a[o] * sp[o];
-      yr[o] = bf16(static_cast<float>(yr[o]) + static_cast<float>(bf16(term)));
+      const float step = peak / 32767.f;
+      const float inv = step > 0.f ? 1.f / step : 0.f;
+      int16_t* qg = rows.q.data() + r * in + g * group;
+      for (int64_t i = 0; i < group; ++i) {
+        qg[i] = static_cast<int16_t>(std::nearbyint(static_cast<float>(xg[i]) * inv));
+      }
+      rows.step[r * groups + g] = step;
+      rows.sum[r * groups + g] = sum;
     }
   }
 }
+
+// J blocks of 32 outputs from block `b`, times R rows of x from row `r`; two accumulators per
+// block half and row (even and odd input pairs), so 4 J R independent chains of vpdpwssd. The
+// high nibbles are masked in place (16 code) rather than shifted: the shift would share the
+// vpdpwssd port, the mask does not; the factor 16 leaves with the group's step. Sums run in
+// int32 over at most 256 inputs (each product pair is below 2^24), then in fp32.
+template <int J, int R>
+static inline void q4_block(const uint8_t* wp, const float* sp, const at::Half* mp,
+                            const Q4Rows& rows, bf16* yp, int64_t in, int64_t out, int64_t group,
+                            int64_t b, int64_t r) {
+  constexpr int64_t kChunk = 128;  // input pairs summed in int32 before fp32
+  const int64_t groups = in / group, pairs = group / 2;
+  const __m512i low_nibbles = _mm512_set1_epi16(0x0F);
+  const __m512i high_nibbles = _mm512_set1_epi16(0xF0);
+  __m512 y[J][2][R];
+#pragma GCC unroll 8
+  for (int a = 0; a < J; ++a)
+#pragma GCC unroll 2
+    for (int hh = 0; hh < 2; ++hh)
+#pragma GCC unroll 8
+      for (int c = 0; c < R; ++c) y[a][hh][c] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 dot[J][2][R];
+#pragma GCC unroll 8
+    for (int a = 0; a < J; ++a)
+#pragma GCC unroll 2
+      for (int hh = 0; hh < 2; ++hh)
+#pragma GCC unroll 8
+        for (int c = 0; c < R; ++c) dot[a][hh][c] = _mm512_setzero_ps();
+    for (int64_t h0 = g * pairs; h0 < (g + 1) * pairs; h0 += kChunk) {
+      const int64_t h1 = std::min(h0 + kChunk, (g + 1) * pairs);
+      __m512i acc[J][2][R][2];
+#pragma GCC unroll 8
+      for (int a = 0; a < J; ++a)
+#pragma GCC unroll 2
+        for (int hh = 0; hh < 2; ++hh)
+#pragma GCC unroll 8
+          for (int c = 0; c < R; ++c) acc[a][hh][c][0] = acc[a][hh][c][1] = _mm512_setzero_si512();
+      for (int64_t h = h0; h < h1; h += 2) {
+#pragma GCC unroll 2
+        for (int e = 0; e < 2; ++e) {
+          __m512i xb[R];
+#pragma GCC unroll 8
+          for (int c = 0; c < R; ++c) {
+            int32_t pair;
+            std::memcpy(&pair, rows.q.data() + (r + c) * in + 2 * (h + e), sizeof(pair));
+            xb[c] = _mm512_set1_epi32(pair);
+          }
+#pragma GCC unroll 8
+          for (int a = 0; a < J; ++a) {
+            const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(
+                reinterpret_cast<const __m256i*>(wp + ((b + a) * (in / 2) + h + e) * 32)));
+            const __m512i lo = _mm512_and_si512(w, low_nibbles);
+            const __m512i hi = _mm512_and_si512(w, high_nibbles);
+#pragma GCC unroll 8
+            for (int c = 0; c < R; ++c) {
+              acc[a][0][c][e] = _mm512_dpwssd_epi32(acc[a][0][c][e], lo, xb[c]);
+              acc[a][1][c][e] = _mm512_dpwssd_epi32(acc[a][1][c][e], hi, xb[c]);
+            }
+          }
+        }
+      }
+#pragma GCC unroll 8
+      for (int a = 0; a < J; ++a)
+#pragma GCC unroll 2
+        for (int hh = 0; hh < 2; ++hh)
+#pragma GCC unroll 8
+          for (int c = 0; c < R; ++c) {
+            const __m512i sum = _mm512_add_epi32(acc[a][hh][c][0], acc[a][hh][c][1]);
+            dot[a][hh][c] = _mm512_add_ps(dot[a][hh][c], _mm512_cvtepi32_ps(sum));
+          }
+    }
+#pragma GCC unroll 8
+    for (int a = 0; a < J; ++a)
+#pragma GCC unroll 2
+      for (int hh = 0; hh < 2; ++hh) {
+        const int64_t o = (b + a) * 32 + hh * 16;
+        const __m512 s = _mm512_loadu_ps(sp + g * out + o);
+        const __m512 m = _mm512_cvtph_ps(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(mp + g * out + o)));
+#pragma GCC unroll 8
+        for (int c = 0; c < R; ++c) {
+          const float step = rows.step[(r + c) * groups + g] * (hh ? 1.f / 16.f : 1.f);
+          const float sum = rows.sum[(r + c) * groups + g];
+          const __m512 scaled = _mm512_mul_ps(dot[a][hh][c], _mm512_set1_ps(step));
+          y[a][hh][c] = _mm512_fmadd_ps(scaled, s, y[a][hh][c]);
+          y[a][hh][c] = _mm512_fmadd_ps(m, _mm512_set1_ps(sum), y[a][hh][c]);
+        }
+      }
+  }
+#pragma GCC unroll 8
+  for (int a = 0; a < J; ++a)
+#pragma GCC unroll 2
+    for (int hh = 0; hh < 2; ++hh)
+#pragma GCC unroll 8
+      for (int c = 0; c < R; ++c) {
+        const __m256i rounded = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(y[a][hh][c]));
+        _mm256_storeu_si256(
+            reinterpret_cast<__m256i*>(yp + (r + c) * out + (b + a) * 32 + hh * 16), rounded);
+      }
+}
+
+// y [n, out] bf16 = x [n, in] bf16 times the 4-bit matrix (see above); scales fp32 and offsets
+// fp16, both [groups, out].
+at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                     const at::Tensor& offsets, int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "linear_q4: x [n, in] bf16");
+  const int64_t n = x.size(0), in = x.size(1);
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.is_contiguous() && qweight.dim() == 2 &&
+                  qweight.size(1) * 2 == in && qweight.size(0) % 32 == 0,
+              "linear_q4: qweight [out, in / 2] uint8, out a multiple of 32");
+  const int64_t out = qweight.size(0);
+  TORCH_CHECK(group > 0 && group % 4 == 0 && in % group == 0,
+              "linear_q4: groups of a multiple of 4 inputs dividing the inputs");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.dim() == 2 &&
+                  scales.size(0) == in / group && scales.size(1) == out,
+              "linear_q4: fp32 scales [groups, out]");
+  TORCH_CHECK(offsets.scalar_type() == at::kHalf && offsets.is_contiguous() &&
+                  offsets.sizes() == scales.sizes(), "linear_q4: fp16 offsets [groups, out]");
+  const auto xc = x.contiguous();
+  thread_local Q4Rows rows;
+  quantize_rows(xc.data_ptr<bf16>(), n, in, group, rows);
+  auto y = at::empty({n, out}, x.options());
+  const uint8_t* wp = qweight.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const at::Half* mp = offsets.data_ptr<at::Half>();
+  bf16* yp = y.data_ptr<bf16>();
+  const Q4Rows& shared = rows;  // read by every thread of the loop below
+  const int64_t blocks = out / 32;
+  at::parallel_for(0, blocks, 4, [&](int64_t begin, int64_t end) {
+    int64_t b = begin;
+    if (n == 1) {
+      for (; b + 2 <= end; b += 2) q4_block<2, 1>(wp, sp, mp, shared, yp, in, out, group, b, 0);
+      for (; b < end; ++b) q4_block<1, 1>(wp, sp, mp, shared, yp, in, out, group, b, 0);
+      return;
+    }
+    for (; b < end; ++b) {
+      int64_t r = 0;
+      for (; r + 4 <= n; r += 4) q4_block<1, 4>(wp, sp, mp, shared, yp, in, out, group, b, r);
+      for (; r + 2 <= n; r += 2) q4_block<1, 2>(wp, sp, mp, shared, yp, in, out, group, b, r);
+      for (; r < n; ++r) q4_block<1, 1>(wp, sp, mp, shared, yp, in, out, group, b, r);
+    }
+  });
+  return y;
+}
+#endif
 
 }  // namespace
 
@@ -188,8 +300,7 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& weigh
                          int64_t head_dim, double eps, int64_t group,
                          const std::vector<at::Tensor>& lora_a, const std::vector<at::Tensor>& lora_b,
                          const std::vector<int64_t>& slots,
-                         const std::vector<at::Tensor>& residuals,
-                         const std::vector<at::Tensor>& residual_scales) {
+                         const std::vector<at::Tensor>& offsets) {
   at::NoGradGuard no_grad;
   const int64_t n = hidden.size(0), d = hidden.size(1);
   const int64_t layers = static_cast<int64_t>(keys.size());
@@ -219,22 +330,22 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& weigh
       TORCH_CHECK(slots[r] >= 0 && slots[r] < lora_a[0].size(0), "decode_layers: slot out of range");
     }
   }
-  // Zero-point residuals of qkv, o, gate_up and down per layer (empty: none), or none at all.
-  const bool residual = !residuals.empty();
-  if (residual) {
-    TORCH_CHECK(static_cast<int64_t>(residuals.size()) == 4 * layers &&
-                    static_cast<int64_t>(residual_scales.size()) == 4 * layers,
-                "decode_layers: residuals of qkv, o, gate_up, down per layer");
-    for (int64_t i = 0; i < 4 * layers; ++i) {
-      const auto& r = residuals[i];
-      const auto& s = residual_scales[i];
-      TORCH_CHECK(r.numel() == 0 || (r.scalar_type() == at::kChar && r.is_contiguous() &&
-                                     r.dim() == 2 && r.size(0) > 0 &&
-                                     s.scalar_type() == at::kFloat && s.is_contiguous() &&
-                                     s.dim() == 1 && s.size(0) == r.size(1)),
-                  "decode_layers: int8 residuals [groups, out], an fp32 scale per column");
-    }
-  }
+  // The 4-bit products: with offsets (fp16 [groups, out] of qkv, o, gate_up and down per
+  // layer) through `linear_q4`, else (a CPU without VNNI, a checkpoint without residuals)
+  // through GPTQModel's kernel.
+  const bool q4 = !offsets.empty();
+#ifndef LORACORD_VNNI
+  TORCH_CHECK(!q4, "decode_layers: offsets need the AVX512-VNNI build");
+#endif
+  TORCH_CHECK(!q4 || static_cast<int64_t>(offsets.size()) == 4 * layers,
+              "decode_layers: offsets of qkv, o, gate_up, down per layer");
+  auto product = [&](const at::Tensor& x, int64_t l, int64_t which) {
+    const at::Tensor* w = &weights[l * 14 + 1 + 3 * which + (which >= 2 ? 1 : 0)];
+#ifdef LORACORD_VNNI
+    if (q4) return linear_q4(x, w[0], w[2], offsets[4 * l + which], group);
+#endif
+    return gemm(x, w[0], w[1], w[2], group);
+  };
   for (int64_t l = 0; l < layers; ++l) {
     TORCH_CHECK(keys[l].scalar_type() == at::kFloat && values[l].scalar_type() == at::kFloat &&
                     keys[l].is_contiguous() && values[l].is_contiguous() &&
@@ -258,12 +369,8 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& weigh
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor* w = &weights[l * 14];
     auto x = rms_norm(hidden, w[0], eps);
-    auto qkv = gemm(x, w[1], w[2], w[3], group);
+    auto qkv = product(x, l, 0);
     const int64_t width = qkv.size(1);
-    if (residual) {
-      add_residual(x.data_ptr<bf16>(), n, d, qkv.data_ptr<bf16>(), width, residuals[4 * l],
-                   residual_scales[4 * l], "qkv");
-    }
     if (lora) {
       const bf16* xp = x.data_ptr<bf16>();
       bf16* yp = qkv.data_ptr<bf16>();
@@ -335,11 +442,7 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& weigh
         for (int64_t i = 0; i < head_dim; ++i) ap[r * q_width + h * head_dim + i] = bf16(out[i]);
       }
     }
-    auto o = gemm(attention, w[4], w[5], w[6], group);
-    if (residual) {
-      add_residual(attention.data_ptr<bf16>(), n, q_width, o.data_ptr<bf16>(), d,
-                   residuals[4 * l + 1], residual_scales[4 * l + 1], "o");
-    }
+    auto o = product(attention, l, 1);
     if (lora) {
       add_lora(attention.data_ptr<bf16>(), q_width, o.data_ptr<bf16>(), d, 0, lora_a[4 * l + 3],
                lora_b[4 * l + 3], slots);
@@ -348,12 +451,8 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& weigh
     const bf16* op = o.data_ptr<bf16>();
     for (int64_t i = 0; i < n * d; ++i) hp[i] = bf16(static_cast<float>(hp[i]) + static_cast<float>(op[i]));
     auto x2 = rms_norm(hidden, w[7], eps);
-    auto gu = gemm(x2, w[8], w[9], w[10], group);
+    auto gu = product(x2, l, 2);
     const int64_t inner = gu.size(1) / 2;
-    if (residual) {
-      add_residual(x2.data_ptr<bf16>(), n, d, gu.data_ptr<bf16>(), gu.size(1), residuals[4 * l + 2],
-                   residual_scales[4 * l + 2], "gate_up");
-    }
     auto act = at::empty({n, inner}, hidden.options());
     const bf16* gp = gu.data_ptr<bf16>();
     bf16* actp = act.data_ptr<bf16>();
@@ -365,11 +464,7 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& weigh
         actp[r * inner + i] = bf16(silu * u);
       }
     }
-    auto down = gemm(act, w[11], w[12], w[13], group);
-    if (residual) {
-      add_residual(act.data_ptr<bf16>(), n, inner, down.data_ptr<bf16>(), d, residuals[4 * l + 3],
-                   residual_scales[4 * l + 3], "down");
-    }
+    auto down = product(act, l, 3);
     const bf16* dp = down.data_ptr<bf16>();
     for (int64_t i = 0; i < n * d; ++i) hp[i] = bf16(static_cast<float>(hp[i]) + static_cast<float>(dp[i]));
   }
@@ -480,6 +575,9 @@ bool has_vnni() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_layers", &decode_layers, "every layer of one decode step (CPU, bf16, fp32 cache)");
+#ifdef LORACORD_VNNI
+  m.def("linear_q4", &linear_q4, "x @ W with W 4-bit (GPTQModel's AVX512 layout), VNNI products (CPU)");
+#endif
   m.def("lm_head_int8", &lm_head_int8, "x @ W.T * scale: int16 x int8 VNNI products (CPU)");
   m.def("has_vnni", &has_vnni, "whether lm_head_int8 is built");
 }

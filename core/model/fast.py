@@ -374,17 +374,16 @@ class _NativeLayers:
                 for target in ("q_proj", "k_proj", "v_proj", "o_proj"):
                     self.lora_a.append(batch.lora.a[index, target])
                     self.lora_b.append(batch.lora.b[index, target])
-        # zero-point residuals of qkv, o, gate_up and down of every layer (an empty tensor for
-        # a product without), or none at all: int8 with an fp32 scale per output column, a
-        # quarter of the bytes a step would read for them in fp32 (`_int8_columns`)
-        self.residuals: list[torch.Tensor] = []
-        self.residual_scales: list[torch.Tensor] = []
+        # With AVX512-VNNI the 4-bit products are the step's own (`linear_q4`), which take each
+        # group's offset `residual - scale * zero` (fp16 [groups, out]) of qkv, o, gate_up and
+        # down of every layer: the zero-point residuals then cost nothing extra. Without VNNI,
+        # GPTQModel's kernel (only for checkpoints without residuals: `applies`).
         projections = [p for x in fast.layers for p in (x.qkv, x.o, x.gate_up, x.down)]
-        if any(p.residual is not None for p in projections):
-            for p in projections:
-                codes, scale = _int8_columns(p.residual)
-                self.residuals.append(codes)
-                self.residual_scales.append(scale)
+        self.offsets: list[torch.Tensor] = []
+        if self.module.has_vnni():
+            self.offsets = [_offsets(p) for p in projections]
+        elif any(p.residual is not None for p in projections):
+            raise RuntimeError("its zero-point residuals need AVX512-VNNI")
         self.weights: list[torch.Tensor] = []
         for hf, layer in zip(batch.layers, fast.layers, strict=True):
             self.weights += [
@@ -444,20 +443,21 @@ class _NativeLayers:
             self.lora_a,
             self.lora_b,
             [s.slot for s in segments] if any(s.slot for s in segments) else [],
-            self.residuals,
-            self.residual_scales,
+            self.offsets,
         )
         return batch.lm_head(fast.norm(hidden))
 
 
-def _int8_columns(residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A `[groups, out]` residual as int8 times an fp32 scale per column (the column's largest
-    |value| over 127: each value within 1/254 of that); empty tensors for None."""
-    if residual is None:
-        return torch.empty(0, dtype=torch.int8), torch.empty(0)
-    scale = residual.abs().amax(dim=0).clamp_min(1e-30) / 127
-    codes = torch.round(residual / scale).clamp(-127, 127).to(torch.int8)
-    return codes.contiguous(), scale.to(torch.float32).contiguous()
+def _offsets(p: Projection) -> torch.Tensor:
+    """Each group's offset `residual - scale * zero` of a fused AVX512 product, fp16 `[groups,
+    out]`: the weight is `scale * code + offset`. For the carried-over build this is the GGUF's
+    own fp16 offset again; for a plain GPTQ checkpoint `-scale * zero` rounded to fp16 (within
+    1/2048 of it, a fraction of a percent of one quantization step)."""
+    _, qzeros, scales = p.packed
+    offsets = -scales.float() * qzeros.float()
+    if p.residual is not None:
+        offsets = offsets + p.residual
+    return offsets.to(torch.float16).contiguous()
 
 
 def native_module(build_dir: Path | None) -> Any:
@@ -473,8 +473,10 @@ def native_module(build_dir: Path | None) -> Any:
     return load(
         name=folder.name,
         sources=[str(_NativeLayers.SOURCE)],
-        # -fopenmp-simd: the `omp simd` reductions vectorise without OpenMP threads
-        extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
+        # -fopenmp: `at::parallel_for` is an inline OpenMP region, serial without it (the
+        # extension then shares torch's own libgomp, already loaded); `omp simd` vectorises
+        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
         build_directory=str(folder),
         verbose=False,
     )
