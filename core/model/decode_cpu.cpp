@@ -19,7 +19,7 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512BF16__)
 #define LORACORD_VNNI 1
 #endif
 
@@ -92,6 +92,48 @@ void add_lora(const bf16* x, int64_t in, bf16* y, int64_t y_stride, int64_t offs
       row[o] = bf16(static_cast<float>(row[o]) + static_cast<float>(bf16(delta[o])));
     }
   }
+}
+
+#ifdef LORACORD_VNNI
+// 16 bf16 -> fp32 (a 16-bit shift), and fp32 -> bf16 rounded to nearest even (as c10 rounds)
+static inline __m512 load_bf16x16(const bf16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+static inline __m512 round_bf16x16(__m512 v) {
+  const __m256i half = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+static inline void store_bf16x16(bf16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+}
+
+// e^v for 16 lanes, within ~2 ulp of fp32 (Cephes' expf: v = n ln2 + r, |r| <= ln2 / 2, a
+// degree-6 polynomial for e^r, times 2^n); below -87.3 it is 0 and above 88.7 infinity.
+static inline __m512 exp16(__m512 v) {
+  v = _mm512_max_ps(_mm512_min_ps(v, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+// y += x elementwise, rounded to bf16 (the residual adds of a layer).
+static inline void add_bf16(bf16* y, const bf16* x, int64_t count) {
+  int64_t i = 0;
+#ifdef LORACORD_VNNI
+  for (; i + 16 <= count; i += 16) store_bf16x16(y + i, _mm512_add_ps(load_bf16x16(y + i), load_bf16x16(x + i)));
+#endif
+  for (; i < count; ++i) y[i] = bf16(static_cast<float>(y[i]) + static_cast<float>(x[i]));
 }
 
 #ifdef LORACORD_VNNI
@@ -427,7 +469,17 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& weigh
           peak = std::max(peak, scores[t]);
         }
         float total = 0.f;
-        for (int64_t t = 0; t < span; ++t) {
+        int64_t t0 = 0;
+#ifdef LORACORD_VNNI
+        __m512 vtotal = _mm512_setzero_ps();
+        for (; t0 + 16 <= span; t0 += 16) {
+          const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores.data() + t0), _mm512_set1_ps(peak)));
+          _mm512_storeu_ps(scores.data() + t0, e);
+          vtotal = _mm512_add_ps(vtotal, e);
+        }
+        total = _mm512_reduce_add_ps(vtotal);
+#endif
+        for (int64_t t = t0; t < span; ++t) {
           scores[t] = std::exp(scores[t] - peak);
           total += scores[t];
         }
@@ -449,7 +501,7 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& weigh
     }
     bf16* hp = hidden.data_ptr<bf16>();
     const bf16* op = o.data_ptr<bf16>();
-    for (int64_t i = 0; i < n * d; ++i) hp[i] = bf16(static_cast<float>(hp[i]) + static_cast<float>(op[i]));
+    add_bf16(hp, op, n * d);
     auto x2 = rms_norm(hidden, w[7], eps);
     auto gu = product(x2, l, 2);
     const int64_t inner = gu.size(1) / 2;
@@ -457,7 +509,17 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& weigh
     const bf16* gp = gu.data_ptr<bf16>();
     bf16* actp = act.data_ptr<bf16>();
     for (int64_t r = 0; r < n; ++r) {
-      for (int64_t i = 0; i < inner; ++i) {
+      int64_t i = 0;
+#ifdef LORACORD_VNNI
+      for (; i + 16 <= inner; i += 16) {  // the same roundings as the scalar loop below
+        const __m512 g = load_bf16x16(gp + r * 2 * inner + i);
+        const __m512 u = load_bf16x16(gp + r * 2 * inner + inner + i);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        const __m512 silu = round_bf16x16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
+        store_bf16x16(actp + r * inner + i, _mm512_mul_ps(silu, u));
+      }
+#endif
+      for (; i < inner; ++i) {
         const float g = static_cast<float>(gp[r * 2 * inner + i]);
         const float u = static_cast<float>(gp[r * 2 * inner + inner + i]);
         const float silu = static_cast<float>(bf16(g / (1.f + std::exp(-g))));
@@ -466,7 +528,7 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& weigh
     }
     auto down = product(act, l, 3);
     const bf16* dp = down.data_ptr<bf16>();
-    for (int64_t i = 0; i < n * d; ++i) hp[i] = bf16(static_cast<float>(hp[i]) + static_cast<float>(dp[i]));
+    add_bf16(hp, dp, n * d);
   }
   return hidden;
 }
