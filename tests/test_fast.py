@@ -418,31 +418,32 @@ def test_the_cpp_step_refuses_a_row_or_position_outside_the_cache(served: BatchM
     if _has_vnni():
         with pytest.raises(RuntimeError, match="offsets of qkv, o, gate_up, down per layer"):
             call(0, 0, native.offsets[:-1])
-        with pytest.raises(RuntimeError, match=r"fp16 offsets \[groups, out\]"):
+        with pytest.raises(RuntimeError, match=r"fp16 scales and offsets \[groups, 2 out\]"):
             call(0, 0, [native.offsets[0][:, :-32].contiguous(), *native.offsets[1:]])
-        with pytest.raises(RuntimeError, match=r"fp16 offsets \[groups, out\]"):
+        with pytest.raises(RuntimeError, match=r"fp16 scales and offsets \[groups, 2 out\]"):
             call(0, 0, [native.offsets[0].float(), *native.offsets[1:]])
     assert call(0, 0).shape == hidden.shape
 
 
 def _q4_layer(out: int, inputs: int, group: int, seed: int) -> dict[str, torch.Tensor]:
     """A random 4-bit matrix in GPTQModel's AVX512 layout (`pack_hf_int4`), with scales, zero
-    points, zero-point residuals, the offsets `linear_q4` takes and the exact fp32 weight."""
+    points and zero-point residuals as the scales and offsets `linear_q4` takes (fp16, 16
+    scales then 16 offsets per group and 16 outputs), and the exact fp32 weight."""
     from gptqmodel.nn_modules.qlinear.torch_cpu_avx512 import pack_hf_int4
 
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 16, (out, inputs), generator=g, dtype=torch.uint8)
     groups = inputs // group
-    scales = torch.rand(groups, out, generator=g) * 0.02 + 0.001
+    scales = (torch.rand(groups, out, generator=g) * 0.02 + 0.001).half()
     zeros = torch.randint(0, 16, (groups, out), generator=g)
-    residual = (torch.rand(groups, out, generator=g) - 0.5) * scales
-    offsets = (residual - scales * zeros).half()
+    residual = (torch.rand(groups, out, generator=g) - 0.5) * scales.float()
+    offsets = (residual - scales.float() * zeros).half()
     index = torch.arange(inputs) // group
-    weight = codes.float() * scales[index].T + offsets.float()[index].T
+    weight = codes.float() * scales.float()[index].T + offsets.float()[index].T
+    pair = torch.stack((scales.view(groups, -1, 16), offsets.view(groups, -1, 16)), 2)
     return {
         "qweight": pack_hf_int4(codes),
-        "scales": scales,
-        "offsets": offsets.contiguous(),
+        "scale_offsets": pair.reshape(groups, 2 * out).contiguous(),
         "weight": weight,
     }
 
@@ -468,19 +469,20 @@ def test_the_cpp_4bit_product_is_closer_to_the_exact_one_than_bf16(
     for rows in range(1, 7):
         x = (torch.randn(rows, inputs) * torch.rand(rows, 1) * 4).to(torch.bfloat16)
         exact = x.float() @ layer["weight"].T
-        got = module.linear_q4(x, layer["qweight"], layer["scales"], layer["offsets"], group)
+        got = module.linear_q4(x, layer["qweight"], layer["scale_offsets"], group)
         assert got.dtype == torch.bfloat16 and got.shape == (rows, out)
         bf16_step = exact.abs().clamp_min(1e-3) * 2**-8  # bf16's spacing around each value
         assert bool(((got.float() - exact).abs() <= bf16_step + 1e-3 * exact.abs().max()).all())
     x = torch.randn(1, inputs).to(torch.bfloat16)
-    with pytest.raises(RuntimeError, match="fp32 scales"):
-        module.linear_q4(x, layer["qweight"], layer["scales"].half(), layer["offsets"], group)
-    with pytest.raises(RuntimeError, match="fp16 offsets"):
-        module.linear_q4(x, layer["qweight"], layer["scales"], layer["offsets"][:, :-1], group)
+    pairs = layer["scale_offsets"]
+    with pytest.raises(RuntimeError, match="fp16 scales and offsets"):
+        module.linear_q4(x, layer["qweight"], pairs.float(), group)
+    with pytest.raises(RuntimeError, match="fp16 scales and offsets"):
+        module.linear_q4(x, layer["qweight"], pairs[:, :-16].contiguous(), group)
     with pytest.raises(RuntimeError, match="qweight"):
-        module.linear_q4(x[:, :-2], layer["qweight"], layer["scales"], layer["offsets"], group)
+        module.linear_q4(x[:, :-2], layer["qweight"], pairs, group)
     with pytest.raises(RuntimeError, match="groups of a multiple of 4"):
-        module.linear_q4(x, layer["qweight"], layer["scales"], layer["offsets"], 6)
+        module.linear_q4(x, layer["qweight"], pairs, 6)
 
 
 def test_the_vnni_lm_head_is_at_least_as_exact_as_torchs_int8_one(served: BatchModel) -> None:

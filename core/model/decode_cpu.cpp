@@ -3,10 +3,12 @@
 // loracord's fast decode step (core/model/fast.py) spends most of a 1-row step on a 2-core
 // CPU in ~35 small torch operations per layer, each a few microseconds of dispatch. Here the
 // small work (RMSNorm, rotary embedding, the cache writes, attention over each row's cache,
-// residual adds, SiLU) runs as plain loops, and the 4-bit products go to GPTQModel's AVX512
-// kernel through the dispatcher. Activations are bf16 as the kernel wants them; the cache and
-// attention are fp32, as in the eager step. Built at first use with torch's cpp_extension and
-// cached under the cache dir.
+// residual adds, SiLU) runs as loops, and the 4-bit products are `linear_q4` below (AVX512-VNNI
+// integer dot products on GPTQModel's packed layout), or GPTQModel's AVX512 kernel through the
+// dispatcher on a CPU without VNNI. Activations are bf16 between the products; the cache and
+// attention are fp32, as in the eager step. Built at first use with torch's cpp_extension (with
+// OpenMP, which `at::parallel_for` needs to use more than one thread) and cached under the cache
+// dir.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -189,9 +191,8 @@ static void quantize_rows(const bf16* x, int64_t n, int64_t in, int64_t group, Q
 // vpdpwssd port, the mask does not; the factor 16 leaves with the group's step. Sums run in
 // int32 over at most 256 inputs (each product pair is below 2^24), then in fp32.
 template <int J, int R>
-static inline void q4_block(const uint8_t* wp, const float* sp, const at::Half* mp,
-                            const Q4Rows& rows, bf16* yp, int64_t in, int64_t out, int64_t group,
-                            int64_t b, int64_t r) {
+static inline void q4_block(const uint8_t* wp, const at::Half* smp, const Q4Rows& rows, bf16* yp,
+                            int64_t in, int64_t out, int64_t group, int64_t b, int64_t r) {
   constexpr int64_t kChunk = 128;  // input pairs summed in int32 before fp32
   const int64_t groups = in / group, pairs = group / 2;
   const __m512i low_nibbles = _mm512_set1_epi16(0x0F);
@@ -259,9 +260,9 @@ static inline void q4_block(const uint8_t* wp, const float* sp, const at::Half* 
 #pragma GCC unroll 2
       for (int hh = 0; hh < 2; ++hh) {
         const int64_t o = (b + a) * 32 + hh * 16;
-        const __m512 s = _mm512_loadu_ps(sp + g * out + o);
-        const __m512 m = _mm512_cvtph_ps(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(mp + g * out + o)));
+        const at::Half* sm = smp + g * 2 * out + 2 * o;  // 16 scales, then 16 offsets
+        const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sm)));
+        const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sm + 16)));
 #pragma GCC unroll 8
         for (int c = 0; c < R; ++c) {
           const float step = rows.step[(r + c) * groups + g] * (hh ? 1.f / 16.f : 1.f);
@@ -284,10 +285,11 @@ static inline void q4_block(const uint8_t* wp, const float* sp, const at::Half* 
       }
 }
 
-// y [n, out] bf16 = x [n, in] bf16 times the 4-bit matrix (see above); scales fp32 and offsets
-// fp16, both [groups, out].
-at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                     const at::Tensor& offsets, int64_t group) {
+// y [n, out] bf16 = x [n, in] bf16 times the 4-bit matrix (see above). `scale_offsets`: fp16
+// [groups, 2 out], for each group and 16 outputs their 16 scales then their 16 offsets, so a
+// group of a block reads one cache line of them.
+at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale_offsets,
+                     int64_t group) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "linear_q4: x [n, in] bf16");
   const int64_t n = x.size(0), in = x.size(1);
   TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.is_contiguous() && qweight.dim() == 2 &&
@@ -296,33 +298,31 @@ at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& qweight, const at::T
   const int64_t out = qweight.size(0);
   TORCH_CHECK(group > 0 && group % 4 == 0 && in % group == 0,
               "linear_q4: groups of a multiple of 4 inputs dividing the inputs");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.dim() == 2 &&
-                  scales.size(0) == in / group && scales.size(1) == out,
-              "linear_q4: fp32 scales [groups, out]");
-  TORCH_CHECK(offsets.scalar_type() == at::kHalf && offsets.is_contiguous() &&
-                  offsets.sizes() == scales.sizes(), "linear_q4: fp16 offsets [groups, out]");
+  TORCH_CHECK(scale_offsets.scalar_type() == at::kHalf && scale_offsets.is_contiguous() &&
+                  scale_offsets.dim() == 2 && scale_offsets.size(0) == in / group &&
+                  scale_offsets.size(1) == 2 * out,
+              "linear_q4: fp16 scales and offsets [groups, 2 out]");
   const auto xc = x.contiguous();
   thread_local Q4Rows rows;
   quantize_rows(xc.data_ptr<bf16>(), n, in, group, rows);
   auto y = at::empty({n, out}, x.options());
   const uint8_t* wp = qweight.data_ptr<uint8_t>();
-  const float* sp = scales.data_ptr<float>();
-  const at::Half* mp = offsets.data_ptr<at::Half>();
+  const at::Half* smp = scale_offsets.data_ptr<at::Half>();
   bf16* yp = y.data_ptr<bf16>();
   const Q4Rows& shared = rows;  // read by every thread of the loop below
   const int64_t blocks = out / 32;
   at::parallel_for(0, blocks, 4, [&](int64_t begin, int64_t end) {
     int64_t b = begin;
     if (n == 1) {
-      for (; b + 2 <= end; b += 2) q4_block<2, 1>(wp, sp, mp, shared, yp, in, out, group, b, 0);
-      for (; b < end; ++b) q4_block<1, 1>(wp, sp, mp, shared, yp, in, out, group, b, 0);
+      for (; b + 2 <= end; b += 2) q4_block<2, 1>(wp, smp, shared, yp, in, out, group, b, 0);
+      for (; b < end; ++b) q4_block<1, 1>(wp, smp, shared, yp, in, out, group, b, 0);
       return;
     }
     for (; b < end; ++b) {
       int64_t r = 0;
-      for (; r + 4 <= n; r += 4) q4_block<1, 4>(wp, sp, mp, shared, yp, in, out, group, b, r);
-      for (; r + 2 <= n; r += 2) q4_block<1, 2>(wp, sp, mp, shared, yp, in, out, group, b, r);
-      for (; r < n; ++r) q4_block<1, 1>(wp, sp, mp, shared, yp, in, out, group, b, r);
+      for (; r + 4 <= n; r += 4) q4_block<1, 4>(wp, smp, shared, yp, in, out, group, b, r);
+      for (; r + 2 <= n; r += 2) q4_block<1, 2>(wp, smp, shared, yp, in, out, group, b, r);
+      for (; r < n; ++r) q4_block<1, 1>(wp, smp, shared, yp, in, out, group, b, r);
     }
   });
   return y;
@@ -372,8 +372,8 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& weigh
       TORCH_CHECK(slots[r] >= 0 && slots[r] < lora_a[0].size(0), "decode_layers: slot out of range");
     }
   }
-  // The 4-bit products: with offsets (fp16 [groups, out] of qkv, o, gate_up and down per
-  // layer) through `linear_q4`, else (a CPU without VNNI, a checkpoint without residuals)
+  // The 4-bit products: with scales and offsets (fp16 [groups, 2 out] of qkv, o, gate_up and
+  // down per layer) through `linear_q4`, else (a CPU without VNNI, a checkpoint without residuals)
   // through GPTQModel's kernel.
   const bool q4 = !offsets.empty();
 #ifndef LORACORD_VNNI
@@ -384,7 +384,7 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& weigh
   auto product = [&](const at::Tensor& x, int64_t l, int64_t which) {
     const at::Tensor* w = &weights[l * 14 + 1 + 3 * which + (which >= 2 ? 1 : 0)];
 #ifdef LORACORD_VNNI
-    if (q4) return linear_q4(x, w[0], w[2], offsets[4 * l + which], group);
+    if (q4) return linear_q4(x, w[0], offsets[4 * l + which], group);
 #endif
     return gemm(x, w[0], w[1], w[2], group);
   };

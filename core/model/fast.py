@@ -350,11 +350,12 @@ class _Layer:
 class _NativeLayers:
     """Every layer of a decode step in one C++ call (`decode_cpu.cpp`), for the AVX512 bf16
     CPU kernel: its small work (norms, rotation, cache writes, attention, residuals, SiLU) as
-    plain loops, its 4-bit products through GPTQModel's kernel.
+    loops, its 4-bit products its own (AVX512-VNNI integer products on GPTQModel's packed
+    weights; GPTQModel's kernel on a CPU without VNNI).
 
     Eagerly a 1-row step of the embedded model runs ~35 small torch operations per layer, a
-    few microseconds of dispatch each on 2 cores: 16.5 ms a step, against 10.9 here with the
-    same greedy tokens (BENCHMARKS.md). torch.compile of the same work measured no faster
+    few microseconds of dispatch each on 2 cores: 14-16 ms a step, against 4.4-5.0 here
+    (BENCHMARKS.md). torch.compile of the same work measured no faster
     (its guards and wrappers cost ~100 us per call). The extension is built at first use
     (~40 s on 2 cores) into `build_dir` (the cache dir's `compiled/` when the engine loads),
     one build per CPU kind since it is compiled for this CPU."""
@@ -375,13 +376,13 @@ class _NativeLayers:
                     self.lora_a.append(batch.lora.a[index, target])
                     self.lora_b.append(batch.lora.b[index, target])
         # With AVX512-VNNI the 4-bit products are the step's own (`linear_q4`), which take each
-        # group's offset `residual - scale * zero` (fp16 [groups, out]) of qkv, o, gate_up and
-        # down of every layer: the zero-point residuals then cost nothing extra. Without VNNI,
-        # GPTQModel's kernel (only for checkpoints without residuals: `applies`).
+        # group's scales and offsets `residual - scale * zero` in fp16 (`_scale_offsets`) of
+        # qkv, o, gate_up and down of every layer: the zero-point residuals cost nothing extra.
+        # Without VNNI, GPTQModel's kernel, for checkpoints without residuals only.
         projections = [p for x in fast.layers for p in (x.qkv, x.o, x.gate_up, x.down)]
         self.offsets: list[torch.Tensor] = []
         if self.module.has_vnni():
-            self.offsets = [_offsets(p) for p in projections]
+            self.offsets = [_scale_offsets(p) for p in projections]
         elif any(p.residual is not None for p in projections):
             raise RuntimeError("its zero-point residuals need AVX512-VNNI")
         self.weights: list[torch.Tensor] = []
@@ -448,16 +449,22 @@ class _NativeLayers:
         return batch.lm_head(fast.norm(hidden))
 
 
-def _offsets(p: Projection) -> torch.Tensor:
-    """Each group's offset `residual - scale * zero` of a fused AVX512 product, fp16 `[groups,
-    out]`: the weight is `scale * code + offset`. For the carried-over build this is the GGUF's
-    own fp16 offset again; for a plain GPTQ checkpoint `-scale * zero` rounded to fp16 (within
+def _scale_offsets(p: Projection) -> torch.Tensor:
+    """A fused AVX512 product's scales and offsets as `linear_q4` reads them: fp16 `[groups,
+    2 out]`, for each group and 16 outputs their 16 scales then their 16 offsets, the offset
+    being `residual - scale * zero` so that the weight is `scale * code + offset`. The scales
+    are the checkpoint's fp16 ones again; the offset is, for the carried-over build, the GGUF's
+    own fp16 offset, and for a plain GPTQ checkpoint `-scale * zero` rounded to fp16 (within
     1/2048 of it, a fraction of a percent of one quantization step)."""
     _, qzeros, scales = p.packed
     offsets = -scales.float() * qzeros.float()
     if p.residual is not None:
         offsets = offsets + p.residual
-    return offsets.to(torch.float16).contiguous()
+    groups, out = scales.shape
+    pair = torch.stack(
+        (scales.float().view(groups, out // 16, 16), offsets.view(groups, out // 16, 16)), 2
+    )
+    return pair.reshape(groups, 2 * out).to(torch.float16).contiguous()
 
 
 def native_module(build_dir: Path | None) -> Any:
