@@ -329,6 +329,45 @@ at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& qweight, const at::T
 }
 #endif
 
+// One head of one row: softmax(q . k_t * scaling) over the `span` cached positions, times v_t,
+// rounded to bf16 into `out`. `scores` holds `span` floats.
+static void attend_head(const float* q, const float* kbase, const float* vbase, int64_t span,
+                        int64_t head_dim, float scaling, float* scores, bf16* out) {
+  float peak = -INFINITY;
+  for (int64_t t = 0; t < span; ++t) {
+    const float* kt = kbase + t * head_dim;
+    float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t i = 0; i < head_dim; ++i) dot += q[i] * kt[i];
+    scores[t] = dot * scaling;
+    peak = std::max(peak, scores[t]);
+  }
+  float total = 0.f;
+  int64_t t0 = 0;
+#ifdef LORACORD_VNNI
+  __m512 vtotal = _mm512_setzero_ps();
+  for (; t0 + 16 <= span; t0 += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores + t0), _mm512_set1_ps(peak)));
+    _mm512_storeu_ps(scores + t0, e);
+    vtotal = _mm512_add_ps(vtotal, e);
+  }
+  total = _mm512_reduce_add_ps(vtotal);
+#endif
+  for (int64_t t = t0; t < span; ++t) {
+    scores[t] = std::exp(scores[t] - peak);
+    total += scores[t];
+  }
+  float acc[512];
+  for (int64_t i = 0; i < head_dim; ++i) acc[i] = 0.f;
+  for (int64_t t = 0; t < span; ++t) {
+    const float p = scores[t] / total;
+    const float* vt = vbase + t * head_dim;
+#pragma omp simd
+    for (int64_t i = 0; i < head_dim; ++i) acc[i] += p * vt[i];
+  }
+  for (int64_t i = 0; i < head_dim; ++i) out[i] = bf16(acc[i]);
+}
+
 }  // namespace
 
 // hidden [n, d] bf16 (the embedded tokens), updated through every layer and returned.
@@ -406,7 +445,6 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& weigh
   const bf16* sp = sin.data_ptr<bf16>();
   hidden = hidden.contiguous().clone();
   std::vector<float> qk((heads + kv_heads) * head_dim);
-  std::vector<float> scores;
   auto attention = at::empty({n, q_width}, hidden.options());
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor* w = &weights[l * 14];
@@ -453,46 +491,17 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& weigh
         }
       }
       const int64_t span = pos + 1;
-      scores.resize(span);
-      for (int64_t h = 0; h < heads; ++h) {
-        const int64_t g = h / groups;
-        const float* q = qk.data() + h * head_dim;
-        const float* kbase = krow + g * context * head_dim;
-        const float* vbase = vrow + g * context * head_dim;
-        float peak = -INFINITY;
-        for (int64_t t = 0; t < span; ++t) {
-          const float* kt = kbase + t * head_dim;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t i = 0; i < head_dim; ++i) dot += q[i] * kt[i];
-          scores[t] = dot * scaling;
-          peak = std::max(peak, scores[t]);
+      // Heads split between threads once the cache is long enough to pay for the split.
+      at::parallel_for(0, heads, span * heads >= 512 ? 1 : heads, [&](int64_t begin, int64_t end) {
+        thread_local std::vector<float> scores;
+        scores.resize(span);
+        for (int64_t h = begin; h < end; ++h) {
+          const int64_t g = h / groups;
+          attend_head(qk.data() + h * head_dim, krow + g * context * head_dim,
+                      vrow + g * context * head_dim, span, head_dim, scaling, scores.data(),
+                      ap + r * q_width + h * head_dim);
         }
-        float total = 0.f;
-        int64_t t0 = 0;
-#ifdef LORACORD_VNNI
-        __m512 vtotal = _mm512_setzero_ps();
-        for (; t0 + 16 <= span; t0 += 16) {
-          const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores.data() + t0), _mm512_set1_ps(peak)));
-          _mm512_storeu_ps(scores.data() + t0, e);
-          vtotal = _mm512_add_ps(vtotal, e);
-        }
-        total = _mm512_reduce_add_ps(vtotal);
-#endif
-        for (int64_t t = t0; t < span; ++t) {
-          scores[t] = std::exp(scores[t] - peak);
-          total += scores[t];
-        }
-        float out[512];
-        for (int64_t i = 0; i < head_dim; ++i) out[i] = 0.f;
-        for (int64_t t = 0; t < span; ++t) {
-          const float p = scores[t] / total;
-          const float* vt = vbase + t * head_dim;
-#pragma omp simd
-          for (int64_t i = 0; i < head_dim; ++i) out[i] += p * vt[i];
-        }
-        for (int64_t i = 0; i < head_dim; ++i) ap[r * q_width + h * head_dim + i] = bf16(out[i]);
-      }
+      });
     }
     auto o = product(attention, l, 1);
     if (lora) {
