@@ -185,6 +185,17 @@ static void quantize_rows(const bf16* x, int64_t n, int64_t in, int64_t group, Q
   }
 }
 
+// Every fp32 sum of a block of outputs set to zero.
+template <int J, int R>
+static inline void zero_sums(__m512 (&v)[J][2][R]) {
+#pragma GCC unroll 8
+  for (int a = 0; a < J; ++a)
+#pragma GCC unroll 2
+    for (int hh = 0; hh < 2; ++hh)
+#pragma GCC unroll 8
+      for (int c = 0; c < R; ++c) v[a][hh][c] = _mm512_setzero_ps();
+}
+
 // J blocks of 32 outputs from block `b`, times R rows of x from row `r`; two accumulators per
 // block half and row (even and odd input pairs), so 4 J R independent chains of vpdpwssd. The
 // high nibbles are masked in place (16 code) rather than shifted: the shift would share the
@@ -198,20 +209,10 @@ static inline void q4_block(const uint8_t* wp, const at::Half* smp, const Q4Rows
   const __m512i low_nibbles = _mm512_set1_epi16(0x0F);
   const __m512i high_nibbles = _mm512_set1_epi16(0xF0);
   __m512 y[J][2][R];
-#pragma GCC unroll 8
-  for (int a = 0; a < J; ++a)
-#pragma GCC unroll 2
-    for (int hh = 0; hh < 2; ++hh)
-#pragma GCC unroll 8
-      for (int c = 0; c < R; ++c) y[a][hh][c] = _mm512_setzero_ps();
+  zero_sums(y);
   for (int64_t g = 0; g < groups; ++g) {
     __m512 dot[J][2][R];
-#pragma GCC unroll 8
-    for (int a = 0; a < J; ++a)
-#pragma GCC unroll 2
-      for (int hh = 0; hh < 2; ++hh)
-#pragma GCC unroll 8
-        for (int c = 0; c < R; ++c) dot[a][hh][c] = _mm512_setzero_ps();
+    zero_sums(dot);
     for (int64_t h0 = g * pairs; h0 < (g + 1) * pairs; h0 += kChunk) {
       const int64_t h1 = std::min(h0 + kChunk, (g + 1) * pairs);
       __m512i acc[J][2][R][2];
