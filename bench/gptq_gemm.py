@@ -1,7 +1,8 @@
 """The 4-bit GPTQ products of a 7B decode step on CUDA: loracord's Triton kernels against the
 fp16 dense product (cuBLAS) that reads four times the bytes, per shape and row count.
 
-    python3 bench/gptq_gemm.py [--rows 1,2,4,8,16,32] [--json F]
+    python3 bench/gptq_gemm.py [--rows 1,2,4,8,16,32] [--cold] [--shapes qkv,o,gate_up,down]
+        [--stages 1] [--blocks 32,64,128] [--splits 2,4,8,16] [--warps 2,4] [--json F]
 
 Random packed weights in GPTQ's layout (g128) of Llama-2-7B's four products per layer
 (q/k/v and gate/up fused, as the fast decode step runs them). Each configuration in a small
@@ -96,11 +97,13 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() / seconds
 
 
-def fastest(configs, run, want: torch.Tensor, tolerance: float | None, calls: int = 20):
+def fastest(
+    configs, run, want: torch.Tensor, tolerance: float | None, calls: int = 20, ranking=None
+):
     """The fastest of `configs` for `run(cfg)` (timed as `graph_time` times it) as `(seconds,
     cfg, error)`, or None when none ran. A configuration the compiler refuses, or (with a
     `tolerance`) one whose result is further from `want` than that, is named on stderr and
-    skipped."""
+    skipped. With a `ranking` list, every `(seconds, cfg)` that ran is appended to it."""
     best = None
     for cfg in configs:
         try:
@@ -113,6 +116,8 @@ def fastest(configs, run, want: torch.Tensor, tolerance: float | None, calls: in
         if tolerance is not None and error > tolerance:
             print(f"  {cfg}: wrong ({error:.2e})", file=sys.stderr)
             continue
+        if ranking is not None:
+            ranking.append((seconds, cfg))
         if best is None or seconds < best[0]:
             best = (seconds, cfg, error)
     return best
@@ -126,11 +131,16 @@ def card() -> float:
     return limit
 
 
-def configs(rows: int, stages: tuple[int, ...] = (1,)) -> list[tuple[str, object]]:
+def configs(
+    rows: int,
+    stages: tuple[int, ...] = (1,),
+    blocks: tuple[int, ...] = (32, 64, 128),
+    splits: tuple[int, ...] = (2, 4, 8, 16),
+    warps: tuple[int, ...] = (2, 4),
+) -> list[tuple[str, object]]:
     out: list[tuple[str, object]] = []
     if rows == 1:  # the GEMV only: the GEMM lost to it at one row on every shape before
         # (stages > 1 won nowhere in the served step on an H100: `--stages 1,2,3,4` to retry)
-        blocks, splits, warps = (32, 64, 128), (2, 4, 8, 16), (2, 4)
         sweep = itertools.product(blocks, splits, warps, stages, (False, True), (1, 2))
         for block_n, split, warp, stage, late, tiles in sweep:
             cfg = gt.GemvConfig(block_n, split, warp, stage, late=late, tiles=tiles)
@@ -148,16 +158,27 @@ def main() -> None:
     parser.add_argument("--rows", default="1,2,4,8,16,32")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--stages", default="1", help="the GEMV's pipeline stages to sweep")
+    parser.add_argument("--blocks", default="32,64,128", help="the GEMV's block_n to sweep")
+    parser.add_argument("--splits", default="2,4,8,16", help="the GEMV's K splits to sweep")
+    parser.add_argument("--warps", default="2,4", help="the GEMV's warps to sweep")
+    parser.add_argument("--top", type=int, default=0, help="print the N fastest per shape")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="which of " + ", ".join(SHAPES))
     parser.add_argument("--cold", action="store_true", help="no matrix read from the L2 cache")
     parser.add_argument(
         "--pdl", action="store_true", help="GEMVs as programmatic dependent launches (Hopper)"
     )
     args = parser.parse_args()
     stages = tuple(int(s) for s in args.stages.split(","))
+    space = {
+        name: tuple(int(v) for v in getattr(args, name).split(","))
+        for name in ("blocks", "splits", "warps")
+    }
     torch.manual_seed(0)
     limit = card()
     results = []
     for name, (k, n) in SHAPES.items():
+        if name not in args.shapes.split(","):
+            continue
         w = random_weights(k, n)
         dense = gt.dequantize(w).half()
         next_w, copies = cycle(w, args.cold)
@@ -174,9 +195,17 @@ def main() -> None:
             x = torch.randn(rows, k, device="cuda", dtype=torch.float16)
             ref = x.float() @ dense.float()
             cublas = graph_time(lambda x=x, nd=next_dense: x @ nd(), calls)
+            ranking: list = []
             best = fastest(
-                configs(rows, stages), lambda kind_cfg, x=x: product(kind_cfg, x), ref, 2e-3, calls
+                configs(rows, stages, **space),
+                lambda kind_cfg, x=x: product(kind_cfg, x),
+                ref,
+                2e-3,
+                calls,
+                ranking,
             )
+            for seconds, (_, cfg) in sorted(ranking, key=lambda r: r[0])[: args.top]:
+                print(f"  {name} rows {rows}: {seconds * 1e6:7.1f} us  {cfg}", flush=True)
             if best is None:
                 print(f"{name} rows {rows}: no configuration ran", file=sys.stderr)
                 continue

@@ -184,6 +184,10 @@ def test_the_step_kernels_as_dependent_launches_compile_for_hopper_and_wait_firs
     spans = {**attention, "part_ptr": "*fp32", "lse_ptr": "*fp32", "SPLITS": 8}
     spans = {n: spans[n] for n in ts._attention_split.arg_names if n in spans}
     combine = {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*fp16", "HEADS": 32, "D": 128}
+    dense = {
+        "x_ptr": "*fp16", "w_ptr": "*fp16", "out_ptr": "*fp16", "N": "i32", "K": "i32",
+        "stride_w": "i32", "BLOCK_N": 8, "BLOCK_K": 512,
+    }  # fmt: skip
     weights = {"w_ptr", "s_ptr", "z_ptr"}
     kernels = {  # name: (kernel, arguments, warps, what it may read before the wait)
         "gemv": (gt._gemv, gemv, 2, weights),
@@ -199,6 +203,7 @@ def test_the_step_kernels_as_dependent_launches_compile_for_hopper_and_wait_firs
         "decode_attention": (ts._decode_attention, attention, 4, set()),
         "attention_split": (ts._attention_split, spans, 4, set()),
         "attention_combine": (ts._attention_combine, {**combine, "SPLITS": 8}, 1, set()),
+        "dense_gemv": (ts._dense_gemv, dense, 4, {"w_ptr"}),
     }
     for name, (kernel, args, warps, early) in kernels.items():
         assert "griddepcontrol" not in _hopper(kernel, args, warps, pdl=False)["ptx"], name
@@ -411,6 +416,15 @@ def _check_step_kernels(torch) -> None:
     summed = gate_up.sum(0).half()
     want = torch.nn.functional.silu(summed[:, :100]) * summed[:, 100:]
     assert float((act.float() - want.float()).abs().max()) < 1e-2
+
+    # one row times a dense fp16 weight (the one-row LM head): 100 rows of w (the last of
+    # 7 programs partly masked), K = 256 in two steps of 128
+    x = torch.randn(1, 256).half()
+    w = torch.randn(100, 256).half()
+    got = torch.empty(1, 100).half()
+    ts._dense_gemv[(7,)](x, w, got, 100, 256, w.stride(0), BLOCK_N=16, BLOCK_K=128)
+    want = x.float() @ w.float().T
+    assert float((got.float() - want).abs().max()) < 2e-3 * float(want.abs().max())
 
     # rotation and cache writes: 2 tokens of rows 3 and 1, 4 heads over 2 kv heads
     heads, kv_heads, dim, context = 4, 2, 16, 12

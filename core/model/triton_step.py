@@ -19,6 +19,9 @@ costs ~2 us, as much as reading the layer's weights. Here a layer is:
 5. the o GEMV; 6. `_add_rms_norm`; 7. the gate/up GEMV;
 8. `_silu_mul`: the MLP's activation from the gate/up GEMV's shares; 9. the down GEMV.
 
+After the last layer's norm, one row's LM head is `_dense_gemv` (`LM_HEAD_GEMV`), more rows
+the model's own (cuBLAS).
+
 The arithmetic is the fast step's: norms and the softmax in fp32, products accumulated in fp32,
 values rounded to the model's dtype where the plain path rounds them. The LoRA terms of
 adapters (q, k, v and o) are added between the kernels by `core.model.lora` as before.
@@ -298,6 +301,31 @@ if triton is not None:
         out = tl.sum(weight[:, None] * part, axis=0) / tl.sum(weight, axis=0)
         tl.store(out_ptr + t * HEADS * D + head * D + d, out.to(out_ptr.dtype.element_ty))
 
+    @triton.jit
+    def _dense_gemv(
+        x_ptr, w_ptr, out_ptr, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr = False,
+    ):  # fmt: skip
+        """One row `x [K]` times a dense `w [N, K]` (an `nn.Linear`'s weight, rows along K):
+        `out [N]` in out's dtype, accumulated in fp32. Each program takes `BLOCK_N` rows of w
+        and sums their products elementwise over K, once at the end. With `PDL` its first
+        tile of w, which no kernel writes, is read before the wait for x."""
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < N
+        k = tl.arange(0, BLOCK_K)
+        w_ptrs = w_ptr + n[:, None] * stride_w + k[None, :]
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        start = 0
+        if PDL:
+            w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
+            _wait_if(PDL)
+            acc += w.to(tl.float32) * tl.load(x_ptr + k).to(tl.float32)[None, :]
+            start = BLOCK_K
+        for k0 in range(start, K, BLOCK_K):
+            w = tl.load(w_ptrs + k0, mask=n_ok[:, None], other=0.0)
+            acc += w.to(tl.float32) * tl.load(x_ptr + k0 + k).to(tl.float32)[None, :]
+        tl.store(out_ptr + n, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=n_ok)
+
 
 # The most spans one row's attention is cut into (`TritonLayers.attention_splits`; 1: one
 # kernel, no split). 8 served a 2,000-token prompt 1.74x as fast as 1 on an H100 (7B shape,
@@ -311,6 +339,12 @@ MAX_ATTENTION_SPLITS = 8
 # (`bench/serving.py --pdl on|off`, BENCHMARKS.md); the kernels compile either way
 # (`tests/test_triton_kernels.py`), and GPUs before Hopper launch them plainly.
 PDL = True
+
+# One row's LM head (an fp16 `nn.Linear` without bias) as `_dense_gemv` (block_n, block_k,
+# warps), or None: torch's product (cuBLAS) as for more rows. On an H100 (7B shape, vocabulary
+# 49,152: 403 MB) cuBLAS read it in 136.8-145.3 us, `_dense_gemv` (8, 512, 4) in 128.1-131.7;
+# served, 0.4-0.6% more tokens/s (BENCHMARKS.md, 2026-12-06, fifth session).
+LM_HEAD_GEMV: tuple[int, int, int] | None = (8, 512, 4)
 
 
 def _next_power_of_two(n: int) -> int:
@@ -483,4 +517,27 @@ class TritonLayers:
             down = self._project(self._activation(gate_up, hidden.dtype), down_w, down_cfg)
             last = index + 1 == len(self.weights)
             x = self._norm(hidden, down, self.final_norm if last else self.attn_norms[index + 1])
-        return batch.lm_head(x)
+        return self._lm_head(x)
+
+    def _lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits of the final norm's output `x [T, hidden]`: one row through
+        `_dense_gemv` (`LM_HEAD_GEMV`), more through the model's own LM head."""
+        head = self.fast.batch.lm_head
+        if (
+            LM_HEAD_GEMV is None
+            or x.shape[0] != 1
+            or not isinstance(head, torch.nn.Linear)
+            or head.bias is not None
+            or head.weight.dtype != x.dtype
+            or head.weight.stride(1) != 1
+            or x.shape[1] % LM_HEAD_GEMV[1]
+        ):
+            return head(x)
+        block_n, block_k, warps = LM_HEAD_GEMV
+        n, k = head.weight.shape
+        out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+        _dense_gemv[(triton.cdiv(n, block_n),)](
+            x, head.weight, out, n, k, head.weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
+            PDL=self.pdl, num_warps=warps, **gt.launch_options(self.pdl),
+        )  # fmt: skip
+        return out
