@@ -63,9 +63,14 @@ def choose(
     negative. Temperature 0 is greedy.
     """
     device = logits.device
+    penalties = [s.params.repetition_penalty for s in samplers]
+    if all(p == 1.0 for p in penalties) and all(s.params.temperature == 0 for s in samplers):
+        # Greedy rows without a penalty: the argmax of the logits as they are (widening to
+        # fp32 changes no value, so not the token) and no seen-token update, which only the
+        # penalty reads; a decode step then costs one small kernel and the sync after it.
+        return [int(t) for t in logits.argmax(dim=-1).tolist()]
     logits = logits.float()
     rows_t = torch.tensor(rows, device=device)
-    penalties = [s.params.repetition_penalty for s in samplers]
     if any(p != 1.0 for p in penalties):
         penalty = torch.tensor(penalties, device=device)[:, None]
         hit = seen.mask.index_select(0, rows_t)
