@@ -822,6 +822,7 @@ class CudaGraphs:
         # `[3, B]`, so what is copied is always contiguous on both sides.
         self.inputs = torch.zeros(3 * rows, dtype=torch.long, device=device)
         self._host = torch.zeros(3 * rows, dtype=torch.long).pin_memory()
+        self._host_values = self._host.numpy()  # the same memory, written without dispatch
         self._graphs: dict[tuple[int, int, str], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool: Any = None
         self.failed: str | None = None
@@ -850,14 +851,17 @@ class CudaGraphs:
             mode = "one"
         else:
             mode = "mixed"
-        values = [[0] * count for _ in range(3)]  # token, position, slot of each row
+        # token, position and slot of each row, written straight into the pinned buffer (the
+        # previous step's copy from it has finished: its tokens were read back since)
+        values = self._host_values[: 3 * count]
+        values.fill(0)
         for s in segments:
-            values[0][s.row], values[1][s.row], values[2][s.row] = s.tokens[0], s.start, s.slot
+            values[s.row], values[count + s.row], values[2 * count + s.row] = (
+                s.tokens[0], s.start, s.slot,
+            )  # fmt: skip
         if mode == "one":  # the free rows compute with the same adapter: harmless
-            values[2] = [segments[0].slot] * count
-        host = self._host[: 3 * count]
-        host.copy_(torch.tensor(values).view(-1))
-        self.inputs[: 3 * count].copy_(host, non_blocking=True)
+            values[2 * count :] = segments[0].slot
+        self.inputs[: 3 * count].copy_(self._host[: 3 * count], non_blocking=True)
         key = (count, span, mode)
         entry = self._graphs.get(key)
         if entry is None:
