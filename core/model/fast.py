@@ -354,7 +354,7 @@ class _NativeLayers:
     weights; GPTQModel's kernel on a CPU without VNNI).
 
     Eagerly a 1-row step of the embedded model runs ~35 small torch operations per layer, a
-    few microseconds of dispatch each on 2 cores: 14-16 ms a step, against 4.4-5.0 here
+    few microseconds of dispatch each on 2 cores: 13-17 ms a step, against 3.9-5.0 here
     (BENCHMARKS.md). torch.compile of the same work measured no faster
     (its guards and wrappers cost ~100 us per call). The extension is built at first use
     (~40 s on 2 cores) into `build_dir` (the cache dir's `compiled/` when the engine loads),
