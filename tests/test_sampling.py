@@ -96,3 +96,18 @@ def test_the_penalty_touches_only_the_seen_tokens_and_equals_the_dense_formula()
     assert torch.equal(got, dense)
     assert torch.equal(logits, before)
     assert not torch.equal(got, logits)
+
+
+@pytest.mark.parametrize("candidates", [(64, 1024), ()])
+def test_a_draw_at_the_whole_mass_stays_in_the_nucleus(
+    monkeypatch: pytest.MonkeyPatch, candidates: tuple[int, ...]
+) -> None:
+    """A uniform draw that rounds up to the nucleus's whole mass picks the nucleus's last token,
+    never one past it (the least probable token of the vocabulary, or past the candidates)."""
+    monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", candidates)
+    logits = torch.full((1, VOCAB), -10.0)
+    logits[0, [7, 70, 700]] = torch.tensor([5.0, 4.0, 3.0])
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones(1))
+    params = GenerationParams(temperature=1.0, top_p=0.9)
+    picked = _picks(logits, [params], seed=0)
+    assert picked[0] in (7, 70, 700)

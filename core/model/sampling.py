@@ -95,7 +95,9 @@ def choose(
             [torch.rand(1, generator=samplers[i].generator, device=device) for i in sampled]
         )
         target = draws[:, None] * cumulative[:, -1:]
-        pick = torch.searchsorted(cumulative, target, right=True).clamp_(max=probs.shape[-1] - 1)
+        pick = torch.searchsorted(cumulative, target, right=True)
+        # a draw that rounds up to the whole mass stays on the nucleus's last token
+        pick = torch.minimum(pick, (sorted_probs > 0).sum(dim=-1, keepdim=True) - 1)
         chosen[index] = order.gather(-1, pick).squeeze(-1)
     seen.add(rows_t, chosen)
     return [int(t) for t in chosen.tolist()]
