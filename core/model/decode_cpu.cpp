@@ -279,11 +279,7 @@ static inline void q4_block(const uint8_t* wp, const at::Half* smp, const Q4Rows
 #pragma GCC unroll 2
     for (int hh = 0; hh < 2; ++hh)
 #pragma GCC unroll 8
-      for (int c = 0; c < R; ++c) {
-        const __m256i rounded = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(y[a][hh][c]));
-        _mm256_storeu_si256(
-            reinterpret_cast<__m256i*>(yp + (r + c) * out + (b + a) * 32 + hh * 16), rounded);
-      }
+      for (int c = 0; c < R; ++c) store_bf16x16(yp + (r + c) * out + (b + a) * 32 + hh * 16, y[a][hh][c]);
 }
 
 // y [n, out] bf16 = x [n, in] bf16 times the 4-bit matrix (see above). `scale_offsets`: fp16

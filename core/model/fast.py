@@ -357,7 +357,7 @@ class _NativeLayers:
     few microseconds of dispatch each on 2 cores: 13-17 ms a step, against 3.9-5.0 here
     (BENCHMARKS.md). torch.compile of the same work measured no faster
     (its guards and wrappers cost ~100 us per call). The extension is built at first use
-    (~40 s on 2 cores) into `build_dir` (the cache dir's `compiled/` when the engine loads),
+    (~35 s on 2 cores) into `build_dir` (the cache dir's `compiled/` when the engine loads),
     one build per CPU kind since it is compiled for this CPU."""
 
     SOURCE = Path(__file__).with_name("decode_cpu.cpp")
