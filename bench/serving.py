@@ -6,8 +6,9 @@ Loads a GPTQ checkpoint as the engine serves it, then, in one process:
   and its sampler (`core.model.sampling.choose`), through the plain path (the baseline), the
   fast path, and on a GPU the fast path without CUDA graphs; time to first token is the
   prompt's prefill plus its first choice;
-- with `--adapters N`: N rows decoding together on one adapter, then each row on its own
-  adapter (N distinct, resident in slots), on the path serving uses;
+- with `--adapters N`: one row on an adapter (what one member asking in a channel gets), N
+  rows decoding together on one adapter, then each row on its own adapter (N distinct,
+  resident in slots), on the path serving uses;
 - on a CPU, llama.cpp (`llama-cpp-python`, when installed) on the embedded model's GGUF, same
   thread count, same prompt length, the same number of greedy tokens;
 - the bandwidth bound of batch-1 decode, `--bandwidth` GB/s over the checkpoint's bytes.
@@ -262,10 +263,13 @@ def _adapters(
         for i in range(n):
             folder = write_adapter(Path(root) / f"a{i}", shapes, seed=i + 1, rank=8)
             batch.lora.load(i + 1, read_weights(inspect_adapter(folder, shapes, 16)))
+    row_on_one = median("fast", [1])  # what one member asking in a channel gets
     on_one = median("fast", [1] * n)
     distinct = median("fast", list(range(1, n + 1)))
     return {
         "rows": n,
+        "one_row_on_an_adapter": row_on_one,
+        "agreement_one_row": agreement([1]),
         "agreement_distinct": agreement(list(range(1, n + 1))),
         "one_adapter": on_one,
         "distinct_adapters": distinct,
@@ -356,6 +360,13 @@ def _print(result: dict[str, Any]) -> None:
         )
     if "adapters" in result:
         a = result["adapters"]
+        r = a["one_row_on_an_adapter"]
+        print(
+            f"  1 row on an adapter {r['tokens_per_s']:8.1f} tok/s  {r['ms_per_step']:7.2f} "
+            f"ms/step ({r['tokens_per_s'] / result['fast']['tokens_per_s']:.2f}x the base); "
+            f"agreement with plain {a['agreement_one_row']['agreement']:.1%}"
+            + ("" if a["agreement_one_row"]["finite"] else " (NOT FINITE)")
+        )
         print(
             f"  {a['rows']} rows: one adapter {a['one_adapter']['tokens_per_s']:.1f} tok/s, "
             f"{a['rows']} distinct {a['distinct_adapters']['tokens_per_s']:.1f} tok/s "

@@ -158,12 +158,20 @@ def test_the_step_kernels_as_dependent_launches_compile_for_hopper_and_wait_firs
     gemv = {
         "x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "out_ptr": "*fp32",
         "N": "i32", "K": "i32", "stride_w": "i32", "stride_s": "i32", "groups_per_split": "i32",
+        "block_stride": "i32", "nw_ptr": "*i32", "norm_sums_ptr": "*fp32", "norm_blocks": "i32",
+        "eps": "fp32", "res_ptr": "*fp16", "res_sums_ptr": "*fp32", "res_count_ptr": "*i32",
+        "slot_ptr": "*i64", "low_ptr": "*fp32", "lora_b_ptr": "*fp16", "rank": "i32",
         "GROUP": 128, "BLOCK_N": 32, "HALF2": True, "ASM": True, "STAGES": 1, "LATE": True,
-        "TILES": 2,
+        "TILES": 2, "NORM": False, "NORM_P2": 1, "RESIDUAL": False, "LORA_R": 0,
     }  # fmt: skip
     norm = {
         "hidden_ptr": "*fp16", "delta_ptr": "*fp32", "weight_ptr": "*fp16", "out_ptr": "*fp16",
         "H": "i32", "delta_share_stride": "i32", "eps": "fp32", "SHARES": 8, "BLOCK": 4096,
+    }  # fmt: skip
+    norm_split = {
+        "hidden_ptr": "*fp16", "delta_ptr": "*fp32", "weight_ptr": "*fp16", "out_ptr": "*fp16",
+        "sums_ptr": "*fp32", "count_ptr": "*i32", "H": "i32", "delta_share_stride": "i32",
+        "eps": "fp32", "SHARES": 8, "BLOCK": 256, "SPLIT": 16,
     }  # fmt: skip
     silu = {
         "gate_up_ptr": "*fp32", "share_stride": "i32", "out_ptr": "*fp16", "INNER": "i32",
@@ -172,8 +180,16 @@ def test_the_step_kernels_as_dependent_launches_compile_for_hopper_and_wait_firs
     rope = {
         "qkv_ptr": "*fp32", "qkv_share_stride": "i32", "cos_ptr": "*fp16", "sin_ptr": "*fp16",
         "pos_ptr": "*i64", "row_ptr": "*i64", "k_ptr": "*fp16", "v_ptr": "*fp16",
-        "q_ptr": "*fp16", "cache_row_stride": "i32", "cache_head_stride": "i32", "HEADS": 32,
-        "KV_HEADS": 32, "D": 128, "SHARES": 8,
+        "q_ptr": "*fp16", "cache_row_stride": "i32", "cache_head_stride": "i32",
+        "slot_ptr": "*i64", "low_ptr": "*fp32", "bq_ptr": "*fp16", "bk_ptr": "*fp16",
+        "bv_ptr": "*fp16", "rank": "i32", "HEADS": 32, "KV_HEADS": 32, "D": 128, "SHARES": 8,
+        "LORA_R": 0,
+    }  # fmt: skip
+    shrink = {
+        "x_ptr": "*fp16", "nw_ptr": "*fp16", "sums_ptr": "*fp32", "norm_blocks": "i32",
+        "eps": "fp32", "slot_ptr": "*i64", "a0_ptr": "*fp16", "a1_ptr": "*fp16",
+        "a2_ptr": "*fp16", "low_ptr": "*fp32", "K": "i32", "rank": "i32", "TARGETS": 3,
+        "BLOCK_K": 1024, "NORM": True, "NORM_P2": 128,
     }  # fmt: skip
     attention = {
         "q_ptr": "*fp16", "k_ptr": "*fp16", "v_ptr": "*fp16", "pos_ptr": "*i64", "row_ptr": "*i64",
@@ -197,7 +213,22 @@ def test_the_step_kernels_as_dependent_launches_compile_for_hopper_and_wait_firs
             2,
             weights,
         ),
+        "gemv, norm in, residual out": (
+            gt._gemv,
+            {**gemv, "NORM": True, "NORM_P2": 128, "RESIDUAL": True},
+            2,
+            weights,
+        ),
+        "gemv, residual and adapter out": (
+            gt._gemv,
+            {**gemv, "RESIDUAL": True, "LORA_R": 16},
+            2,
+            weights,
+        ),
+        "lora_shrink": (ts._lora_shrink, shrink, 4, set()),
+        "rope_write, adapter": (ts._rope_write, {**rope, "LORA_R": 16}, 1, set()),
         "add_rms_norm": (ts._add_rms_norm, norm, 8, {"weight_ptr"}),
+        "add_rms_norm_split": (ts._add_rms_norm_split, norm_split, 2, {"weight_ptr"}),
         "silu_mul": (ts._silu_mul, silu, 4, set()),
         "rope_write": (ts._rope_write, rope, 1, set()),
         "decode_attention": (ts._decode_attention, attention, 4, set()),
@@ -302,6 +333,43 @@ def _check_whole_step(torch, tokenizer_dir: Path, work: Path) -> None:
     error = float((plain - split).abs().max()) / spread
     assert bool(split.isfinite().all()) and error < 0.01, error
     print(f"attention in 4 spans: {error:.2e}")
+    # one row on the base: the norms between layers ride on the GEMVs (no norm kernel in a
+    # layer, `FUSED_NORMS`), against the same step with the norm kernels and the plain path
+    rows = rows[:1]
+    rows[0] = (0, rows[0][1], 0)
+    layers = batch.fast.triton
+    assert layers.fusable
+    calls = []
+    norm = layers._norm
+    layers._norm = lambda *args: calls.append(1) or norm(*args)
+    plain = forced("plain")
+    fused = forced("served")
+    assert len(calls) == 3 * 2  # the first and the final norm of each step only
+    ts.FUSED_NORMS = False
+    kernels = forced("served")
+    ts.FUSED_NORMS = True
+    assert len(calls) == 6 + 3 * 5  # every norm of each step
+    spread = float((plain.amax(-1) - plain.amin(-1)).mean())
+    error = float((plain - fused).abs().max()) / spread
+    assert bool(fused.isfinite().all()) and error < 0.01, error
+    same = float((kernels - fused).abs().max()) / spread
+    assert same < 1e-3, same
+    print(f"one row, norms on the GEMVs: {error:.2e} (against the norm kernels: {same:.2e})")
+    # one row on an adapter: its terms added by the kernels (x times A in `_lora_shrink`,
+    # times B in the rotation's kernel and in o's GEMV), no adapter product of torch's
+    rows[0] = (0, rows[0][1], 1)
+    shrinks = []
+    shrink = layers._shrink
+    layers._shrink = lambda *args: shrinks.append(1) or shrink(*args)
+    plain = forced("plain")
+    on_adapter = forced("served")
+    assert len(shrinks) == 3 * 2 * 2  # q/k/v and o in each layer of each step
+    spread = float((plain.amax(-1) - plain.amin(-1)).mean())
+    error = float((plain - on_adapter).abs().max()) / spread
+    assert bool(on_adapter.isfinite().all()) and error < 0.01, error
+    moved = float((on_adapter - fused).abs().max()) / spread
+    assert moved > 10 * error, (moved, error)  # (the adapter changes the logits)
+    print(f"one row on an adapter, its terms in the kernels: {error:.2e}")
     print("the Triton step agrees with the plain path")
 
 

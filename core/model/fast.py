@@ -711,7 +711,11 @@ class FastDecode:
         if self.triton is not None:  # nine Triton kernels per layer
             with torch.inference_mode():
                 rows_t = torch.tensor(rows, device=device)
-                return self.triton.forward(ids, positions, rows_t, lora.delta if lora else None)
+                adapter = None
+                if lora is not None and lora.single is not None and batch.lora is not None:
+                    adapter = (torch.tensor([lora.single], device=device), batch.lora)
+                delta = lora.delta if lora else None
+                return self.triton.forward(ids, positions, rows_t, delta, adapter)
 
         if n == 1:  # one row: slice copies, and no mask (the span ends at its token)
             row, start = rows[0], starts[0]
@@ -924,8 +928,9 @@ class CudaGraphs:
                     low = (low.view(count, width, -1) * pick).view(count, -1)
                     return low @ bt.view(-1, bt.shape[-1])
 
-        if fast.triton is not None:
-            return fast.triton.forward(ids, positions, rows, delta)
+        if fast.triton is not None:  # (one adapter: its slot on the device, for the kernels)
+            adapter = (slots[:1], lora) if mode == "one" and lora is not None else None
+            return fast.triton.forward(ids, positions, rows, delta, adapter)
         return fast.forward(ids, positions, write, attend, delta)
 
     def _capture(self, key: tuple[int, int, str]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:

@@ -336,6 +336,31 @@ if triton is not None:
         return x04, x15, x26, x37
 
     @triton.jit
+    def _normed(v, wv, r):
+        """int32 fp16 pairs `v` of the residual stream as the norm's output: each value times
+        `r` (1 / the row's RMS) rounded to fp16, times its weight from the pairs `wv`, as
+        `triton_step._add_rms_norm` computes it."""
+        lo = (_lane(v, False).to(tl.float32) * r).to(tl.float16) * _lane(wv, False)
+        hi = (_lane(v, True).to(tl.float32) * r).to(tl.float16) * _lane(wv, True)
+        lo_bits = lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        return lo_bits | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+
+    @triton.jit
+    def _normed_x_pairs(x_ptr, nw_ptr, r, g, GROUP: tl.constexpr):
+        """`_x_pairs` of the norm's output, computed from the residual stream `x_ptr` and the
+        norm's weight `nw_ptr` (both as int32 fp16 pairs) with `r` = 1 / the row's RMS."""
+        at = g * (GROUP // 2) + tl.arange(0, GROUP // 8) * 4
+        a = _normed(tl.load(x_ptr + at), tl.load(nw_ptr + at), r)
+        b = _normed(tl.load(x_ptr + at + 1), tl.load(nw_ptr + at + 1), r)
+        c = _normed(tl.load(x_ptr + at + 2), tl.load(nw_ptr + at + 2), r)
+        d = _normed(tl.load(x_ptr + at + 3), tl.load(nw_ptr + at + 3), r)
+        x04 = (a & 0xFFFF) | (c << 16)
+        x15 = ((a >> 16) & 0xFFFF) | (c & -65536)
+        x26 = (b & 0xFFFF) | (d << 16)
+        x37 = ((b >> 16) & 0xFFFF) | (d & -65536)
+        return x04, x15, x26, x37
+
+    @triton.jit
     def _half2_group(w, s, z, x04, x15, x26, x37, LATE: tl.constexpr, ASM: tl.constexpr):
         """One group's products in fp16 pairs, `[GROUP/8, BLOCK_N]` fp32: `w` its int32s, `s`
         and `z` (fp32) its columns' scales and zero points, the x pairs from `_x_pairs`."""
@@ -421,13 +446,17 @@ if triton is not None:
 
     @triton.jit
     def _gemv_products(
-        acc, acc_b, x_ptr, g, w, s, z, wb, sb, zb,
+        acc, acc_b, x_ptr, nw_ptr, r, g, w, s, z, wb, sb, zb,
         GROUP: tl.constexpr, HALF2: tl.constexpr, ASM: tl.constexpr, LATE: tl.constexpr,
-        TILES: tl.constexpr,
+        TILES: tl.constexpr, NORM: tl.constexpr,
     ):  # fmt: skip
-        """`acc` (and with two tiles `acc_b`) plus group g's products with x."""
+        """`acc` (and with two tiles `acc_b`) plus group g's products with x (with `NORM`, x
+        is the norm's output, made from the residual stream: `_normed_x_pairs`)."""
         if HALF2:
-            x04, x15, x26, x37 = _x_pairs(x_ptr, g, GROUP)
+            if NORM:
+                x04, x15, x26, x37 = _normed_x_pairs(x_ptr, nw_ptr, r, g, GROUP)
+            else:
+                x04, x15, x26, x37 = _x_pairs(x_ptr, g, GROUP)
             acc += _half2_group(w, s, z, x04, x15, x26, x37, LATE, ASM)
             if TILES == 2:
                 acc_b += _half2_group(wb, sb, zb, x04, x15, x26, x37, LATE, ASM)
@@ -449,6 +478,18 @@ if triton is not None:
         stride_w,
         stride_s,
         groups_per_split,
+        block_stride,
+        nw_ptr,
+        norm_sums_ptr,
+        norm_blocks,
+        eps,
+        res_ptr,
+        res_sums_ptr,
+        res_count_ptr,
+        slot_ptr,
+        low_ptr,
+        lora_b_ptr,
+        rank,
         GROUP: tl.constexpr,
         BLOCK_N: tl.constexpr,
         HALF2: tl.constexpr,
@@ -456,6 +497,10 @@ if triton is not None:
         STAGES: tl.constexpr,
         LATE: tl.constexpr,
         TILES: tl.constexpr,
+        NORM: tl.constexpr = False,
+        NORM_P2: tl.constexpr = 1,
+        RESIDUAL: tl.constexpr = False,
+        LORA_R: tl.constexpr = 0,
         PDL: tl.constexpr = False,
     ):
         """One row. With `HALF2` (fp16 activations) x comes as int32 pairs and each int32 of
@@ -463,7 +508,19 @@ if triton is not None:
         instructions a weight. With `TILES` = 2 a program takes two tiles of `BLOCK_N` columns
         over the same rows, so each thread's x pairs serve twice the weights. With `PDL`
         (launched as a programmatic dependent launch) the first group's weights, which no
-        earlier kernel writes, are read while the kernel before (which writes x) still runs."""
+        earlier kernel writes, are read while the kernel before (which writes x) still runs.
+
+        The decode step's RMS norms can ride on its GEMVs instead of running as kernels of
+        their own. With `RESIDUAL` this GEMV's output is added to the residual stream
+        `res_ptr [N]` (fp16): the last program to finish each block of columns (counted in
+        `res_count_ptr`, zero before the launch) adds the shares of K to the stream in share
+        order, stores it, and writes the block's sum of squares to `res_sums_ptr`. With `NORM`
+        (fp16 pairs only) x is that stream, and each program makes the norm's output from it
+        as it reads it: 1 / RMS from the `norm_blocks` sums of squares at `norm_sums_ptr`
+        (summed in one order, so every program gets the same number), times the norm's weight
+        `nw_ptr`. With `LORA_R` (> 0, with `RESIDUAL`) the stream also gets an adapter's term:
+        its `rank` inputs `low_ptr` (x times A, `_lora_shrink`) times B.T `[slots, rank, N]`
+        at `lora_b_ptr`, of the slot `slot_ptr` holds (`_lora_expand`)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         n = pid_n * BLOCK_N * TILES + tl.arange(0, BLOCK_N)
@@ -471,33 +528,94 @@ if triton is not None:
         nb = n + BLOCK_N  # (the second tile's columns, with TILES = 2)
         nb_ok = nb < N
         P: tl.constexpr = GROUP // 8  # int32 rows of one group
-        w_ptrs = w_ptr + tl.arange(0, P)[:, None] * stride_w + n[None, :]
+        # (`block_stride`: 0 for GPTQ's layout; for weights stored column block by column
+        # block, each block's rows contiguous, the distance between blocks less one row)
+        w_ptrs = w_ptr + pid_n * block_stride + tl.arange(0, P)[:, None] * stride_w + n[None, :]
         # Products accumulate elementwise in [GROUP/8, BLOCK_N] and are summed over K once
         # at the end: a sum per group would shuffle between threads eight times a group.
         acc = tl.zeros((P, BLOCK_N), dtype=tl.float32)
         acc_b = tl.zeros((P, BLOCK_N), dtype=tl.float32)
         first = pid_k * groups_per_split
         last = tl.minimum(first + groups_per_split, K // GROUP)
+        r = 1.0
         if PDL:  # the first group's weights before the wait for x (written by the kernel before)
             w, s, z, wb, sb, zb = _gemv_loads(
                 w_ptrs, s_ptr, z_ptr, first, n, n_ok, nb, nb_ok, stride_w, stride_s, P, BLOCK_N,
                 TILES,
             )  # fmt: skip
             _wait_if(PDL)
+            if NORM:
+                r = _inverse_rms(norm_sums_ptr, norm_blocks, K, eps, NORM_P2)
             acc, acc_b = _gemv_products(
-                acc, acc_b, x_ptr, first, w, s, z, wb, sb, zb, GROUP, HALF2, ASM, LATE, TILES
-            )
+                acc, acc_b, x_ptr, nw_ptr, r, first, w, s, z, wb, sb, zb, GROUP, HALF2, ASM,
+                LATE, TILES, NORM,
+            )  # fmt: skip
             first += 1
+        elif NORM:
+            r = _inverse_rms(norm_sums_ptr, norm_blocks, K, eps, NORM_P2)
         for g in tl.range(first, last, num_stages=STAGES):
             w, s, z, wb, sb, zb = _gemv_loads(
                 w_ptrs, s_ptr, z_ptr, g, n, n_ok, nb, nb_ok, stride_w, stride_s, P, BLOCK_N, TILES
             )
             acc, acc_b = _gemv_products(
-                acc, acc_b, x_ptr, g, w, s, z, wb, sb, zb, GROUP, HALF2, ASM, LATE, TILES
-            )
+                acc, acc_b, x_ptr, nw_ptr, r, g, w, s, z, wb, sb, zb, GROUP, HALF2, ASM, LATE,
+                TILES, NORM,
+            )  # fmt: skip
         tl.store(out_ptr + pid_k * N + n, tl.sum(acc, axis=0), mask=n_ok)
         if TILES == 2:
             tl.store(out_ptr + pid_k * N + nb, tl.sum(acc_b, axis=0), mask=nb_ok)
+        if RESIDUAL:
+            tl.debug_barrier()  # (every thread's share stored before the block's count rises)
+            shares = tl.num_programs(1)
+            arrived = tl.atomic_add(res_count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if arrived == shares - 1:  # the block's last share: add them all to the stream
+                squares = _add_shares(
+                    out_ptr, res_ptr, n, n_ok, N, shares, slot_ptr, low_ptr, lora_b_ptr, rank,
+                    LORA_R,
+                )  # fmt: skip
+                if TILES == 2:
+                    squares += _add_shares(
+                        out_ptr, res_ptr, nb, nb_ok, N, shares, slot_ptr, low_ptr, lora_b_ptr,
+                        rank, LORA_R,
+                    )  # fmt: skip
+                tl.store(res_sums_ptr + pid_n, squares)
+
+    @triton.jit
+    def _inverse_rms(sums_ptr, blocks, H, eps, P2: tl.constexpr):
+        """1 / the RMS of a row of `H` from its blocks' sums of squares (`_add_shares`)."""
+        at = tl.arange(0, P2)
+        sums = tl.load(sums_ptr + at, mask=at < blocks, other=0.0, cache_modifier=".cg")
+        return tl.rsqrt(tl.sum(sums, axis=0) / H + eps)
+
+    @triton.jit
+    def _lora_expand(slot_ptr, low_ptr, b_ptr, rank, cols, ok, width, R: tl.constexpr):
+        """An adapter's term for the output columns `cols`, fp32: its `rank` inputs `low_ptr`
+        (fp32) times B.T `[slots, rank, width]` of the slot at `slot_ptr`."""
+        r = tl.arange(0, R)
+        r_ok = r < rank
+        slot = tl.load(slot_ptr).to(tl.int64)
+        low = tl.load(low_ptr + r, mask=r_ok, other=0.0)
+        at = b_ptr + (slot * rank + r[:, None]) * width + cols[None, :]
+        b = tl.load(at, mask=r_ok[:, None] & ok[None, :], other=0.0)
+        return tl.sum(low[:, None] * b.to(tl.float32), axis=0)
+
+    @triton.jit
+    def _add_shares(
+        out_ptr, res_ptr, n, n_ok, N, shares, slot_ptr, low_ptr, lora_b_ptr, rank,
+        LORA_R: tl.constexpr,
+    ):  # fmt: skip
+        """The residual stream's columns `n` plus every share of K of them (in share order, as
+        `triton_step._add_rms_norm` adds them) and with `LORA_R` an adapter's term, stored in
+        its dtype; returns their sum of squares."""
+        x = tl.load(res_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
+        for share in range(0, shares):
+            x += tl.load(out_ptr + share * N + n, mask=n_ok, other=0.0, cache_modifier=".cg")
+        if LORA_R > 0:
+            x += _lora_expand(slot_ptr, low_ptr, lora_b_ptr, rank, n, n_ok, N, LORA_R)
+        x16 = x.to(res_ptr.dtype.element_ty)
+        tl.store(res_ptr + n, x16, mask=n_ok)
+        x = x16.to(tl.float32)
+        return tl.sum(x * x, axis=0)
 
     @triton.jit
     def _gemm(
@@ -624,32 +742,114 @@ def summed(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (partial[0] if partial.shape[0] == 1 else partial.sum(0)).to(dtype)
 
 
+@dataclass(frozen=True)
+class NormIn:
+    """A GEMV's x as an RMS norm's output made as it is read (`_gemv`'s `NORM`): the residual
+    stream `hidden [1, K]` (fp16), the norm's `weight [K]` and `eps`, and the sums of squares
+    `sums [blocks]` that a `ResidualOut` GEMV wrote."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    eps: float
+    sums: torch.Tensor
+
+
+@dataclass(frozen=True)
+class LoraTerm:
+    """An adapter's term for a GEMV's outputs: `low [rank]` (fp32, x times A), times B.T
+    `[slots, rank, N]` of the slot the one-element `slot` tensor holds (on the device, so a
+    replayed CUDA graph serves whichever adapter the step's input names)."""
+
+    slot: torch.Tensor
+    low: torch.Tensor
+    b: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ResidualOut:
+    """Where a GEMV adds its output (`_gemv`'s `RESIDUAL`): the residual stream `hidden [1, N]`
+    (fp16), one sum of squares per program's block of columns into `sums`, counting the
+    block's shares in `counts` (int32, zero before the launch; both at least `blocks` long);
+    with `lora`, an adapter's term added too."""
+
+    hidden: torch.Tensor
+    sums: torch.Tensor
+    counts: torch.Tensor
+    lora: LoraTerm | None = None
+
+
+def gemv_blocks(w: GptqWeights, cfg: GemvConfig) -> int:
+    """The blocks of columns `_gemv` cuts `w`'s outputs into under `cfg` (one per program)."""
+    return triton.cdiv(w.out_features, cfg.block_n * cfg.tiles)
+
+
 def gemv(
-    x: torch.Tensor,
+    x: torch.Tensor | None,
     w: GptqWeights,
     out: torch.Tensor,
     cfg: GemvConfig,
     pdl: bool = False,
+    norm: NormIn | None = None,
+    residual: ResidualOut | None = None,
 ) -> None:
     """`_gemv` of one row `x [1, K]` into `out [split, 1, N]` (fp32 when split > 1: the caller
     sums the shares); with `pdl` as a programmatic dependent launch (`pdl_available`), which
-    reads its first weights while the kernel before it finishes."""
-    if x.shape[0] != 1 or x.stride(-1) != 1:
-        raise ValueError("the GEMV takes one contiguous row")
+    reads its first weights while the kernel before it finishes. With `norm` (x None) the row
+    is that norm's output, made as it is read; with `residual` the GEMV also adds its output
+    to that residual stream (see `_gemv`)."""
     split, per = gemv_shares(w, cfg)
     n = w.out_features
-    grid = (triton.cdiv(n, cfg.block_n * cfg.tiles), split)
-    half2 = x.dtype == torch.float16 and w.scales.dtype == torch.float16
+    blocks = gemv_blocks(w, cfg)
+    fp16 = w.scales.dtype == torch.float16
+    if norm is not None:
+        x = norm.hidden
+        if not fp16 or x.dtype != torch.float16 or x.shape[1] % 2 or norm.weight.dtype != x.dtype:
+            raise ValueError("a GEMV makes a norm's output only from fp16 pairs")
+    if x is None or x.shape[0] != 1 or x.stride(-1) != 1:
+        raise ValueError("the GEMV takes one contiguous row")
+    if residual is not None and (
+        split == 1
+        or residual.hidden.shape != (1, n)
+        or not residual.hidden.is_contiguous()
+        or residual.counts.dtype != torch.int32
+        or min(residual.sums.numel(), residual.counts.numel()) < blocks
+    ):
+        raise ValueError("a GEMV adds to a residual stream from fp32 shares, one count a block")
+    half2 = x.dtype == torch.float16 and fp16
     if half2 and x.storage_offset() % 2 == 0 and x.shape[1] % 2 == 0:
         x = x.view(torch.int32)  # read as pairs (a row that starts mid-pair takes the fp32 way)
+    elif norm is not None:
+        raise ValueError("a GEMV makes a norm's output only from a row of whole fp16 pairs")
     else:
         half2 = False
-    _gemv[grid](
-        x, w.qweight, w.scales, w.zeros, out, n, w.in_features, w.qweight.stride(0),
-        w.scales.stride(0), per,
-        GROUP=w.group, BLOCK_N=cfg.block_n, HALF2=half2, ASM=not INTERPRETED, STAGES=cfg.stages,
-        LATE=cfg.late, TILES=cfg.tiles, PDL=pdl, num_warps=cfg.warps, **launch_options(pdl),
+    nw, norm_sums, norm_blocks, eps = out, out, 0, 0.0  # (unread without NORM)
+    if norm is not None:
+        nw, norm_sums, eps = norm.weight.view(torch.int32), norm.sums, norm.eps
+        norm_blocks = norm.sums.numel()
+    hidden, sums, counts = (out, out, out) if residual is None else (
+        residual.hidden, residual.sums, residual.counts
     )  # fmt: skip
+    lora = None if residual is None else residual.lora
+    slot, low, b, rank = out, out, out, 0  # (unread without LORA_R)
+    if lora is not None:
+        slot, low, b, rank = lora.slot, lora.low, lora.b, lora.b.shape[1]
+        if b.shape[2] != n or low.numel() < rank or not b.is_contiguous():
+            raise ValueError("an adapter's term needs B.T [slots, rank, N] and rank inputs")
+    _gemv[(blocks, split)](
+        x, w.qweight, w.scales, w.zeros, out, n, w.in_features, w.qweight.stride(0),
+        w.scales.stride(0), per, 0, nw, norm_sums, norm_blocks, eps, hidden, sums, counts,
+        slot, low, b, rank,
+        GROUP=w.group, BLOCK_N=cfg.block_n, HALF2=half2, ASM=not INTERPRETED, STAGES=cfg.stages,
+        LATE=cfg.late, TILES=cfg.tiles, NORM=norm is not None,
+        NORM_P2=power_of_two(norm_blocks), RESIDUAL=residual is not None,
+        LORA_R=power_of_two(rank) if rank else 0, PDL=pdl, num_warps=cfg.warps,
+        **launch_options(pdl),
+    )  # fmt: skip
+
+
+def power_of_two(n: int) -> int:
+    """The smallest power of two at least `n` (1 for 0)."""
+    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def launch_options(pdl: bool) -> dict[str, bool]:

@@ -37,6 +37,7 @@ from core.model import gptq_triton as gt
 
 if TYPE_CHECKING:
     from core.model.fast import Delta, FastDecode
+    from core.model.lora import LoraSlots
 
 triton, tl = gt.triton, gt.tl
 
@@ -75,6 +76,55 @@ if triton is not None:
         y = (x * tl.rsqrt(variance + eps)).to(out_ptr.dtype.element_ty)
         if not PDL:
             w = tl.load(weight_ptr + h, mask=ok, other=0.0)
+        tl.store(out_ptr + row * H + h, y * w, mask=ok)
+
+    @triton.jit
+    def _add_rms_norm_split(
+        hidden_ptr,
+        delta_ptr,
+        weight_ptr,
+        out_ptr,
+        sums_ptr,
+        count_ptr,
+        H,
+        delta_share_stride,
+        eps,
+        SHARES: tl.constexpr,
+        BLOCK: tl.constexpr,
+        SPLIT: tl.constexpr,
+        PDL: tl.constexpr = False,
+    ):
+        """`_add_rms_norm` with each row cut into `SPLIT` slices of `BLOCK`, one program each
+        (one program reading every share of a whole row is the step's slowest small kernel).
+        A program adds its slice, stores it, writes its slice's sum of squares to
+        `sums [rows, SPLIT]` and counts itself in `count [rows]` (zero before the launch); once
+        the row's count is `SPLIT` it adds the row's sums in slice order (the same numbers
+        whichever program finishes last) and scales its slice. The programs of a row wait for
+        each other, so they must all be resident at once: a handful of small programs, and
+        never under Triton's interpreter, which runs programs one after the other."""
+        row = tl.program_id(0)
+        part = tl.program_id(1)
+        h = part * BLOCK + tl.arange(0, BLOCK)
+        ok = h < H
+        w = tl.load(weight_ptr + h, mask=ok, other=0.0)  # (no kernel writes it)
+        _wait_if(PDL)
+        x = tl.load(hidden_ptr + row * H + h, mask=ok, other=0.0).to(tl.float32)
+        if SHARES > 0:
+            for s in tl.static_range(SHARES):
+                d = tl.load(delta_ptr + s * delta_share_stride + row * H + h, mask=ok, other=0.0)
+                x += d.to(tl.float32)
+            x16 = x.to(hidden_ptr.dtype.element_ty)
+            tl.store(hidden_ptr + row * H + h, x16, mask=ok)
+            x = x16.to(tl.float32)
+        tl.store(sums_ptr + row * SPLIT + part, tl.sum(x * x, axis=0))
+        tl.debug_barrier()  # (every thread's store before the count is raised)
+        tl.atomic_add(count_ptr + row, 1, sem="release", scope="gpu")
+        done = tl.atomic_add(count_ptr + row, 0, sem="acquire", scope="gpu")
+        while done < SPLIT:
+            done = tl.atomic_add(count_ptr + row, 0, sem="acquire", scope="gpu")
+        sums = tl.load(sums_ptr + row * SPLIT + tl.arange(0, SPLIT), cache_modifier=".cg")
+        variance = tl.sum(sums, axis=0) / H
+        y = (x * tl.rsqrt(variance + eps)).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + row * H + h, y * w, mask=ok)
 
     @triton.jit
@@ -117,12 +167,23 @@ if triton is not None:
         q_ptr,
         cache_row_stride,
         cache_head_stride,
+        slot_ptr,
+        low_ptr,
+        bq_ptr,
+        bk_ptr,
+        bv_ptr,
+        rank,
         HEADS: tl.constexpr,
         KV_HEADS: tl.constexpr,
         D: tl.constexpr,
         SHARES: tl.constexpr,
+        LORA_R: tl.constexpr = 0,
         PDL: tl.constexpr = False,
     ):
+        """Token t's head `head` of q, k or v from the q/k/v product's shares: q and k rotated,
+        k and v written into the cache, q out. With `LORA_R` (one row) an adapter's term is
+        added first: `low_ptr [3, rank]` (x times A of q, k, v, `_lora_shrink`) times B.T of
+        the slot at `slot_ptr` (`gptq_triton._lora_expand`)."""
         _wait_if(PDL)
         t = tl.program_id(0)
         head = tl.program_id(1)
@@ -130,10 +191,24 @@ if triton is not None:
         base = qkv_ptr + t * (HEADS + 2 * KV_HEADS) * D + head * D
         x = tl.zeros((D,), dtype=tl.float32)
         partner = tl.zeros((D,), dtype=tl.float32)
+        rolled = (d + D // 2) % D
         for s in tl.static_range(SHARES):
             x += tl.load(base + s * qkv_share_stride + d).to(tl.float32)
-            partner += tl.load(base + s * qkv_share_stride + (d + D // 2) % D).to(tl.float32)
-        if SHARES > 1:  # the plain path rounds the projection before rotating it
+            partner += tl.load(base + s * qkv_share_stride + rolled).to(tl.float32)
+        if LORA_R > 0:
+            every = d < D
+            if head < HEADS:
+                b_ptr, width, col, low = bq_ptr, HEADS * D, head * D, low_ptr
+            elif head < HEADS + KV_HEADS:
+                b_ptr, width, col, low = bk_ptr, KV_HEADS * D, (head - HEADS) * D, low_ptr + rank
+            else:
+                col = (head - HEADS - KV_HEADS) * D
+                b_ptr, width, low = bv_ptr, KV_HEADS * D, low_ptr + 2 * rank
+            x += gt._lora_expand(slot_ptr, low, b_ptr, rank, col + d, every, width, LORA_R)
+            partner += gt._lora_expand(
+                slot_ptr, low, b_ptr, rank, col + rolled, every, width, LORA_R
+            )
+        if SHARES > 1 or LORA_R > 0:  # the plain path rounds the projection before rotating
             x = x.to(q_ptr.dtype.element_ty).to(tl.float32)
             partner = partner.to(q_ptr.dtype.element_ty).to(tl.float32)
         pos = tl.load(pos_ptr + t)
@@ -151,6 +226,56 @@ if triton is not None:
             kv = head - HEADS - KV_HEADS
             at = v_ptr + row * cache_row_stride + kv * cache_head_stride + pos * D
             tl.store(at + d, x.to(v_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _lora_shrink(
+        x_ptr,
+        nw_ptr,
+        sums_ptr,
+        norm_blocks,
+        eps,
+        slot_ptr,
+        a0_ptr,
+        a1_ptr,
+        a2_ptr,
+        low_ptr,
+        K,
+        rank,
+        TARGETS: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        NORM: tl.constexpr,
+        NORM_P2: tl.constexpr,
+        PDL: tl.constexpr = False,
+    ):
+        """One row's x times A of an adapter, for `TARGETS` (1 or 3) projections that read the
+        same x: `low [TARGETS, rank]` (fp32), rank r in program r. A is `[slots, rank, K]` per
+        target, of the slot at `slot_ptr`. With `NORM`, x is an RMS norm's output made from
+        the residual stream `x_ptr` as the GEMVs make it (`gptq_triton._gemv`'s `NORM`)."""
+        r = tl.program_id(0)
+        _wait_if(PDL)
+        slot = tl.load(slot_ptr).to(tl.int64)
+        row = (slot * rank + r) * K
+        inv = 1.0
+        if NORM:
+            inv = gt._inverse_rms(sums_ptr, norm_blocks, K, eps, NORM_P2)
+        acc0 = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            ok = k < K
+            x = tl.load(x_ptr + k, mask=ok, other=0.0)
+            if NORM:  # (as `gptq_triton._normed`)
+                x = (x.to(tl.float32) * inv).to(tl.float16) * tl.load(nw_ptr + k, mask=ok)
+            x = x.to(tl.float32)
+            acc0 += x * tl.load(a0_ptr + row + k, mask=ok, other=0.0).to(tl.float32)
+            if TARGETS == 3:
+                acc1 += x * tl.load(a1_ptr + row + k, mask=ok, other=0.0).to(tl.float32)
+                acc2 += x * tl.load(a2_ptr + row + k, mask=ok, other=0.0).to(tl.float32)
+        tl.store(low_ptr + r, tl.sum(acc0, axis=0))
+        if TARGETS == 3:
+            tl.store(low_ptr + rank + r, tl.sum(acc1, axis=0))
+            tl.store(low_ptr + 2 * rank + r, tl.sum(acc2, axis=0))
 
     @triton.jit
     def _attend(
@@ -347,6 +472,17 @@ PDL = True
 LM_HEAD_GEMV: tuple[int, int, int] | None = (8, 512, 4)
 
 
+# Whether one row's norms between layers ride on the GEMVs around them (`gptq_triton._gemv`'s
+# `RESIDUAL` and `NORM`): o and down add their output to the residual stream and leave its sums
+# of squares, and the next GEMV makes the norm from the stream as it reads it, so a layer runs
+# no norm kernel. With adapters, more rows or bf16 the norms stay kernels.
+FUSED_NORMS = True
+
+# The norms as `_add_rms_norm_split` (slices of `NORM_SPLIT[0]` per row, `NORM_SPLIT[1]` warps
+# each) on a GPU, or None: one program per row (`_add_rms_norm`, also the interpreter's).
+NORM_SPLIT: tuple[int, int] | None = (256, 2)
+
+
 def _next_power_of_two(n: int) -> int:
     return 1 << (int(n) - 1).bit_length()
 
@@ -375,6 +511,19 @@ class TritonLayers:
         self.groups = fast.heads // fast.kv_heads
         cuda = batch.device.type == "cuda"
         self.pdl = PDL and gt.pdl_available(batch.device)
+        o_cfg, down_cfg = self.configs[1], self.configs[3]
+        self.fusable = all(
+            w.scales.dtype == torch.float16 for layer in self.weights for w in layer
+        ) and all(n.dtype == torch.float16 for n in self.attn_norms + self.mlp_norms)
+        self.fusable &= all(  # (o and down add up their shares: more than one)
+            gt.gemv_shares(w, cfg)[0] > 1
+            for layer in self.weights
+            for w, cfg in ((layer[1], o_cfg), (layer[3], down_cfg))
+        )
+        # (one sum of squares per block of columns of o's and down's GEMVs)
+        self.residual_blocks = max(
+            gt.gemv_blocks(first[1], o_cfg), gt.gemv_blocks(first[3], down_cfg)
+        )
         self.sms = (
             torch.cuda.get_device_properties(batch.device).multi_processor_count if cuda else 1
         )
@@ -414,14 +563,71 @@ class TritonLayers:
             and all(layer.q_norm is None for layer in fast.layers)
         )
 
-    def _project(self, x: torch.Tensor, w: gt.GptqWeights, cfg: gt.GemvConfig) -> torch.Tensor:
+    def _project(
+        self,
+        x: torch.Tensor | gt.NormIn,
+        w: gt.GptqWeights,
+        cfg: gt.GemvConfig,
+        residual: gt.ResidualOut | None = None,
+    ) -> torch.Tensor:
         """`[shares, M, N]`: the GEMV's shares of K (summed by the next kernel), or one share
-        from the GEMM above its rows."""
-        if x.shape[0] <= gt.GEMV_ROWS:
-            out = gt.partials(x, gt.gemv_shares(w, cfg)[0], w.out_features)
-            gt.gemv(x, w, out, cfg, self.pdl)
+        from the GEMM above its rows. x may be a norm the GEMV makes as it reads it, and the
+        GEMV may add its output to a residual stream (`_fuses_norms`)."""
+        if isinstance(x, gt.NormIn) or x.shape[0] <= gt.GEMV_ROWS:
+            row = x.hidden if isinstance(x, gt.NormIn) else x
+            out = gt.partials(row, gt.gemv_shares(w, cfg)[0], w.out_features)
+            if isinstance(x, gt.NormIn):
+                gt.gemv(None, w, out, cfg, self.pdl, norm=x, residual=residual)
+            else:
+                gt.gemv(x, w, out, cfg, self.pdl, residual=residual)
             return out
         return gt.matmul(x, w)[None]
+
+    def _fuses_norms(
+        self,
+        count: int,
+        delta: Delta | None,
+        hidden: torch.Tensor,
+        adapter: tuple[torch.Tensor, LoraSlots] | None,
+    ) -> bool:
+        """Whether this step's norms between layers ride on the GEMVs (`FUSED_NORMS`): one row
+        (the GEMV's), fp16 throughout, o and down in shares of K (the last share adds them
+        up), and no adapter or one whose terms the kernels add (`adapter`)."""
+        return (
+            FUSED_NORMS
+            and count == 1
+            and gt.GEMV_ROWS >= 1
+            and (
+                delta is None
+                or (adapter is not None and adapter[1].dtype in (torch.float16, torch.float32))
+            )
+            and hidden.dtype == torch.float16
+            and hidden.shape[1] % 2 == 0
+            and self.fusable
+        )
+
+    def _shrink(
+        self,
+        x: torch.Tensor | gt.NormIn,
+        slot: torch.Tensor,
+        a: list[torch.Tensor],
+        low: torch.Tensor,
+    ) -> None:
+        """`low [targets, rank]` = x times A of the slot's adapter for 1 or 3 projections
+        (`_lora_shrink`); x as it is, or a norm made from the residual stream."""
+        rank, k = a[0].shape[1], a[0].shape[2]
+        norm = x if isinstance(x, gt.NormIn) else None
+        row = x.hidden if norm is not None else x
+        nw, sums, blocks, eps = (row, low, 0, 0.0) if norm is None else (
+            norm.weight, norm.sums, norm.sums.numel(), norm.eps
+        )  # fmt: skip
+        targets = a + [a[0]] * (3 - len(a))
+        _lora_shrink[(rank,)](
+            row, nw, sums, blocks, eps, slot, *targets, low, k, rank, TARGETS=len(a),
+            BLOCK_K=min(1024, _next_power_of_two(k)), NORM=norm is not None,
+            NORM_P2=gt.power_of_two(blocks), PDL=self.pdl, num_warps=4,
+            **gt.launch_options(self.pdl),
+        )  # fmt: skip
 
     def _activation(self, gate_up: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """silu(gate) * up `[M, inner]` from the gate/up product's shares `[shares, M, 2 inner]`."""
@@ -435,12 +641,28 @@ class TritonLayers:
         return out
 
     def _norm(
-        self, hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor
+        self,
+        hidden: torch.Tensor,
+        delta: torch.Tensor | None,
+        weight: torch.Tensor,
+        counts: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """The residual stream plus `delta`'s shares, and its norm times `weight`: with
+        `counts` (this norm's sums `[rows, slices]` and zeroed counts `[rows]`) as
+        `_add_rms_norm_split`, else `_add_rms_norm`."""
         out = torch.empty_like(hidden)
         rows, width = hidden.shape
         shares = 0 if delta is None else delta.shape[0]
         stride = 0 if delta is None else delta.stride(0)
+        if counts is not None and NORM_SPLIT is not None:
+            block, warps = NORM_SPLIT
+            sums, count = counts
+            _add_rms_norm_split[(rows, sums.shape[1])](
+                hidden, hidden if delta is None else delta, weight, out, sums, count, width,
+                stride, self.eps, SHARES=shares, BLOCK=block, SPLIT=sums.shape[1], PDL=self.pdl,
+                num_warps=warps, **gt.launch_options(self.pdl),
+            )  # fmt: skip
+            return out
         _add_rms_norm[(rows,)](
             hidden, hidden if delta is None else delta, weight, out, width, stride, self.eps,
             SHARES=shares, BLOCK=_next_power_of_two(width), PDL=self.pdl, num_warps=8,
@@ -454,8 +676,11 @@ class TritonLayers:
         positions: torch.Tensor,
         rows: torch.Tensor,
         delta: Delta | None,
+        adapter: tuple[torch.Tensor, LoraSlots] | None = None,
     ) -> torch.Tensor:
-        """Logits `[T, vocab]` for T tokens, token i of cache row `rows[i]` at `positions[i]`."""
+        """Logits `[T, vocab]` for T tokens, token i of cache row `rows[i]` at `positions[i]`,
+        with the adapter terms `delta` adds. For one row on one adapter, `adapter` (the slot as
+        a one-element tensor on the device, and the slots) lets the kernels add its terms."""
         fast = self.fast
         batch = fast.batch
         cache = batch.cache
@@ -465,7 +690,21 @@ class TritonLayers:
         qkv_cfg, o_cfg, gate_up_cfg, down_cfg = self.configs
         pdl, launch = self.pdl, gt.launch_options(self.pdl)
         hidden = batch.embed(ids).contiguous()  # [T, hidden], updated in place below
-        x = self._norm(hidden, None, self.attn_norms[0])
+        fuse = self._fuses_norms(count, delta, hidden, adapter)
+        lora = None  # (slot, slots, low of q/k/v, low of o) when the kernels add the terms
+        if fuse and delta is not None and adapter is not None:
+            slot, slots = adapter
+            rank = slots.max_rank
+            lows = torch.empty((4, rank), dtype=torch.float32, device=hidden.device)
+            lora = slot, slots, lows[:3], lows[3]
+        layers = len(self.weights)
+        norms = self._norm_counts(count, hidden.shape[1], hidden.device, 2 if fuse else None)
+        if fuse:  # each o and down GEMV's sums of squares and counts (see `_fuses_norms`)
+            sums = torch.empty(
+                (2 * layers, self.residual_blocks), dtype=torch.float32, device=hidden.device
+            )
+            counts = torch.zeros(sums.shape, dtype=torch.int32, device=hidden.device)
+        x: torch.Tensor | gt.NormIn = self._norm(hidden, None, self.attn_norms[0], next(norms))
         q = torch.empty((count, q_width), dtype=hidden.dtype, device=hidden.device)
         attended = torch.empty_like(q)
         keys0 = cache.keys[0]
@@ -476,8 +715,15 @@ class TritonLayers:
             part = torch.empty((count, heads, splits, head_dim), device=q.device)
             lse = torch.empty((count, heads, splits), device=q.device)
         for index, (qkv_w, o_w, gate_up_w, down_w) in enumerate(self.weights):
+            rope_lora: tuple = (positions, positions, q, q, q, 0)  # (unread without LORA_R)
+            if lora is not None:  # x times A now; rope adds low times B
+                slot, slots, low, low_o = lora
+                a = [slots.a[index, t] for t in ("q_proj", "k_proj", "v_proj")]
+                self._shrink(x, slot, a, low)
+                b = [slots.b[index, t] for t in ("q_proj", "k_proj", "v_proj")]
+                rope_lora = (slot, low, *b, slots.max_rank)
             qkv = self._project(x, qkv_w, qkv_cfg)
-            if delta is not None:
+            if delta is not None and lora is None:
                 qkv = gt.summed(qkv, torch.float32)
                 qkv[:, :q_width] += delta(index, "q_proj", x)
                 qkv[:, q_width : q_width + k_width] += delta(index, "k_proj", x)
@@ -486,8 +732,9 @@ class TritonLayers:
             keys, values = cache.keys[index], cache.values[index]
             _rope_write[(count, heads + 2 * kv_heads)](
                 qkv, qkv.stride(0), fast.cos, fast.sin, positions, rows, keys, values, q,
-                keys.stride(0), keys.stride(1),
-                HEADS=heads, KV_HEADS=kv_heads, D=head_dim, SHARES=qkv.shape[0], PDL=pdl,
+                keys.stride(0), keys.stride(1), *rope_lora,
+                HEADS=heads, KV_HEADS=kv_heads, D=head_dim, SHARES=qkv.shape[0],
+                LORA_R=0 if lora is None else gt.power_of_two(rope_lora[-1]), PDL=pdl,
                 num_warps=1, **launch,
             )  # fmt: skip
             if splits == 1:
@@ -508,16 +755,47 @@ class TritonLayers:
                     part, lse, attended, HEADS=heads, D=head_dim, SPLITS=splits, PDL=pdl,
                     num_warps=1, **launch,
                 )  # fmt: skip
-            o = self._project(attended, o_w, o_cfg)
-            if delta is not None:
-                o = gt.summed(o, torch.float32)
-                o = (o + delta(index, "o_proj", attended)).to(hidden.dtype)[None]
-            x = self._norm(hidden, o, self.mlp_norms[index])
+            last = index + 1 == layers
+            if fuse:  # o adds itself to the stream; gate/up makes the norm from it
+                term = None
+                if lora is not None:  # (and the adapter's term for o)
+                    slot, slots, _low, low_o = lora
+                    self._shrink(attended, slot, [slots.a[index, "o_proj"]], low_o[None])
+                    term = gt.LoraTerm(slot, low_o, slots.b[index, "o_proj"])
+                o_out = gt.ResidualOut(hidden, sums[2 * index], counts[2 * index], term)
+                self._project(attended, o_w, o_cfg, o_out)
+                x = gt.NormIn(hidden, self.mlp_norms[index], self.eps, sums[2 * index])
+            else:
+                o = self._project(attended, o_w, o_cfg)
+                if delta is not None:
+                    o = gt.summed(o, torch.float32)
+                    o = (o + delta(index, "o_proj", attended)).to(hidden.dtype)[None]
+                x = self._norm(hidden, o, self.mlp_norms[index], next(norms))
             gate_up = self._project(x, gate_up_w, gate_up_cfg)
-            down = self._project(self._activation(gate_up, hidden.dtype), down_w, down_cfg)
-            last = index + 1 == len(self.weights)
-            x = self._norm(hidden, down, self.final_norm if last else self.attn_norms[index + 1])
+            activation = self._activation(gate_up, hidden.dtype)
+            if fuse and not last:  # down adds itself; the next q/k/v makes the norm
+                down_out = gt.ResidualOut(hidden, sums[2 * index + 1], counts[2 * index + 1])
+                self._project(activation, down_w, down_cfg, down_out)
+                x = gt.NormIn(hidden, self.attn_norms[index + 1], self.eps, sums[2 * index + 1])
+            else:
+                down = self._project(activation, down_w, down_cfg)
+                x = self._norm(
+                    hidden, down, self.final_norm if last else self.attn_norms[index + 1],
+                    next(norms),
+                )  # fmt: skip
         return self._lm_head(x)
+
+    def _norm_counts(self, rows: int, width: int, device: torch.device, norms: int | None):
+        """For each of a step's `norms` kernels in turn (all of them when None), its sums and
+        zeroed counts for `_add_rms_norm_split` (one zeroing for the whole step), or None
+        (`NORM_SPLIT` off, or not on a GPU)."""
+        norms = 2 * len(self.weights) + 1 if norms is None else norms
+        if NORM_SPLIT is None or device.type != "cuda" or gt.INTERPRETED:
+            return iter([None] * norms)
+        slices = _next_power_of_two(triton.cdiv(width, NORM_SPLIT[0]))
+        sums = torch.empty((norms, rows, slices), dtype=torch.float32, device=device)
+        counts = torch.zeros((norms, rows), dtype=torch.int32, device=device)
+        return iter(list(zip(sums, counts, strict=True)))
 
     def _lm_head(self, x: torch.Tensor) -> torch.Tensor:
         """The logits of the final norm's output `x [T, hidden]`: one row through

@@ -175,3 +175,101 @@ async def test_dependent_launches_give_the_same_step(
     difference = float((without - with_pdl).abs().max())
     print(f"dependent launches: max |difference| of the logits {difference}")
     assert torch.equal(without, with_pdl), difference
+
+
+async def test_the_norms_on_the_gemvs_give_the_norm_kernels_step(
+    triton_app: App, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """One row (`triton_step.FUSED_NORMS`: o and down add themselves to the residual stream,
+    the next GEMV makes the norm as it reads it; on an adapter its terms are added by the
+    kernels too), graph-replayed and teacher-forced, on the base and on an adapter: the same
+    next tokens as with the norm kernels and torch's adapter products, logits within fp16's
+    rounding; and with dependent launches on and off exactly the same logits (the GEMVs'
+    counts and sums race with nothing)."""
+    from core.model import triton_step as ts
+
+    engine = triton_app.engine
+    batch = engine._batch
+    if not batch.fast.triton.fusable:
+        pytest.skip("this checkpoint's o or down GEMV runs in one share of K")
+    ref = AdapterRef("fused", "v1")
+    (slot,) = await load_test_adapters(engine, [ref], tmp_path, seed=6)
+
+    def compare(_model: Any, tokenizer: Any) -> dict[tuple[int, bool, bool], torch.Tensor]:
+        ids, answer = forced_tokens(tokenizer, seed=5)
+        fast = batch.fast
+        served = fast.triton
+        steps = {}
+        try:
+            for fused, pdl in ((False, served.pdl), (True, False), (True, served.pdl)):
+                monkeypatch.setattr(ts, "FUSED_NORMS", fused)
+                monkeypatch.setattr(ts, "PDL", pdl)
+                fast.triton = ts.TritonLayers(fast)
+                batch.graphs.reset()
+                for on in (0, slot):
+                    steps[on, fused, pdl] = teacher_forced(batch, ids, answer, [(0, on)], "graph")
+        finally:
+            fast.triton = served
+            batch.graphs.reset()
+        return steps
+
+    steps = await engine.run_on_model(compare)
+    pdl = batch.fast.triton.pdl
+    errors = []
+    for on in (0, slot):
+        kernels, fused = steps[on, False, pdl], steps[on, True, pdl]
+        agree = float((kernels.argmax(-1) == fused.argmax(-1)).float().mean())
+        spread = float(kernels.amax(-1).sub(kernels.amin(-1)).mean())
+        error = float((kernels - fused).abs().max()) / spread
+        print(f"slot {on}, norms on the GEMVs vs kernels: agreement {agree:.3f}, {error:.4f}")
+        assert agree >= 0.9 and error < 0.02, (on, agree, error)
+        assert torch.equal(steps[on, True, False], fused), on
+        errors.append(error)
+    moved = float((steps[slot, True, pdl] - steps[0, True, pdl]).abs().max()) / spread
+    assert moved > 3 * max(errors) and moved > 0, (moved, errors)  # (the adapter's terms)
+    await engine.unload_adapter(ref)
+
+
+@pytest.mark.parametrize("width", [576, 4096])
+@pytest.mark.parametrize("rows", [1, 32])
+def test_the_split_norm_computes_the_one_program_norm(width: int, rows: int) -> None:
+    """`_add_rms_norm_split` (a row's slices in programs that wait for each other's sums) gives
+    the residual stream exactly as `_add_rms_norm` and its norm within fp16's rounding (only
+    the order of the sum of squares differs), for a width with a masked slice (576: 3 of 4)
+    and many rows at once, replayed twice from a CUDA graph with the same result."""
+    from core.model import triton_step as ts
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    torch.manual_seed(0)
+    hidden = torch.randn(rows, width, device="cuda").half()
+    delta = torch.randn(8, rows, width, device="cuda")
+    weight = (torch.rand(width, device="cuda") + 0.5).half()
+    block, warps = ts.NORM_SPLIT
+    slices = ts._next_power_of_two(-(-width // block))
+
+    def split() -> tuple[torch.Tensor, torch.Tensor]:
+        h, out = hidden.clone(), torch.empty_like(hidden)
+        sums = torch.empty(rows, slices, device="cuda")
+        count = torch.zeros(rows, dtype=torch.int32, device="cuda")
+        ts._add_rms_norm_split[(rows, slices)](
+            h, delta, weight, out, sums, count, width, delta.stride(0), 1e-5,
+            SHARES=8, BLOCK=block, SPLIT=slices, num_warps=warps,
+        )  # fmt: skip
+        return h, out
+
+    want_h, want = hidden.clone(), torch.empty_like(hidden)
+    ts._add_rms_norm[(rows,)](
+        want_h, delta, weight, want, width, delta.stride(0), 1e-5,
+        SHARES=8, BLOCK=ts._next_power_of_two(width), num_warps=8,
+    )  # fmt: skip
+    got_h, got = split()
+    assert torch.equal(got_h, want_h)
+    assert float((got.float() - want.float()).abs().max()) <= 2e-3 * float(want.abs().max())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed_h, replayed = split()
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(replayed_h, got_h) and torch.equal(replayed, got)
