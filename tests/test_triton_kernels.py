@@ -506,7 +506,8 @@ def _check_step_kernels(torch) -> None:
     q = torch.empty(2, heads * dim).half()
     ts._rope_write[(2, heads + 2 * kv_heads)](
         qkv, qkv.stride(0), cos, sin, positions, rows, keys, values, q,
-        keys.stride(0), keys.stride(1), HEADS=heads, KV_HEADS=kv_heads, D=dim, SHARES=1,
+        keys.stride(0), keys.stride(1), positions, positions, q, q, q, 0,
+        HEADS=heads, KV_HEADS=kv_heads, D=dim, SHARES=1,
     )  # fmt: skip
     flat = qkv[0].float().view(2, heads + 2 * kv_heads, dim)
     qk = flat[:, : heads + kv_heads]
@@ -519,6 +520,48 @@ def _check_step_kernels(torch) -> None:
         assert float((got_k - rotated[t, heads:]).abs().max()) < 1e-2
         assert torch.equal(values[row, :, pos], flat[t, heads + kv_heads :].half())
     assert int((keys != 0).any(-1).sum()) == 2 * kv_heads  # nothing else was written
+
+    # an adapter's terms (one token, slot 2 of 3, rank 3 in slots of rank 4): x times A of
+    # q, k and v (`_lora_shrink`, x the norm made from the residual stream), then low times B
+    # added before the rotation
+    rank, slot = 4, torch.tensor([2])
+    width = heads * dim
+    hidden = torch.randn(1, width).half()
+    norm_w = (torch.rand(width) + 0.5).half()
+    sums = (hidden.float() ** 2).view(4, -1).sum(1)  # (as 4 blocks' sums of squares)
+    outs = (width, kv_heads * dim, kv_heads * dim)
+    a = [torch.randn(3, rank, width).half() for _ in outs]
+    b = [torch.randn(3, rank, n).half() * 0.1 for n in outs]
+    for m in (*a, *b):
+        m[:, 3:] = 0  # (rank 3, padded)
+    low = torch.empty(3, rank)
+    ts._lora_shrink[(rank,)](
+        hidden, norm_w, sums, 4, 1e-5, slot, *a, low, width, rank,
+        TARGETS=3, BLOCK_K=32, NORM=True, NORM_P2=4,
+    )  # fmt: skip
+    normed = torch.rms_norm(hidden.float(), (width,), None, 1e-5).half() * norm_w
+    want_low = torch.stack([normed.float()[0] @ m[2].float().T for m in a])
+    assert float((low - want_low).abs().max()) < 1e-2 * float(want_low.abs().max())
+    one = qkv[:, :1].contiguous()
+    keys, values = torch.zeros_like(keys), torch.zeros_like(values)
+    q1 = torch.empty(1, width).half()
+    ts._rope_write[(1, heads + 2 * kv_heads)](
+        one, one.stride(0), cos, sin, positions, rows, keys, values, q1,
+        keys.stride(0), keys.stride(1), slot, low, *b, rank,
+        HEADS=heads, KV_HEADS=kv_heads, D=dim, SHARES=1, LORA_R=rank,
+    )  # fmt: skip
+    terms = torch.cat([low[i] @ m[2].float() for i, m in enumerate(b)])
+    flat = (one[0].float() + terms).half().float().view(1, heads + 2 * kv_heads, dim)
+    c, s = c[:1], s[:1]
+    rotated = flat[:, :heads] * c + flat[:, :heads].roll(dim // 2, -1) * s
+    assert float((q1.float().view(1, heads, dim) - rotated).abs().max()) < 1e-2
+    k_cache = keys[rows[0], :, positions[0]].float()
+    k_want = (
+        flat[0, heads : heads + kv_heads] * c[0]
+        + flat[0, heads : heads + kv_heads].roll(dim // 2, -1) * s[0]
+    )
+    assert float((k_cache - k_want).abs().max()) < 1e-2
+    assert torch.equal(values[rows[0], :, positions[0]].float(), flat[0, heads + kv_heads :])
 
     # attention of each token over its own row up to its own position
     keys = torch.randn(4, kv_heads, context, dim).half()

@@ -788,11 +788,14 @@ class TritonLayers:
     def _norm_counts(self, rows: int, width: int, device: torch.device, norms: int | None):
         """For each of a step's `norms` kernels in turn (all of them when None), its sums and
         zeroed counts for `_add_rms_norm_split` (one zeroing for the whole step), or None
-        (`NORM_SPLIT` off, or not on a GPU)."""
+        (`NORM_SPLIT` off, not on a GPU, or more programs than surely fit on it at once: a
+        row's programs wait for each other, so all of them must be resident)."""
         norms = 2 * len(self.weights) + 1 if norms is None else norms
         if NORM_SPLIT is None or device.type != "cuda" or gt.INTERPRETED:
             return iter([None] * norms)
         slices = _next_power_of_two(triton.cdiv(width, NORM_SPLIT[0]))
+        if rows * slices > 4 * self.sms:
+            return iter([None] * norms)
         sums = torch.empty((norms, rows, slices), dtype=torch.float32, device=device)
         counts = torch.zeros((norms, rows), dtype=torch.int32, device=device)
         return iter(list(zip(sums, counts, strict=True)))
