@@ -15,7 +15,7 @@ Loads a GPTQ checkpoint as the engine serves it, then, in one process:
 
     python bench/serving.py [--model M] [--device cpu|cuda] [--kernel K] [--prompt 32]
         [--tokens 128] [--runs 3] [--adapters 0] [--bandwidth 4800] [--llama-cpp auto|off|GGUF]
-        [--json F]
+        [--json F] [--pdl on|off] [--fused-norms on|off] [--norm-split BLOCK,WARPS|off]
 """
 
 from __future__ import annotations
@@ -78,6 +78,19 @@ def main() -> int:
         help="CUDA, Triton step: the most spans one row's attention is cut into (1: one kernel, "
         "no split), in place of the committed default",
     )
+    parser.add_argument(
+        "--fused-norms",
+        choices=("on", "off"),
+        help="CUDA, Triton step: at one row, the norms between layers (and one adapter's "
+        "terms) in the GEMVs and small kernels, or as kernels and torch products (default: "
+        "`triton_step.FUSED_NORMS`)",
+    )
+    parser.add_argument(
+        "--norm-split",
+        default=None,
+        help="CUDA, Triton step: a norm kernel's row cut into slices, as BLOCK,WARPS (e.g. "
+        "256,2), or off: one program a row (default: `triton_step.NORM_SPLIT`)",
+    )
     args = parser.parse_args()
 
     import torch
@@ -93,13 +106,18 @@ def main() -> int:
 
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
-    if args.attention_splits is not None or args.pdl:
+    if args.attention_splits is not None or args.pdl or args.fused_norms or args.norm_split:
         from core.model import triton_step
 
         if args.attention_splits is not None:
             triton_step.MAX_ATTENTION_SPLITS = args.attention_splits
         if args.pdl is not None:
             triton_step.PDL = args.pdl == "on"
+        if args.fused_norms is not None:
+            triton_step.FUSED_NORMS = args.fused_norms == "on"
+        if args.norm_split is not None:
+            split = None if args.norm_split == "off" else args.norm_split.split(",")
+            triton_step.NORM_SPLIT = None if split is None else (int(split[0]), int(split[1]))
     if args.gemv_table:
         from core.model import gptq_triton as gt
 

@@ -22,9 +22,16 @@ costs ~2 us, as much as reading the layer's weights. Here a layer is:
 After the last layer's norm, one row's LM head is `_dense_gemv` (`LM_HEAD_GEMV`), more rows
 the model's own (cuBLAS).
 
+At one row (`FUSED_NORMS`) steps 1 and 6 run inside the GEMVs around them: o and down add
+their shares to the residual stream in their last program per block of columns and leave
+the blocks' sums of squares, and q/k/v and gate/up make the norm from the stream as they read
+it (`gptq_triton._gemv`'s `RESIDUAL` and `NORM`). A row on one adapter then gets its terms
+from the kernels too: `_lora_shrink` (x times A), added times B by `_rope_write` (q, k, v) and
+by o's GEMV.
+
 The arithmetic is the fast step's: norms and the softmax in fp32, products accumulated in fp32,
-values rounded to the model's dtype where the plain path rounds them. The LoRA terms of
-adapters (q, k, v and o) are added between the kernels by `core.model.lora` as before.
+values rounded to the model's dtype where the plain path rounds them. Otherwise the LoRA terms
+of adapters (q, k, v and o) are added between the kernels by `core.model.lora`.
 """
 
 from __future__ import annotations
@@ -475,12 +482,17 @@ LM_HEAD_GEMV: tuple[int, int, int] | None = (8, 512, 4)
 # Whether one row's norms between layers ride on the GEMVs around them (`gptq_triton._gemv`'s
 # `RESIDUAL` and `NORM`): o and down add their output to the residual stream and leave its sums
 # of squares, and the next GEMV makes the norm from the stream as it reads it, so a layer runs
-# no norm kernel. With adapters, more rows or bf16 the norms stay kernels.
-FUSED_NORMS = True
+# no norm kernel; a row on one adapter then gets its terms from `_lora_shrink`, `_rope_write`
+# and o's GEMV. More rows, mixed adapters or bf16 keep the norm kernels. Checked on the CPU
+# through the interpreter and compiled for sm_90, but not yet timed on a GPU (no device could
+# be started in the session that wrote it): off until `bench/serving.py --fused-norms on`
+# measures it faster (BENCHMARKS.md).
+FUSED_NORMS = False
 
 # The norms as `_add_rms_norm_split` (slices of `NORM_SPLIT[0]` per row, `NORM_SPLIT[1]` warps
 # each) on a GPU, or None: one program per row (`_add_rms_norm`, also the interpreter's).
-NORM_SPLIT: tuple[int, int] | None = (256, 2)
+# Not yet timed on a GPU either: off until `bench/serving.py --norm-split 256,2` measures it.
+NORM_SPLIT: tuple[int, int] | None = None
 
 
 def _next_power_of_two(n: int) -> int:

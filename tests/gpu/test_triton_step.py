@@ -245,7 +245,7 @@ def test_the_split_norm_computes_the_one_program_norm(width: int, rows: int) -> 
     hidden = torch.randn(rows, width, device="cuda").half()
     delta = torch.randn(8, rows, width, device="cuda")
     weight = (torch.rand(width, device="cuda") + 0.5).half()
-    block, warps = ts.NORM_SPLIT
+    block, warps = ts.NORM_SPLIT or (256, 2)  # (off by default until timed)
     slices = ts._next_power_of_two(-(-width // block))
 
     def split() -> tuple[torch.Tensor, torch.Tensor]:
