@@ -53,6 +53,22 @@ if triton is not None:
     _wait_if = gt._wait_if  # (before a dependent launch reads or writes: see there)
 
     @triton.jit
+    def _add_to_stream(
+        hidden_ptr, delta_ptr, delta_share_stride, row, H, h, ok, SHARES: tl.constexpr
+    ):  # fmt: skip
+        """Columns `h` of the residual stream's `row` plus the `SHARES` shares of a product
+        (none: as it is), stored in the stream's dtype; returned in fp32 as stored."""
+        x = tl.load(hidden_ptr + row * H + h, mask=ok, other=0.0).to(tl.float32)
+        if SHARES > 0:
+            for s in tl.static_range(SHARES):
+                d = tl.load(delta_ptr + s * delta_share_stride + row * H + h, mask=ok, other=0.0)
+                x += d.to(tl.float32)
+            x16 = x.to(hidden_ptr.dtype.element_ty)
+            tl.store(hidden_ptr + row * H + h, x16, mask=ok)
+            x = x16.to(tl.float32)
+        return x
+
+    @triton.jit
     def _add_rms_norm(
         hidden_ptr,
         delta_ptr,
@@ -71,14 +87,7 @@ if triton is not None:
         if PDL:  # (the norm's weight, which no kernel writes, is read before the wait)
             w = tl.load(weight_ptr + h, mask=ok, other=0.0)
             _wait_if(PDL)
-        x = tl.load(hidden_ptr + row * H + h, mask=ok, other=0.0).to(tl.float32)
-        if SHARES > 0:
-            for s in tl.static_range(SHARES):
-                d = tl.load(delta_ptr + s * delta_share_stride + row * H + h, mask=ok, other=0.0)
-                x += d.to(tl.float32)
-            x16 = x.to(hidden_ptr.dtype.element_ty)
-            tl.store(hidden_ptr + row * H + h, x16, mask=ok)
-            x = x16.to(tl.float32)
+        x = _add_to_stream(hidden_ptr, delta_ptr, delta_share_stride, row, H, h, ok, SHARES)
         variance = tl.sum(x * x, axis=0) / H
         y = (x * tl.rsqrt(variance + eps)).to(out_ptr.dtype.element_ty)
         if not PDL:
@@ -115,14 +124,7 @@ if triton is not None:
         ok = h < H
         w = tl.load(weight_ptr + h, mask=ok, other=0.0)  # (no kernel writes it)
         _wait_if(PDL)
-        x = tl.load(hidden_ptr + row * H + h, mask=ok, other=0.0).to(tl.float32)
-        if SHARES > 0:
-            for s in tl.static_range(SHARES):
-                d = tl.load(delta_ptr + s * delta_share_stride + row * H + h, mask=ok, other=0.0)
-                x += d.to(tl.float32)
-            x16 = x.to(hidden_ptr.dtype.element_ty)
-            tl.store(hidden_ptr + row * H + h, x16, mask=ok)
-            x = x16.to(tl.float32)
+        x = _add_to_stream(hidden_ptr, delta_ptr, delta_share_stride, row, H, h, ok, SHARES)
         tl.store(sums_ptr + row * SPLIT + part, tl.sum(x * x, axis=0))
         tl.debug_barrier()  # (every thread's store before the count is raised)
         tl.atomic_add(count_ptr + row, 1, sem="release", scope="gpu")
