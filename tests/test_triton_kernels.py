@@ -158,7 +158,7 @@ def test_the_step_kernels_as_dependent_launches_compile_for_hopper_and_wait_firs
     gemv = {
         "x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "out_ptr": "*fp32",
         "N": "i32", "K": "i32", "stride_w": "i32", "stride_s": "i32", "groups_per_split": "i32",
-        "block_stride": "i32", "nw_ptr": "*i32", "norm_sums_ptr": "*fp32", "norm_blocks": "i32",
+        "nw_ptr": "*i32", "norm_sums_ptr": "*fp32", "norm_blocks": "i32",
         "eps": "fp32", "res_ptr": "*fp16", "res_sums_ptr": "*fp32", "res_count_ptr": "*i32",
         "slot_ptr": "*i64", "low_ptr": "*fp32", "lora_b_ptr": "*fp16", "rank": "i32",
         "GROUP": 128, "BLOCK_N": 32, "HALF2": True, "ASM": True, "STAGES": 1, "LATE": True,

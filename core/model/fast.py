@@ -712,8 +712,8 @@ class FastDecode:
             with torch.inference_mode():
                 rows_t = torch.tensor(rows, device=device)
                 adapter = None
-                if lora is not None and lora.single is not None and batch.lora is not None:
-                    adapter = (torch.tensor([lora.single], device=device), batch.lora)
+                if lora is not None and lora.single is not None:
+                    adapter = (torch.tensor([lora.single], device=device), lora.slots)
                 delta = lora.delta if lora else None
                 return self.triton.forward(ids, positions, rows_t, delta, adapter)
 

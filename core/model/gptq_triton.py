@@ -327,8 +327,11 @@ if triton is not None:
         int32's eight weights take: a = (0, 1), b = (2, 3), c = (4, 5), d = (6, 7) give
         (0, 4), (1, 5), (2, 6), (3, 7), each `[GROUP/8]`."""
         at = x_ptr + g * (GROUP // 2) + tl.arange(0, GROUP // 8) * 4
-        a, b = tl.load(at), tl.load(at + 1)
-        c, d = tl.load(at + 2), tl.load(at + 3)
+        return _interleave(tl.load(at), tl.load(at + 1), tl.load(at + 2), tl.load(at + 3))
+
+    @triton.jit
+    def _interleave(a, b, c, d):
+        """The pairs (0, 1), (2, 3), (4, 5), (6, 7) as (0, 4), (1, 5), (2, 6), (3, 7)."""
         x04 = (a & 0xFFFF) | (c << 16)
         x15 = ((a >> 16) & 0xFFFF) | (c & -65536)
         x26 = (b & 0xFFFF) | (d << 16)
@@ -354,11 +357,7 @@ if triton is not None:
         b = _normed(tl.load(x_ptr + at + 1), tl.load(nw_ptr + at + 1), r)
         c = _normed(tl.load(x_ptr + at + 2), tl.load(nw_ptr + at + 2), r)
         d = _normed(tl.load(x_ptr + at + 3), tl.load(nw_ptr + at + 3), r)
-        x04 = (a & 0xFFFF) | (c << 16)
-        x15 = ((a >> 16) & 0xFFFF) | (c & -65536)
-        x26 = (b & 0xFFFF) | (d << 16)
-        x37 = ((b >> 16) & 0xFFFF) | (d & -65536)
-        return x04, x15, x26, x37
+        return _interleave(a, b, c, d)
 
     @triton.jit
     def _half2_group(w, s, z, x04, x15, x26, x37, LATE: tl.constexpr, ASM: tl.constexpr):
@@ -478,7 +477,6 @@ if triton is not None:
         stride_w,
         stride_s,
         groups_per_split,
-        block_stride,
         nw_ptr,
         norm_sums_ptr,
         norm_blocks,
@@ -528,9 +526,7 @@ if triton is not None:
         nb = n + BLOCK_N  # (the second tile's columns, with TILES = 2)
         nb_ok = nb < N
         P: tl.constexpr = GROUP // 8  # int32 rows of one group
-        # (`block_stride`: 0 for GPTQ's layout; for weights stored column block by column
-        # block, each block's rows contiguous, the distance between blocks less one row)
-        w_ptrs = w_ptr + pid_n * block_stride + tl.arange(0, P)[:, None] * stride_w + n[None, :]
+        w_ptrs = w_ptr + tl.arange(0, P)[:, None] * stride_w + n[None, :]
         # Products accumulate elementwise in [GROUP/8, BLOCK_N] and are summed over K once
         # at the end: a sum per group would shuffle between threads eight times a group.
         acc = tl.zeros((P, BLOCK_N), dtype=tl.float32)
@@ -837,7 +833,7 @@ def gemv(
             raise ValueError("an adapter's term needs B.T [slots, rank, N] and rank inputs")
     _gemv[(blocks, split)](
         x, w.qweight, w.scales, w.zeros, out, n, w.in_features, w.qweight.stride(0),
-        w.scales.stride(0), per, 0, nw, norm_sums, norm_blocks, eps, hidden, sums, counts,
+        w.scales.stride(0), per, nw, norm_sums, norm_blocks, eps, hidden, sums, counts,
         slot, low, b, rank,
         GROUP=w.group, BLOCK_N=cfg.block_n, HALF2=half2, ASM=not INTERPRETED, STAGES=cfg.stages,
         LATE=cfg.late, TILES=cfg.tiles, NORM=norm is not None,

@@ -497,10 +497,6 @@ FUSED_NORMS = False
 NORM_SPLIT: tuple[int, int] | None = None
 
 
-def _next_power_of_two(n: int) -> int:
-    return 1 << (int(n) - 1).bit_length()
-
-
 class TritonLayers:
     """Every layer of a decode step as Triton kernels (see the module's docstring).
 
@@ -638,7 +634,7 @@ class TritonLayers:
         targets = a + [a[0]] * (3 - len(a))
         _lora_shrink[(rank,)](
             row, nw, sums, blocks, eps, slot, *targets, low, k, rank, TARGETS=len(a),
-            BLOCK_K=min(1024, _next_power_of_two(k)), NORM=norm is not None,
+            BLOCK_K=min(1024, gt.power_of_two(k)), NORM=norm is not None,
             NORM_P2=gt.power_of_two(blocks), PDL=self.pdl, num_warps=4,
             **gt.launch_options(self.pdl),
         )  # fmt: skip
@@ -679,7 +675,7 @@ class TritonLayers:
             return out
         _add_rms_norm[(rows,)](
             hidden, hidden if delta is None else delta, weight, out, width, stride, self.eps,
-            SHARES=shares, BLOCK=_next_power_of_two(width), PDL=self.pdl, num_warps=8,
+            SHARES=shares, BLOCK=gt.power_of_two(width), PDL=self.pdl, num_warps=8,
             **gt.launch_options(self.pdl),
         )  # fmt: skip
         return out
@@ -722,7 +718,7 @@ class TritonLayers:
         q = torch.empty((count, q_width), dtype=hidden.dtype, device=hidden.device)
         attended = torch.empty_like(q)
         keys0 = cache.keys[0]
-        group_p2 = _next_power_of_two(self.groups)
+        group_p2 = gt.power_of_two(self.groups)
         block_s = max(16, 64 // group_p2)
         splits = self.attention_splits(count)
         if splits > 1:  # the spans' outputs and log-sum-exps, reused by every layer
@@ -807,7 +803,7 @@ class TritonLayers:
         norms = 2 * len(self.weights) + 1 if norms is None else norms
         if NORM_SPLIT is None or device.type != "cuda" or gt.INTERPRETED:
             return iter([None] * norms)
-        slices = _next_power_of_two(triton.cdiv(width, NORM_SPLIT[0]))
+        slices = gt.power_of_two(triton.cdiv(width, NORM_SPLIT[0]))
         if rows * slices > 4 * self.sms:
             return iter([None] * norms)
         sums = torch.empty((norms, rows, slices), dtype=torch.float32, device=device)

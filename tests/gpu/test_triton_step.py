@@ -237,6 +237,7 @@ def test_the_split_norm_computes_the_one_program_norm(width: int, rows: int) -> 
     the residual stream exactly as `_add_rms_norm` and its norm within fp16's rounding (only
     the order of the sum of squares differs), for a width with a masked slice (576: 3 of 4)
     and many rows at once, replayed twice from a CUDA graph with the same result."""
+    from core.model import gptq_triton as gt
     from core.model import triton_step as ts
 
     if not torch.cuda.is_available():
@@ -246,7 +247,7 @@ def test_the_split_norm_computes_the_one_program_norm(width: int, rows: int) -> 
     delta = torch.randn(8, rows, width, device="cuda")
     weight = (torch.rand(width, device="cuda") + 0.5).half()
     block, warps = ts.NORM_SPLIT or (256, 2)  # (off by default until timed)
-    slices = ts._next_power_of_two(-(-width // block))
+    slices = gt.power_of_two(-(-width // block))
 
     def split() -> tuple[torch.Tensor, torch.Tensor]:
         h, out = hidden.clone(), torch.empty_like(hidden)
@@ -261,7 +262,7 @@ def test_the_split_norm_computes_the_one_program_norm(width: int, rows: int) -> 
     want_h, want = hidden.clone(), torch.empty_like(hidden)
     ts._add_rms_norm[(rows,)](
         want_h, delta, weight, want, width, delta.stride(0), 1e-5,
-        SHARES=8, BLOCK=ts._next_power_of_two(width), num_warps=8,
+        SHARES=8, BLOCK=gt.power_of_two(width), num_warps=8,
     )  # fmt: skip
     got_h, got = split()
     assert torch.equal(got_h, want_h)
