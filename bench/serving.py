@@ -81,9 +81,14 @@ def main() -> int:
     parser.add_argument(
         "--fused-norms",
         choices=("on", "off"),
-        help="CUDA, Triton step: at one row, the norms between layers (and one adapter's "
-        "terms) in the GEMVs and small kernels, or as kernels and torch products (default: "
-        "`triton_step.FUSED_NORMS`)",
+        help="CUDA, Triton step: at one row, the norms between layers in the GEMVs, or as "
+        "kernels of their own (default: `triton_step.FUSED_NORMS`, off)",
+    )
+    parser.add_argument(
+        "--adapter-kernels",
+        choices=("on", "off"),
+        help="CUDA, Triton step: one row on one adapter gets its terms from the kernels, or "
+        "from torch's products (default: `triton_step.ADAPTER_KERNELS`, on)",
     )
     parser.add_argument(
         "--norm-split",
@@ -106,7 +111,13 @@ def main() -> int:
 
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
-    if args.attention_splits is not None or args.pdl or args.fused_norms or args.norm_split:
+    if (
+        args.attention_splits is not None
+        or args.pdl
+        or args.fused_norms
+        or args.adapter_kernels
+        or args.norm_split
+    ):
         from core.model import triton_step
 
         if args.attention_splits is not None:
@@ -115,6 +126,8 @@ def main() -> int:
             triton_step.PDL = args.pdl == "on"
         if args.fused_norms is not None:
             triton_step.FUSED_NORMS = args.fused_norms == "on"
+        if args.adapter_kernels is not None:
+            triton_step.ADAPTER_KERNELS = args.adapter_kernels == "on"
         if args.norm_split is not None:
             split = None if args.norm_split == "off" else args.norm_split.split(",")
             triton_step.NORM_SPLIT = None if split is None else (int(split[0]), int(split[1]))

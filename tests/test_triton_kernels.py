@@ -225,7 +225,14 @@ def test_the_step_kernels_as_dependent_launches_compile_for_hopper_and_wait_firs
             2,
             weights,
         ),
+        "gemv, adapter's term on share 0": (gt._gemv, {**gemv, "LORA_R": 16}, 2, weights),
         "lora_shrink": (ts._lora_shrink, shrink, 4, set()),
+        "lora_shrink, x as it is": (
+            ts._lora_shrink,
+            {**shrink, "NORM": False, "NORM_P2": 1},
+            4,
+            set(),
+        ),
         "rope_write, adapter": (ts._rope_write, {**rope, "LORA_R": 16}, 1, set()),
         "add_rms_norm": (ts._add_rms_norm, norm, 8, {"weight_ptr"}),
         "add_rms_norm_split": (ts._add_rms_norm_split, norm_split, 2, {"weight_ptr"}),
@@ -337,7 +344,7 @@ def _check_whole_step(torch, tokenizer_dir: Path, work: Path) -> None:
     # layer, `FUSED_NORMS`), against the same step with the norm kernels and the plain path
     rows = rows[:1]
     rows[0] = (0, rows[0][1], 0)
-    ts.FUSED_NORMS = True  # (off by default until timed on a GPU)
+    ts.FUSED_NORMS = True  # (off by default: slower on an H100)
     layers = batch.fast.triton
     assert layers.fusable
     calls = []
@@ -356,26 +363,36 @@ def _check_whole_step(torch, tokenizer_dir: Path, work: Path) -> None:
     same = float((kernels - fused).abs().max()) / spread
     assert same < 1e-3, same
     print(f"one row, norms on the GEMVs: {error:.2e} (against the norm kernels: {same:.2e})")
-    # one row on an adapter: its terms added by the kernels (x times A in `_lora_shrink`,
-    # times B in the rotation's kernel and in o's GEMV), no adapter product of torch's
+    # one row on an adapter: its terms added by the kernels (`ADAPTER_KERNELS`: x times A in
+    # `_lora_shrink`, times B in the rotation's kernel and in o's GEMV), no adapter product of
+    # torch's; on the norm kernels (as served) and with the norms on the GEMVs
     rows[0] = (0, rows[0][1], 1)
     shrinks = []
     shrink = layers._shrink
     layers._shrink = lambda *args: shrinks.append(1) or shrink(*args)
     plain = forced("plain")
+    spread = float((plain.amax(-1) - plain.amin(-1)).mean())
+    ts.FUSED_NORMS = False
+    assert ts.ADAPTER_KERNELS  # (on by default)
     on_adapter = forced("served")
     assert len(shrinks) == 3 * 2 * 2  # q/k/v and o in each layer of each step
-    spread = float((plain.amax(-1) - plain.amin(-1)).mean())
     error = float((plain - on_adapter).abs().max()) / spread
     assert bool(on_adapter.isfinite().all()) and error < 0.01, error
-    moved = float((on_adapter - fused).abs().max()) / spread
+    moved = float((on_adapter - kernels).abs().max()) / spread
     assert moved > 10 * error, (moved, error)  # (the adapter changes the logits)
-    ts.FUSED_NORMS = False  # the same row with torch's adapter products
-    torch_terms = float((plain - forced("served")).abs().max()) / spread
     ts.FUSED_NORMS = True
-    assert error < 3 * torch_terms + 1e-3, (error, torch_terms)
+    fused_adapter = forced("served")
+    assert len(shrinks) == 2 * 3 * 2 * 2
+    fused_error = float((plain - fused_adapter).abs().max()) / spread
+    assert bool(fused_adapter.isfinite().all()) and fused_error < 0.01, fused_error
+    ts.FUSED_NORMS = ts.ADAPTER_KERNELS = False  # the same row with torch's adapter products
+    torch_terms = float((plain - forced("served")).abs().max()) / spread
+    assert len(shrinks) == 2 * 3 * 2 * 2  # (no shrink: torch's products)
+    ts.ADAPTER_KERNELS = True
+    assert max(error, fused_error) < 3 * torch_terms + 1e-3, (error, fused_error, torch_terms)
     print(
-        f"one row on an adapter, its terms in the kernels: {error:.2e} (torch's: {torch_terms:.2e})"
+        f"one row on an adapter, its terms in the kernels: {error:.2e}, with the norms on the "
+        f"GEMVs {fused_error:.2e} (torch's: {torch_terms:.2e})"
     )
     print("the Triton step agrees with the plain path")
 

@@ -516,9 +516,10 @@ if triton is not None:
         (fp16 pairs only) x is that stream, and each program makes the norm's output from it
         as it reads it: 1 / RMS from the `norm_blocks` sums of squares at `norm_sums_ptr`
         (summed in one order, so every program gets the same number), times the norm's weight
-        `nw_ptr`. With `LORA_R` (> 0, with `RESIDUAL`) the stream also gets an adapter's term:
-        its `rank` inputs `low_ptr` (x times A, `_lora_shrink`) times B.T `[slots, rank, N]`
-        at `lora_b_ptr`, of the slot `slot_ptr` holds (`_lora_expand`)."""
+        `nw_ptr`. With `LORA_R` (> 0) the output gets an adapter's term: its `rank` inputs
+        `low_ptr` (x times A, `_lora_shrink`) times B.T `[slots, rank, N]` at `lora_b_ptr`, of
+        the slot `slot_ptr` holds (`_lora_expand`); added to the stream with `RESIDUAL`, else
+        to the first share of K."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         n = pid_n * BLOCK_N * TILES + tl.arange(0, BLOCK_N)
@@ -557,9 +558,20 @@ if triton is not None:
                 acc, acc_b, x_ptr, nw_ptr, r, g, w, s, z, wb, sb, zb, GROUP, HALF2, ASM, LATE,
                 TILES, NORM,
             )  # fmt: skip
-        tl.store(out_ptr + pid_k * N + n, tl.sum(acc, axis=0), mask=n_ok)
+        col = tl.sum(acc, axis=0)
+        # (a constexpr test around a run-time one: the branch is compiled only with a term)
+        if LORA_R > 0 and not RESIDUAL:  # noqa: SIM102 (the adapter's term: on share 0)
+            if pid_k == 0:
+                col += _lora_expand(slot_ptr, low_ptr, lora_b_ptr, rank, n, n_ok, N, LORA_R)
+        tl.store(out_ptr + pid_k * N + n, col, mask=n_ok)
         if TILES == 2:
-            tl.store(out_ptr + pid_k * N + nb, tl.sum(acc_b, axis=0), mask=nb_ok)
+            col_b = tl.sum(acc_b, axis=0)
+            if LORA_R > 0 and not RESIDUAL:  # noqa: SIM102
+                if pid_k == 0:
+                    col_b += _lora_expand(
+                        slot_ptr, low_ptr, lora_b_ptr, rank, nb, nb_ok, N, LORA_R
+                    )  # fmt: skip
+            tl.store(out_ptr + pid_k * N + nb, col_b, mask=nb_ok)
         if RESIDUAL:
             tl.debug_barrier()  # (every thread's share stored before the block's count rises)
             shares = tl.num_programs(1)
@@ -787,12 +799,14 @@ def gemv(
     pdl: bool = False,
     norm: NormIn | None = None,
     residual: ResidualOut | None = None,
+    lora: LoraTerm | None = None,
 ) -> None:
     """`_gemv` of one row `x [1, K]` into `out [split, 1, N]` (fp32 when split > 1: the caller
     sums the shares); with `pdl` as a programmatic dependent launch (`pdl_available`), which
     reads its first weights while the kernel before it finishes. With `norm` (x None) the row
     is that norm's output, made as it is read; with `residual` the GEMV also adds its output
-    to that residual stream (see `_gemv`)."""
+    to that residual stream (see `_gemv`). With `lora` (or `residual.lora`) an adapter's term
+    is added to the output."""
     split, per = gemv_shares(w, cfg)
     n = w.out_features
     blocks = gemv_blocks(w, cfg)
@@ -825,7 +839,10 @@ def gemv(
     hidden, sums, counts = (out, out, out) if residual is None else (
         residual.hidden, residual.sums, residual.counts
     )  # fmt: skip
-    lora = None if residual is None else residual.lora
+    if residual is not None and residual.lora is not None:
+        if lora is not None:
+            raise ValueError("one adapter's term per GEMV")
+        lora = residual.lora
     slot, low, b, rank = out, out, out, 0  # (unread without LORA_R)
     if lora is not None:
         slot, low, b, rank = lora.slot, lora.low, lora.b, lora.b.shape[1]

@@ -22,16 +22,16 @@ costs ~2 us, as much as reading the layer's weights. Here a layer is:
 After the last layer's norm, one row's LM head is `_dense_gemv` (`LM_HEAD_GEMV`), more rows
 the model's own (cuBLAS).
 
-At one row (`FUSED_NORMS`) steps 1 and 6 run inside the GEMVs around them: o and down add
-their shares to the residual stream in their last program per block of columns and leave
+One row on one adapter gets its terms from the kernels (`ADAPTER_KERNELS`): `_lora_shrink`
+(x times A), added times B by `_rope_write` (q, k, v) and by o's GEMV. Steps 1 and 6 can also
+run inside the GEMVs around them at one row (`FUSED_NORMS`, off: measured slower): o and down
+add their shares to the residual stream in their last program per block of columns and leave
 the blocks' sums of squares, and q/k/v and gate/up make the norm from the stream as they read
-it (`gptq_triton._gemv`'s `RESIDUAL` and `NORM`). A row on one adapter then gets its terms
-from the kernels too: `_lora_shrink` (x times A), added times B by `_rope_write` (q, k, v) and
-by o's GEMV.
+it (`gptq_triton._gemv`'s `RESIDUAL` and `NORM`).
 
 The arithmetic is the fast step's: norms and the softmax in fp32, products accumulated in fp32,
 values rounded to the model's dtype where the plain path rounds them. Otherwise the LoRA terms
-of adapters (q, k, v and o) are added between the kernels by `core.model.lora`.
+of other adapter steps (q, k, v and o) are added between the kernels by `core.model.lora`.
 """
 
 from __future__ import annotations
@@ -484,12 +484,18 @@ LM_HEAD_GEMV: tuple[int, int, int] | None = (8, 512, 4)
 # Whether one row's norms between layers ride on the GEMVs around them (`gptq_triton._gemv`'s
 # `RESIDUAL` and `NORM`): o and down add their output to the residual stream and leave its sums
 # of squares, and the next GEMV makes the norm from the stream as it reads it, so a layer runs
-# no norm kernel; a row on one adapter then gets its terms from `_lora_shrink`, `_rope_write`
-# and o's GEMV. More rows, mixed adapters or bf16 keep the norm kernels. Checked on the CPU
-# through the interpreter and compiled for sm_90, but not yet timed on a GPU (no device could
-# be started in the session that wrote it): off until `bench/serving.py --fused-norms on`
-# measures it faster (BENCHMARKS.md).
+# no norm kernel. More rows, mixed adapters or bf16 keep the norm kernels. Off: slower on an
+# H100 (7B shape, one row: 373.0-374.1 tokens/s against 401.7-402.5 with the norm kernels,
+# BENCHMARKS.md, 2026-12-07): the GEMVs' longer tails cost more than the 63 kernels it saves.
 FUSED_NORMS = False
+
+# Whether one row on one adapter gets the adapter's terms from the kernels: `_lora_shrink`
+# (x times A for q/k/v and for o), added times B by `_rope_write` (q, k, v) and by o's GEMV
+# (to its first share of K), 2 small kernels a layer in place of torch's 24 (gathers, products,
+# sums, casts). One member asking in a channel with an adapter is the bot's common case. On an
+# H100 (7B shape) such a row went from 0.48x the base's tokens/s to 0.86x with the norms on
+# the GEMVs; on the norm kernels, see BENCHMARKS.md (2026-12-07).
+ADAPTER_KERNELS = True
 
 # The norms as `_add_rms_norm_split` (slices of `NORM_SPLIT[0]` per row, `NORM_SPLIT[1]` warps
 # each) on a GPU, or None: one program per row (`_add_rms_norm`, also the interpreter's).
@@ -579,18 +585,22 @@ class TritonLayers:
         w: gt.GptqWeights,
         cfg: gt.GemvConfig,
         residual: gt.ResidualOut | None = None,
+        lora: gt.LoraTerm | None = None,
     ) -> torch.Tensor:
         """`[shares, M, N]`: the GEMV's shares of K (summed by the next kernel), or one share
-        from the GEMM above its rows. x may be a norm the GEMV makes as it reads it, and the
-        GEMV may add its output to a residual stream (`_fuses_norms`)."""
+        from the GEMM above its rows. x may be a norm the GEMV makes as it reads it, the GEMV
+        may add its output to a residual stream (`_fuses_norms`), and an adapter's term to
+        its output (`lora`, one row)."""
         if isinstance(x, gt.NormIn) or x.shape[0] <= gt.GEMV_ROWS:
             row = x.hidden if isinstance(x, gt.NormIn) else x
             out = gt.partials(row, gt.gemv_shares(w, cfg)[0], w.out_features)
             if isinstance(x, gt.NormIn):
-                gt.gemv(None, w, out, cfg, self.pdl, norm=x, residual=residual)
+                gt.gemv(None, w, out, cfg, self.pdl, norm=x, residual=residual, lora=lora)
             else:
-                gt.gemv(x, w, out, cfg, self.pdl, residual=residual)
+                gt.gemv(x, w, out, cfg, self.pdl, residual=residual, lora=lora)
             return out
+        if lora is not None:
+            raise ValueError("an adapter's term rides on one row's GEMV only")
         return gt.matmul(x, w)[None]
 
     def _fuses_norms(
@@ -614,6 +624,24 @@ class TritonLayers:
             and hidden.dtype == torch.float16
             and hidden.shape[1] % 2 == 0
             and self.fusable
+        )
+
+    @staticmethod
+    def _adds_adapter(
+        count: int,
+        delta: Delta | None,
+        adapter: tuple[torch.Tensor, LoraSlots] | None,
+        fuse: bool,
+    ) -> bool:
+        """Whether this step's adapter terms come from the kernels (`ADAPTER_KERNELS`, or
+        with the norms on the GEMVs): one row (the GEMV's) on one adapter in fp16 or fp32."""
+        return (
+            delta is not None
+            and adapter is not None
+            and (fuse or ADAPTER_KERNELS)
+            and count == 1
+            and gt.GEMV_ROWS >= 1
+            and adapter[1].dtype in (torch.float16, torch.float32)
         )
 
     def _shrink(
@@ -702,7 +730,7 @@ class TritonLayers:
         hidden = batch.embed(ids).contiguous()  # [T, hidden], updated in place below
         fuse = self._fuses_norms(count, delta, hidden, adapter)
         lora = None  # (slot, slots, low of q/k/v, low of o) when the kernels add the terms
-        if fuse and delta is not None and adapter is not None:
+        if adapter is not None and self._adds_adapter(count, delta, adapter, fuse):
             slot, slots = adapter
             rank = slots.max_rank
             lows = torch.empty((4, rank), dtype=torch.float32, device=hidden.device)
@@ -766,18 +794,18 @@ class TritonLayers:
                     num_warps=1, **launch,
                 )  # fmt: skip
             last = index + 1 == layers
+            term = None
+            if lora is not None:  # the adapter's term for o, added by o's GEMV
+                slot, slots, _low, low_o = lora
+                self._shrink(attended, slot, [slots.a[index, "o_proj"]], low_o[None])
+                term = gt.LoraTerm(slot, low_o, slots.b[index, "o_proj"])
             if fuse:  # o adds itself to the stream; gate/up makes the norm from it
-                term = None
-                if lora is not None:  # (and the adapter's term for o)
-                    slot, slots, _low, low_o = lora
-                    self._shrink(attended, slot, [slots.a[index, "o_proj"]], low_o[None])
-                    term = gt.LoraTerm(slot, low_o, slots.b[index, "o_proj"])
                 o_out = gt.ResidualOut(hidden, sums[2 * index], counts[2 * index], term)
                 self._project(attended, o_w, o_cfg, o_out)
                 x = gt.NormIn(hidden, self.mlp_norms[index], self.eps, sums[2 * index])
             else:
-                o = self._project(attended, o_w, o_cfg)
-                if delta is not None:
+                o = self._project(attended, o_w, o_cfg, lora=term)
+                if delta is not None and lora is None:
                     o = gt.summed(o, torch.float32)
                     o = (o + delta(index, "o_proj", attended)).to(hidden.dtype)[None]
                 x = self._norm(hidden, o, self.mlp_norms[index], next(norms))

@@ -177,56 +177,68 @@ async def test_dependent_launches_give_the_same_step(
     assert torch.equal(without, with_pdl), difference
 
 
-async def test_the_norms_on_the_gemvs_give_the_norm_kernels_step(
+async def test_an_adapters_terms_and_norms_in_the_kernels_give_torchs_step(
     triton_app: App, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """One row (`triton_step.FUSED_NORMS`: o and down add themselves to the residual stream,
-    the next GEMV makes the norm as it reads it; on an adapter its terms are added by the
-    kernels too), graph-replayed and teacher-forced, on the base and on an adapter: the same
-    next tokens as with the norm kernels and torch's adapter products, logits within fp16's
-    rounding; and with dependent launches on and off exactly the same logits (the GEMVs'
-    counts and sums race with nothing)."""
+    """One row, graph-replayed and teacher-forced, on the base and on an adapter: with the
+    adapter's terms added by the kernels (`triton_step.ADAPTER_KERNELS`, as served) and also
+    with the norms on the GEMVs (`FUSED_NORMS`: o and down add themselves to the residual
+    stream, the next GEMV makes the norm as it reads it), the same next tokens as the norm
+    kernels with torch's adapter products, logits within fp16's rounding; and with dependent
+    launches on and off exactly the same logits (the GEMVs' counts and sums race with
+    nothing)."""
     from core.model import triton_step as ts
 
     engine = triton_app.engine
     batch = engine._batch
-    if not batch.fast.triton.fusable:
-        pytest.skip("this checkpoint's o or down GEMV runs in one share of K")
-    ref = AdapterRef("fused", "v1")
+    ref = AdapterRef("in-kernels", "v1")
     (slot,) = await load_test_adapters(engine, [ref], tmp_path, seed=6)
+    served = batch.fast.triton
+    pdl = served.pdl
+    torchs = (False, False, pdl)  # (norms on the GEMVs, adapter kernels, dependent launches)
+    variants = [torchs, (False, True, pdl), (False, True, False)]
+    if served.fusable:  # (else o's or down's GEMV runs in one share of K)
+        variants += [(True, True, pdl), (True, True, False)]
 
-    def compare(_model: Any, tokenizer: Any) -> dict[tuple[int, bool, bool], torch.Tensor]:
+    def compare(_model: Any, tokenizer: Any) -> dict[tuple, torch.Tensor]:
         ids, answer = forced_tokens(tokenizer, seed=5)
         fast = batch.fast
-        served = fast.triton
         steps = {}
         try:
-            for fused, pdl in ((False, served.pdl), (True, False), (True, served.pdl)):
+            for variant in variants:
+                fused, in_kernels, launches = variant
                 monkeypatch.setattr(ts, "FUSED_NORMS", fused)
-                monkeypatch.setattr(ts, "PDL", pdl)
+                monkeypatch.setattr(ts, "ADAPTER_KERNELS", in_kernels)
+                monkeypatch.setattr(ts, "PDL", launches)
                 fast.triton = ts.TritonLayers(fast)
                 batch.graphs.reset()
                 for on in (0, slot):
-                    steps[on, fused, pdl] = teacher_forced(batch, ids, answer, [(0, on)], "graph")
+                    steps[on, *variant] = teacher_forced(batch, ids, answer, [(0, on)], "graph")
         finally:
             fast.triton = served
             batch.graphs.reset()
         return steps
 
     steps = await engine.run_on_model(compare)
-    pdl = batch.fast.triton.pdl
     errors = []
     for on in (0, slot):
-        kernels, fused = steps[on, False, pdl], steps[on, True, pdl]
-        agree = float((kernels.argmax(-1) == fused.argmax(-1)).float().mean())
-        spread = float(kernels.amax(-1).sub(kernels.amin(-1)).mean())
-        error = float((kernels - fused).abs().max()) / spread
-        print(f"slot {on}, norms on the GEMVs vs kernels: agreement {agree:.3f}, {error:.4f}")
-        assert agree >= 0.9 and error < 0.02, (on, agree, error)
-        assert torch.equal(steps[on, True, False], fused), on
-        errors.append(error)
-    moved = float((steps[slot, True, pdl] - steps[0, True, pdl]).abs().max()) / spread
-    assert moved > 3 * max(errors) and moved > 0, (moved, errors)  # (the adapter's terms)
+        reference = steps[on, *torchs]
+        spread = float(reference.amax(-1).sub(reference.amin(-1)).mean())
+        for variant in variants[1:]:
+            got = steps[on, *variant]
+            agree = float((reference.argmax(-1) == got.argmax(-1)).float().mean())
+            error = float((reference - got).abs().max()) / spread
+            print(
+                f"slot {on}, {variant} against torch's terms and the norm kernels: "
+                f"agreement {agree:.3f}, {error:.4f}"
+            )
+            assert agree >= 0.9 and error < 0.02, (on, variant, agree, error)
+            errors.append(error)
+            fused, in_kernels, launches = variant
+            if launches:
+                assert torch.equal(steps[on, fused, in_kernels, False], got), (on, variant)
+    moved = float((steps[slot, False, True, pdl] - steps[0, False, True, pdl]).abs().max())
+    assert moved / spread > 3 * max(errors) and moved > 0, (moved, errors)  # (the terms)
     await engine.unload_adapter(ref)
 
 
@@ -246,7 +258,7 @@ def test_the_split_norm_computes_the_one_program_norm(width: int, rows: int) -> 
     hidden = torch.randn(rows, width, device="cuda").half()
     delta = torch.randn(8, rows, width, device="cuda")
     weight = (torch.rand(width, device="cuda") + 0.5).half()
-    block, warps = ts.NORM_SPLIT or (256, 2)  # (off by default until timed)
+    block, warps = ts.NORM_SPLIT or (256, 2)  # (off by default)
     slices = gt.power_of_two(-(-width // block))
 
     def split() -> tuple[torch.Tensor, torch.Tensor]:
