@@ -493,13 +493,14 @@ FUSED_NORMS = False
 # (x times A for q/k/v and for o), added times B by `_rope_write` (q, k, v) and by o's GEMV
 # (to its first share of K), 2 small kernels a layer in place of torch's 24 (gathers, products,
 # sums, casts). One member asking in a channel with an adapter is the bot's common case. On an
-# H100 (7B shape) such a row went from 0.48x the base's tokens/s to 0.86x with the norms on
-# the GEMVs; on the norm kernels, see BENCHMARKS.md (2026-12-07).
+# H100 (7B shape) such a row decodes at 354.6-354.8 tokens/s (0.88x the base), against 195.0
+# (0.49x) with torch's products (BENCHMARKS.md, 2026-12-07).
 ADAPTER_KERNELS = True
 
 # The norms as `_add_rms_norm_split` (slices of `NORM_SPLIT[0]` per row, `NORM_SPLIT[1]` warps
 # each) on a GPU, or None: one program per row (`_add_rms_norm`, also the interpreter's).
-# Not yet timed on a GPU either: off until `bench/serving.py --norm-split 256,2` measures it.
+# Off: timed on an H100 only with the norms on the GEMVs (two norm kernels a step), where it
+# changed nothing (373.0 tokens/s against 373.0-374.1); not yet with every norm a kernel.
 NORM_SPLIT: tuple[int, int] | None = None
 
 
