@@ -559,18 +559,17 @@ if triton is not None:
                 TILES, NORM,
             )  # fmt: skip
         col = tl.sum(acc, axis=0)
-        # (a constexpr test around a run-time one: the branch is compiled only with a term)
-        if LORA_R > 0 and not RESIDUAL:  # noqa: SIM102 (the adapter's term: on share 0)
-            if pid_k == 0:
-                col += _lora_expand(slot_ptr, low_ptr, lora_b_ptr, rank, n, n_ok, N, LORA_R)
+        if LORA_R > 0 and not RESIDUAL:  # the adapter's term, on the first share of K
+            col = _on_first_share(
+                col, pid_k, slot_ptr, low_ptr, lora_b_ptr, rank, n, n_ok, N, LORA_R
+            )
         tl.store(out_ptr + pid_k * N + n, col, mask=n_ok)
         if TILES == 2:
             col_b = tl.sum(acc_b, axis=0)
-            if LORA_R > 0 and not RESIDUAL:  # noqa: SIM102
-                if pid_k == 0:
-                    col_b += _lora_expand(
-                        slot_ptr, low_ptr, lora_b_ptr, rank, nb, nb_ok, N, LORA_R
-                    )  # fmt: skip
+            if LORA_R > 0 and not RESIDUAL:
+                col_b = _on_first_share(
+                    col_b, pid_k, slot_ptr, low_ptr, lora_b_ptr, rank, nb, nb_ok, N, LORA_R
+                )  # fmt: skip
             tl.store(out_ptr + pid_k * N + nb, col_b, mask=nb_ok)
         if RESIDUAL:
             tl.debug_barrier()  # (every thread's share stored before the block's count rises)
@@ -606,6 +605,16 @@ if triton is not None:
         at = b_ptr + (slot * rank + r[:, None]) * width + cols[None, :]
         b = tl.load(at, mask=r_ok[:, None] & ok[None, :], other=0.0)
         return tl.sum(low[:, None] * b.to(tl.float32), axis=0)
+
+    @triton.jit
+    def _on_first_share(
+        col, pid_k, slot_ptr, low_ptr, b_ptr, rank, cols, ok, width, R: tl.constexpr
+    ):
+        """`col` (a share of K of the output columns `cols`) plus, in the first share only,
+        the adapter's term for them (`_lora_expand`)."""
+        if pid_k == 0:
+            col += _lora_expand(slot_ptr, low_ptr, b_ptr, rank, cols, ok, width, R)
+        return col
 
     @triton.jit
     def _add_shares(

@@ -618,10 +618,7 @@ class TritonLayers:
             FUSED_NORMS
             and count == 1
             and gt.GEMV_ROWS >= 1
-            and (
-                delta is None
-                or (adapter is not None and adapter[1].dtype in (torch.float16, torch.float32))
-            )
+            and (delta is None or self._adds_adapter(count, delta, adapter, fuse=True))
             and hidden.dtype == torch.float16
             and hidden.shape[1] % 2 == 0
             and self.fusable
