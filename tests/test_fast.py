@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from core.adapters import BaseShapes, inspect_adapter
+from core.model import q4_cpu
 from core.model.batch import BatchModel
 from core.model.kernels import choose_runtime, cpu_supports_bf16
 from core.model.loader import load_for_serving
@@ -30,17 +31,30 @@ from tests.conftest import CACHE_DIR
 COMPILED = CACHE_DIR / "compiled"
 
 
-def _has_vnni() -> bool:
+def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return "avx512_vnni" in f.read()
+            return {flag for line in f if line.startswith("flags") for flag in line.split()[2:]}
     except OSError:
-        return False
+        return set()
+
+
+def _has_vnni() -> bool:
+    return "avx512_vnni" in _cpu_flags()
+
+
+def _has_avx2() -> bool:
+    return {"avx2", "fma", "f16c"} <= _cpu_flags()
 
 
 # What the served bf16 CPU step is on this machine: the C++ step, with the VNNI LM head where
 # the CPU has AVX512-VNNI (every AVX512-BF16 CPU so far does).
 EXPECTED_NATIVE = "avx512, native" + (", VNNI head" if _has_vnni() else "")
+# What the fp32 CPU step is: the dense layers' codes through the C++ step's AVX2 products (its
+# LM head VNNI's where the build has it), on any CPU with AVX2.
+EXPECTED_FP32 = (
+    "dense, native" + (", VNNI head" if _has_vnni() else ", int8 head") if _has_avx2() else "dense"
+)
 
 PROMPTS = [
     "What is the capital of France?",
@@ -62,7 +76,7 @@ def loaded(embedded_model_dir: Path) -> Iterator[tuple[Any, Any]]:
 def batch(
     loaded: tuple[Any, Any], embedded_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> BatchModel:
-    batch = BatchModel(loaded[0], 4, 256, adapter_slots=2, adapter_max_rank=8)
+    batch = BatchModel(loaded[0], 4, 256, adapter_slots=2, adapter_max_rank=8, build_dir=COMPILED)
     shapes = BaseShapes.of_model(embedded_model_dir)
     root = tmp_path_factory.mktemp("fast-adapters")
     assert batch.lora is not None
@@ -133,7 +147,7 @@ def test_fast_and_plain_paths_choose_the_same_greedy_tokens_in_fp32(
 
 def test_projections_are_fused_over_shared_memory(batch: BatchModel) -> None:
     assert batch.fast is not None
-    assert batch.decode_path == "fast (dense)"
+    assert batch.decode_path == f"fast ({EXPECTED_FP32})"  # the C++ step, where it is built
     layer = batch.layers[0]
     fused = batch.fast.layers[0].qkv
     assert fused.kind == "dense" and fused.modules == [
@@ -172,8 +186,11 @@ async def test_the_engine_serves_through_the_fast_path(session_app: Any) -> None
     engine = session_app.engine
     info = await engine.start()
     assert info.decode_path.startswith("fast (")
-    if cpu_supports_bf16():  # the served bf16 CPU path runs the C++ step, built in cache_dir
-        assert info.decode_path == f"fast ({EXPECTED_NATIVE})"
+    # The served CPU path runs the C++ step, built in cache_dir: on a bf16 CPU in bf16, on any
+    # other CPU with AVX2 in fp32.
+    if cpu_supports_bf16() or _has_avx2():
+        expected = EXPECTED_NATIVE if cpu_supports_bf16() else EXPECTED_FP32
+        assert info.decode_path == f"fast ({expected})"
         built = session_app.settings.cache_dir / "compiled"
         assert any(p.suffix == ".so" for p in built.rglob("*")), list(built.rglob("*"))
     batch = engine._batch
@@ -381,20 +398,42 @@ def test_a_build_lock_left_by_a_killed_process_does_not_stall_the_next_load(
     assert result[0].fast is not None and result[0].fast.kind == EXPECTED_NATIVE
 
 
-def test_the_cpp_step_refuses_a_row_or_position_outside_the_cache(served: BatchModel) -> None:
-    """The C++ loops index the cache and the 4-bit products' offsets without checks: a bad row
-    or position, or offsets of the wrong number, shape or type, are refused first."""
+def _native_batch(request: pytest.FixtureRequest, name: str) -> BatchModel:
+    """The fixture `name`'s batch, skipped where its C++ step is not built on this CPU."""
+    if name == "served" and not (cpu_supports_bf16() and _has_vnni()):
+        pytest.skip("the bf16 C++ step needs AVX512-BF16 and VNNI")
+    if name == "batch" and not _has_avx2():
+        pytest.skip("the fp32 C++ step needs AVX2, FMA and F16C")
+    batch = request.getfixturevalue(name)
+    assert batch.fast is not None and batch.fast.native is not None  # not silently off
+    return batch
+
+
+@pytest.mark.parametrize("name", ["batch", "served"])
+def test_the_cpp_step_refuses_a_row_or_position_outside_the_cache(
+    request: pytest.FixtureRequest, name: str
+) -> None:
+    """The C++ loops index the cache, the norms and the 4-bit products' offsets without checks:
+    a bad row or position, or norms or offsets of the wrong number, shape or type, are refused
+    first, for the bf16 and the fp32 step alike."""
+    served = _native_batch(request, name)
     fast = served.fast
     assert fast is not None and fast.native is not None
     native = fast.native
     hidden = served.embed(torch.tensor([1]))
-    if _has_vnni():
-        assert len(native.offsets) == 4 * len(served.layers)  # the step's own 4-bit products
+    assert len(native.offsets) == len(native.matrices) == 4 * len(served.layers)
 
-    def call(row: int, position: int, offsets: list[torch.Tensor] | None = None) -> Any:
+    def call(
+        row: int,
+        position: int,
+        offsets: list[torch.Tensor] | None = None,
+        norms: list[torch.Tensor] | None = None,
+    ) -> Any:
         return native.module.decode_layers(
             hidden,
-            native.weights,
+            native.norms if norms is None else norms,
+            native.matrices,
+            native.offsets if offsets is None else offsets,
             served.cache.keys,
             served.cache.values,
             fast.cos[:1],
@@ -409,19 +448,22 @@ def test_the_cpp_step_refuses_a_row_or_position_outside_the_cache(served: BatchM
             [],
             [],
             [],
-            native.offsets if offsets is None else offsets,
         )
 
     for row, position in ((0, served.cache.context), (served.cache.rows, 0), (-1, 0)):
         with pytest.raises(RuntimeError, match="outside the cache"):
             call(row, position)
-    if _has_vnni():
-        with pytest.raises(RuntimeError, match="offsets of qkv, o, gate_up, down per layer"):
-            call(0, 0, native.offsets[:-1])
-        with pytest.raises(RuntimeError, match=r"fp16 scales and offsets \[groups, 2 out\]"):
-            call(0, 0, [native.offsets[0][:, :-32].contiguous(), *native.offsets[1:]])
-        with pytest.raises(RuntimeError, match=r"fp16 scales and offsets \[groups, 2 out\]"):
-            call(0, 0, [native.offsets[0].float(), *native.offsets[1:]])
+    with pytest.raises(RuntimeError, match="offsets of qkv, o, gate_up, down per layer"):
+        call(0, 0, native.offsets[:-1])
+    with pytest.raises(RuntimeError, match=r"fp16 scales and offsets \[groups, 2 out\]"):
+        call(0, 0, [native.offsets[0][:, :-32].contiguous(), *native.offsets[1:]])
+    with pytest.raises(RuntimeError, match=r"fp16 scales and offsets \[groups, 2 out\]"):
+        call(0, 0, [native.offsets[0].float(), *native.offsets[1:]])
+    with pytest.raises(RuntimeError, match="norms per layer"):
+        call(0, 0, norms=native.norms[:-1])
+    other = torch.float32 if hidden.dtype == torch.bfloat16 else torch.bfloat16
+    with pytest.raises(RuntimeError, match="norm weights"):
+        call(0, 0, norms=[native.norms[0].to(other), *native.norms[1:]])
     assert call(0, 0).shape == hidden.shape
 
 
@@ -514,3 +556,112 @@ def test_the_vnni_lm_head_is_at_least_as_exact_as_torchs_int8_one(served: BatchM
         module.lm_head_int8(
             hidden[:, :100], head.weight_int8[:, :100].contiguous(), head._scale_f32
         )
+
+
+def _q4_matrix(
+    out: int, inputs: int, group: int, seed: int
+) -> tuple[q4_cpu.Q4Matrix, torch.Tensor, torch.Tensor]:
+    """A random 4-bit matrix in loracord's layout, its codes, and the exact fp32 weight."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (out, inputs), generator=g, dtype=torch.uint8)
+    groups = inputs // group
+    scales = (torch.rand(groups, out, generator=g) * 0.02 + 0.001).half().float()
+    zeros = torch.randint(0, 16, (groups, out), generator=g)
+    residual = (torch.rand(groups, out, generator=g) - 0.5) * scales
+    offsets = (residual - scales * zeros).half().float()  # as fp16 holds them
+    index = torch.arange(inputs) // group
+    weight = codes.float() * scales[index].T + offsets[index].T
+    return q4_cpu.pack(codes, scales, offsets, group), codes, weight
+
+
+def test_the_q4_layout_holds_codes_scales_and_offsets_exactly() -> None:
+    q, codes, weight = _q4_matrix(48, 128, 32, seed=1)
+    assert q.packed.shape == (48, 64) and q.packed.dtype == torch.uint8
+    assert q.scale_offsets.shape == (4, 96) and q.scale_offsets.dtype == torch.float16
+    assert torch.equal(q.codes(), codes) and torch.equal(q.weight(), weight)
+    other, _, other_weight = _q4_matrix(32, 128, 32, seed=2)
+    both = q4_cpu.Q4Matrix.concat([q, other])  # blocks of 16 outputs stay whole
+    assert torch.equal(both.weight(), torch.cat([weight, other_weight]))
+    with pytest.raises(ValueError, match="does not fit the layout"):
+        q4_cpu.pack(codes[:40], torch.ones(4, 40), torch.zeros(4, 40), 32)
+    with pytest.raises(ValueError, match="same inputs and group size"):
+        q4_cpu.Q4Matrix.concat([q, _q4_matrix(16, 128, 64, seed=3)[0]])
+
+
+def test_the_codes_kept_beside_the_dense_layers_are_their_weights(loaded: tuple[Any, Any]) -> None:
+    """On a CPU in fp32 the loader dequantizes every GPTQ layer once and keeps its codes for the
+    C++ step: code times scale plus offset is the dense layer's weight, every layer, within the
+    fp16 rounding of the offsets (a fraction of a percent of a quantization step)."""
+    model = loaded[0]
+    dense = [m for m in model.modules() if getattr(m, "loracord_dequantized", False)]
+    assert len(dense) == 7 * model.config.num_hidden_layers
+    for module in dense:
+        q4 = module.__dict__["loracord_q4"]
+        weight = module.weight
+        step = q4.scale_offsets.float().view(q4.scale_offsets.shape[0], -1, 2, 16)[:, :, 0]
+        assert float((q4.weight() - weight).abs().max()) <= 0.01 * float(step.max())
+
+
+@pytest.mark.parametrize(
+    ("out", "inputs", "group"), [(96, 576, 32), (80, 1536, 512), (16, 256, 128)]
+)
+def test_the_avx2_4bit_product_is_the_exact_one_within_its_int16_rounding(
+    request: pytest.FixtureRequest, out: int, inputs: int, group: int
+) -> None:
+    """`linear_q4_avx2` (fp32 x quantized to int16 per group, 4-bit codes, integer sums, the
+    offset per group) against the exact product of the same weights, for 1 to 6 rows (every
+    register blocking), an odd number of blocks of 16 outputs, and a group longer than its
+    int32 sums (512): within 1e-4 of the output's range, an error the int16 steps of x bound.
+    Bad inputs are refused."""
+    batch = _native_batch(request, "batch")
+    assert batch.fast is not None and batch.fast.native is not None
+    module = batch.fast.native.module
+    q, _, weight = _q4_matrix(out, inputs, group, seed=out + inputs)
+    torch.manual_seed(0)
+    for rows in range(1, 7):
+        x = torch.randn(rows, inputs) * torch.rand(rows, 1) * 4
+        exact = (x.double() @ weight.double().T).float()
+        got = module.linear_q4_avx2(x, q.packed, q.scale_offsets, group)
+        assert got.dtype == torch.float32 and got.shape == (rows, out)
+        error = float((got - exact).abs().max())
+        assert error <= 1e-4 * float(exact.abs().max()), (rows, error)
+    x = torch.randn(1, inputs)
+    pairs = q.scale_offsets
+    with pytest.raises(RuntimeError, match="fp32"):
+        module.linear_q4_avx2(x.bfloat16(), q.packed, pairs, group)
+    with pytest.raises(RuntimeError, match="fp16 scales and offsets"):
+        module.linear_q4_avx2(x, q.packed, pairs.float(), group)
+    with pytest.raises(RuntimeError, match="fp16 scales and offsets"):
+        module.linear_q4_avx2(x, q.packed, pairs[:, :-16].contiguous(), group)
+    with pytest.raises(RuntimeError, match="qweight"):
+        module.linear_q4_avx2(x[:, :-2], q.packed, pairs, group)
+    with pytest.raises(RuntimeError, match="groups of a multiple of 4"):
+        module.linear_q4_avx2(x, q.packed, pairs, 6)
+
+
+def test_the_fp32_int8_lm_head_is_the_int8_product(batch: BatchModel) -> None:
+    """The fp32 LM head (int8 weights, one scale per row) before and after the C++ step takes it
+    over: the slices of W converted to fp32 give the exact product, the C++ head (x in int16)
+    the same within 1e-4 of the logits' range and the same top token."""
+    from core.model.fast import Int8Linear
+
+    head = batch.lm_head
+    assert isinstance(head, Int8Linear)  # the loader's, in fp32 as in bf16
+    torch.manual_seed(0)
+    hidden = batch.norm(batch.embed(torch.randint(0, 49152, (24,))) * 8)
+    assert hidden.dtype == torch.float32
+    weight = head.weight_int8.double() * head.scale.double()[:, None]
+    exact = (hidden.double() @ weight.T).float()
+    native, head.native = head.native, None
+    try:
+        sliced = head(hidden)
+    finally:
+        head.native = native
+    assert sliced.dtype == torch.float32
+    assert float((sliced - exact).abs().max()) <= 1e-5 * float(exact.abs().max())
+    if not _has_avx2():
+        return
+    assert head.native is not None  # switched on when the C++ step was built
+    got = head(hidden)
+    assert float((got - exact).abs().max()) <= 1e-4 * float(exact.abs().max())
+    assert bool((got.argmax(-1) == exact.argmax(-1)).all())

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from core.errors import first_line
+from core.model import q4_cpu
 from core.model.residuals import correction, residual_of
 from core.model.scheduler import Segment
 
@@ -62,6 +63,8 @@ class Projection:
         # (`core.model.residuals`); None when the checkpoint has none or the product holds them
         self.residual: torch.Tensor | None = None
         self.triton: Any = None  # GptqWeights of the fused Triton product
+        # the 4-bit codes of dense layers dequantized once (`core.model.q4_cpu`), for the C++ step
+        self.q4: Any = None
         self.group = 0
         self.bias: torch.Tensor | None = None
         self._call: Callable[[torch.Tensor], torch.Tensor] = self._each
@@ -105,6 +108,13 @@ class Projection:
                 self._share("bias", bias, parameter=True)
         self.kind = "dense"
         self._call = lambda x: F.linear(x, weight, bias)
+        codes = [m.__dict__.get("loracord_q4") for m in self.modules]
+        if bias is None and all(c is not None for c in codes):
+            try:
+                self.q4 = q4_cpu.Q4Matrix.concat(codes)
+            except ValueError:
+                return
+            self.group = self.q4.group
 
     def _fuse_avx512(self) -> None:
         first = self.modules[0]
@@ -281,16 +291,20 @@ def _triton_forward(weights: Any, out_features: int) -> Callable[[torch.Tensor],
 
 
 class Int8Linear(torch.nn.Module):
-    """`x @ W.T` with W in int8 and one scale per output row: half the bytes of bf16. Serves
-    the LM head on a bf16 CPU (`core.model.loader`).
+    """`x @ W.T` with W in int8 and one scale per output row: a half of bf16's bytes, a quarter
+    of fp32's. Serves the LM head on a CPU (`core.model.loader`).
 
-    By default through `torch._weight_int8pack_mm` (bf16 activations). Once the C++ decode
-    step is built with AVX512-VNNI (`use_native`), through its `lm_head_int8`: each row of x
-    quantized to int16 with one scale (finer than bf16), then integer dot products, so reading
-    W is the whole cost (2.1x faster for one row on the 2-core CPU; at 4-8 rows register-blocked,
-    1.4-1.6x faster than it was and about torch's speed:
-    BENCHMARKS.md). Every path of the engine (plain,
-    eager, C++) calls this one module, so they keep choosing the same tokens."""
+    Once the C++ decode step is built (`use_native`), through its `lm_head_int8`: each row of x
+    quantized to int16 with one scale (finer than bf16), then integer dot products (AVX512-VNNI
+    or AVX2), so reading W is the whole cost (with VNNI 2.1x faster than torch's int8 kernel for
+    one row on the 2-core CPU; at 4-8 rows register-blocked, 1.4-1.6x faster than it was and
+    about torch's speed: BENCHMARKS.md). Before that, bf16 activations go through
+    `torch._weight_int8pack_mm`, and fp32 ones through dense products of W's rows converted a
+    slice at a time (torch's int8 kernel takes 13 ms a row in fp32 on an AVX2 CPU, this 6.6 ms
+    for one row and about fp32's own speed for many). Every path of the engine (plain, eager,
+    C++) calls this one module, so they keep choosing the same tokens."""
+
+    SLICE = 4096  # rows of W converted to fp32 at a time (9 MiB for SmolLM2's head)
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
@@ -306,7 +320,8 @@ class Int8Linear(torch.nn.Module):
 
     def use_native(self, module: Any) -> bool:
         """Serve through `module.lm_head_int8` when that build has it; True if it does."""
-        if not (module.has_vnni() and self.in_features % 32 == 0 and self.in_features <= 16384):
+        built = module.has_vnni() or module.has_avx2()
+        if not (built and self.in_features % 32 == 0 and self.in_features <= 16384):
             return False
         self.native = module
         return True
@@ -315,6 +330,12 @@ class Int8Linear(torch.nn.Module):
         flat = x.reshape(-1, x.shape[-1]).contiguous()
         if self.native is not None:
             out = self.native.lm_head_int8(flat, self.weight_int8, self._scale_f32)
+        elif flat.dtype == torch.float32:
+            out = torch.empty(flat.shape[0], self.out_features, dtype=flat.dtype)
+            for start in range(0, self.out_features, self.SLICE):
+                rows = self.weight_int8[start : start + self.SLICE].float()
+                out[:, start : start + self.SLICE] = flat @ rows.T
+            out *= self._scale_f32
         else:
             out = torch._weight_int8pack_mm(flat, self.weight_int8, self.scale)
         return out.view(*x.shape[:-1], self.out_features)
@@ -348,10 +369,13 @@ class _Layer:
 
 
 class _NativeLayers:
-    """Every layer of a decode step in one C++ call (`decode_cpu.cpp`), for the AVX512 bf16
-    CPU kernel: its small work (norms, rotation, cache writes, attention, residuals, SiLU) as
-    loops, its 4-bit products its own (AVX512-VNNI integer products on GPTQModel's packed
-    weights; GPTQModel's kernel on a CPU without VNNI).
+    """Every layer of a decode step in one C++ call (`decode_cpu.cpp`) on a CPU: its small work
+    (norms, rotation, cache writes, attention, residuals, SiLU) as loops, its 4-bit products its
+    own integer products on the codes, x quantized to int16 per group:
+    - a bf16 model (a CPU with AVX512-BF16): AVX512-VNNI products on GPTQModel's AVX512 layout,
+      as its `TorchCpuAvx512Linear` layers hold it;
+    - an fp32 model (a CPU without bf16): AVX2 products on the codes the loader kept beside the
+      dense layers it dequantized once (`core.model.q4_cpu`).
 
     Eagerly a 1-row step of the embedded model runs ~35 small torch operations per layer, a
     few microseconds of dispatch each on 2 cores: 13-17 ms a step, against 3.9-5.0 here
@@ -375,34 +399,39 @@ class _NativeLayers:
                 for target in ("q_proj", "k_proj", "v_proj", "o_proj"):
                     self.lora_a.append(batch.lora.a[index, target])
                     self.lora_b.append(batch.lora.b[index, target])
-        # With AVX512-VNNI the 4-bit products are the step's own (`linear_q4`), which take each
-        # group's scales and offsets `residual - scale * zero` in fp16 (`_scale_offsets`) of
-        # qkv, o, gate_up and down of every layer: the zero-point residuals cost nothing extra.
-        # Without VNNI, GPTQModel's kernel, for checkpoints without residuals only.
+        # The 4-bit products of qkv, o, gate_up and down of every layer: their codes, and each
+        # group's scales and offsets `residual - scale * zero` in fp16, so that the zero-point
+        # residuals cost nothing extra.
         projections = [p for x in fast.layers for p in (x.qkv, x.o, x.gate_up, x.down)]
-        self.offsets: list[torch.Tensor] = []
-        if self.module.has_vnni():
+        if batch.dtype == torch.float32:
+            if not self.module.has_avx2():
+                raise RuntimeError("its fp32 products need AVX2, FMA and F16C")
+            self.matrices = [p.q4.packed for p in projections]
+            self.offsets = [p.q4.scale_offsets for p in projections]
+        else:
+            if not self.module.has_vnni():
+                raise RuntimeError("its bf16 products need AVX512-VNNI")
+            self.matrices = [p.packed[0] for p in projections]
             self.offsets = [_scale_offsets(p) for p in projections]
-        elif any(p.residual is not None for p in projections):
-            raise RuntimeError("its zero-point residuals need AVX512-VNNI")
-        self.weights: list[torch.Tensor] = []
-        for hf, layer in zip(batch.layers, fast.layers, strict=True):
-            self.weights += [
-                hf.input_layernorm.weight,
-                *layer.qkv.packed,
-                *layer.o.packed,
-                hf.post_attention_layernorm.weight,
-                *layer.gate_up.packed,
-                *layer.down.packed,
-            ]
+        self.norms = [
+            w
+            for hf in batch.layers
+            for w in (hf.input_layernorm.weight, hf.post_attention_layernorm.weight)
+        ]
 
     @staticmethod
     def applies(fast: FastDecode) -> bool:
         batch = fast.batch
         group = fast.layers[0].qkv.group
+        projections = [p for x in fast.layers for p in (x.qkv, x.o, x.gate_up, x.down)]
+        if batch.dtype == torch.bfloat16:  # GPTQModel's AVX512 layers, fused
+            products = all(p.kind == "avx512" and p.bias is None for p in projections)
+        else:  # dense layers with their codes kept
+            products = batch.dtype == torch.float32 and all(p.q4 is not None for p in projections)
         return (
             batch.device.type == "cpu"
-            and batch.dtype == torch.bfloat16
+            and products
+            and all(p.group == group for p in projections)
             and batch.cache.keys[0].dtype == torch.float32
             and fast.head_dim <= 512
             and fast.heads % fast.kv_heads == 0
@@ -410,14 +439,9 @@ class _NativeLayers:
                 type(hf.mlp.act_fn).__name__ in ("SiLU", "SiLUActivation")
                 and type(hf.input_layernorm).__name__ in _RMS_NORMS
                 and type(hf.post_attention_layernorm).__name__ in _RMS_NORMS
-                and hf.input_layernorm.weight.dtype == torch.bfloat16
-                and hf.post_attention_layernorm.weight.dtype == torch.bfloat16
+                and hf.input_layernorm.weight.dtype == batch.dtype
+                and hf.post_attention_layernorm.weight.dtype == batch.dtype
                 for hf in batch.layers
-            )
-            and all(
-                p.kind == "avx512" and p.bias is None and p.group == group
-                for layer in fast.layers
-                for p in (layer.qkv, layer.o, layer.gate_up, layer.down)
             )
             and all(layer.q_norm is None for layer in fast.layers)
             and (batch.lora is None or batch.lora.dtype == torch.float32)
@@ -429,7 +453,9 @@ class _NativeLayers:
         batch = fast.batch
         hidden = self.module.decode_layers(
             batch.embed(ids),
-            self.weights,
+            self.norms,
+            self.matrices,
+            self.offsets,
             batch.cache.keys,
             batch.cache.values,
             fast.cos.index_select(0, positions),
@@ -444,7 +470,6 @@ class _NativeLayers:
             self.lora_a,
             self.lora_b,
             [s.slot for s in segments] if any(s.slot for s in segments) else [],
-            self.offsets,
         )
         return batch.lm_head(fast.norm(hidden))
 
@@ -460,11 +485,7 @@ def _scale_offsets(p: Projection) -> torch.Tensor:
     offsets = -scales.float() * qzeros.float()
     if p.residual is not None:
         offsets = offsets + p.residual
-    groups, out = scales.shape
-    pair = torch.stack(
-        (scales.float().view(groups, out // 16, 16), offsets.view(groups, out // 16, 16)), 2
-    )
-    return pair.reshape(groups, 2 * out).to(torch.float16).contiguous()
+    return q4_cpu.scale_offsets(scales, offsets)
 
 
 def native_module(build_dir: Path | None) -> Any:
@@ -581,7 +602,8 @@ class FastDecode:
             probe = [Segment(0, 0, [1], True)]
             before = self.step(probe).float()
             if isinstance(head, Int8Linear) and head.use_native(native.module):
-                # The VNNI head against torch's int8 kernel: the same logits within rounding.
+                # The C++ head against torch's products of the same int8 matrix: the same logits
+                # within rounding.
                 eager = self.step(probe).float()
                 error = float((eager - before).abs().max())
                 if error > 0.02 * float(before.abs().max()):
@@ -602,7 +624,7 @@ class FastDecode:
         self.build_seconds = time.monotonic() - started
         self.kind += ", native"
         if isinstance(head, Int8Linear) and head.native is not None:
-            self.kind += ", VNNI head"
+            self.kind += ", VNNI head" if head.native.has_vnni() else ", int8 head"
         log.info("C++ decode step ready in %.1f s", self.build_seconds)
 
     def _settle_kernels(self) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ModelError, first_line
+from core.model import q4_cpu
 from core.model.kernels import Runtime, cuda_serving_order, triton_takes
 from core.model.residuals import attach as attach_residuals
 from core.model.residuals import fold as fold_residual
@@ -122,7 +123,7 @@ def load_for_serving(path: Path, runtime: Runtime) -> tuple[Any, Any, float]:
         raise ModelError(f"{path} loaded without any GPTQ layers; is it really quantized?")
     torch.set_grad_enabled(False)
     _dequantize_once_if_small(model, runtime)
-    _int8_lm_head_on_bf16_cpu(model, runtime)
+    _int8_lm_head_on_cpu(model, runtime)
     return model, tokenizer, time.monotonic() - started
 
 
@@ -147,18 +148,19 @@ def _keep_only_if_triton_serves(model: Any) -> None:
     raise RuntimeError(f"loracord's Triton kernels would not serve it: {refusal}")
 
 
-def _int8_lm_head_on_bf16_cpu(model: Any, runtime: Runtime) -> None:
-    """On a bf16 CPU the LM head is the largest single read of a decode step (SmolLM2's
-    49,152 x 576 bf16: 57 MB per token, ~5 ms of a ~20 ms step on 2 cores). In int8 with a
-    scale per row it reads half (measured 5.7 -> 2.5 ms), and the embedded build's top-1
-    agreement with fp32 moved 83.6% -> 83.3% (KL 0.1080 -> 0.1083, BENCHMARKS.md). The
-    embedding keeps its own bf16 weight; the gate scores the model as served, with this head."""
+def _int8_lm_head_on_cpu(model: Any, runtime: Runtime) -> None:
+    """On a CPU the LM head is the largest single read of a decode step: SmolLM2's 49,152 x
+    576 is 57 MB per token in bf16 (~5 ms of a ~20 ms step on 2 cores) and 113 MB in fp32
+    (8.5 ms on the AVX2-only 2-core CPU). In int8 with a scale per row it reads a quarter to a
+    half of that (bf16: measured 5.7 -> 2.5 ms), and the embedded build's top-1 agreement with
+    fp32 moved 83.6% -> 83.3% (KL 0.1080 -> 0.1083, BENCHMARKS.md). The embedding keeps its own
+    weight; the gate scores the model as served, with this head."""
     import torch
 
     from core.model.fast import Int8Linear
 
     head = getattr(model, "lm_head", None)
-    if runtime.device != "cpu" or runtime.dtype != torch.bfloat16:
+    if runtime.device != "cpu" or runtime.dtype not in (torch.bfloat16, torch.float32):
         return
     if type(head) is torch.nn.Linear and head.bias is None:
         model.lm_head = Int8Linear(head.weight)
@@ -173,7 +175,9 @@ def _dequantize_once_if_small(model: Any, runtime: Runtime) -> None:
     """On a CPU in fp32 the generic `torch` kernel dequantizes every weight on every forward
     (and recompiles that for each new input shape): 0.35-0.55 s per token on the embedded
     model. When the dense weights fit `DENSE_FP32_BUDGET_BYTES`, dequantize them once: the
-    same numbers the kernel computes, at dense-matmul speed."""
+    same numbers the kernel computes, at dense-matmul speed. Each dense layer also keeps its
+    4-bit codes (`core.model.q4_cpu`, ~1/6 of the dense bytes), which decode steps read through
+    the C++ step (`core.model.fast`): a token's step then reads 5 bits per weight, not 32."""
     import torch
 
     if runtime.device != "cpu" or runtime.dtype != torch.float32:
@@ -183,20 +187,30 @@ def _dequantize_once_if_small(model: Any, runtime: Runtime) -> None:
     if not layers or dense_bytes > DENSE_FP32_BUDGET_BYTES:
         return
     names = {id(m): name for name, m in model.named_modules()}
+    packed = 0
     for layer in layers:
+        # the codes with their residual, for the C++ decode step's 4-bit products (before
+        # `fold_residual` takes the residual off the layer)
+        q4 = q4_cpu.from_gptq(layer) if q4_cpu.takes(layer) else None
         weight = type(layer).dequantize_weight(layer).to(torch.float32)  # [in, out], eager
         weight = fold_residual(layer, weight)  # the whole weight
         dense = torch.nn.Linear(
             layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta"
         )
         dense.__dict__["loracord_dequantized"] = True  # a plain flag, not a submodule
+        if q4 is not None:
+            dense.__dict__["loracord_q4"] = q4
+            packed += q4.packed.nbytes + q4.scale_offsets.nbytes
         dense.weight = torch.nn.Parameter(weight.t().contiguous(), requires_grad=False)
         if layer.bias is not None:
             dense.bias = torch.nn.Parameter(layer.bias.float().clone(), requires_grad=False)
         parent_name, _, child = names[id(layer)].rpartition(".")
         setattr(model.get_submodule(parent_name), child, dense)
     log.info(
-        "fp32 on CPU: %d GPTQ linears dequantized once (%.0f MiB)", len(layers), dense_bytes / 2**20
+        "fp32 on CPU: %d GPTQ linears dequantized once (%.0f MiB), their codes kept (%.0f MiB)",
+        len(layers),
+        dense_bytes / 2**20,
+        packed / 2**20,
     )
 
 
