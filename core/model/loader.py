@@ -191,7 +191,7 @@ def _dequantize_once_if_small(model: Any, runtime: Runtime) -> None:
     for layer in layers:
         # the codes with their residual, for the C++ decode step's 4-bit products (before
         # `fold_residual` takes the residual off the layer)
-        q4 = q4_cpu.from_gptq(layer) if q4_cpu.takes(layer) else None
+        q4 = q4_cpu.from_gptq(layer) if q4_cpu.takes(layer) and q4_cpu.cpu_runs_it() else None
         weight = type(layer).dequantize_weight(layer).to(torch.float32)  # [in, out], eager
         weight = fold_residual(layer, weight)  # the whole weight
         dense = torch.nn.Linear(
