@@ -401,38 +401,16 @@ static inline void q4_block(const uint8_t* wp, const at::Half* smp, const Q4Rows
       for (int c = 0; c < R; ++c) store_bf16x16(yp + (r + c) * out + (b + a) * 32 + hh * 16, y[a][hh][c]);
 }
 
-// y [n, out] bf16 = x [n, in] bf16 times the 4-bit matrix (see above). `scale_offsets`: fp16
-// [groups, 2 out], for each group and 16 outputs their 16 scales then their 16 offsets, so a
-// group of a block reads one cache line of them.
-at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale_offsets,
-                     int64_t group) {
-  const int64_t out = check_q4("linear_q4", x, at::kBFloat16, qweight, scale_offsets, group, 32);
-  const int64_t n = x.size(0), in = x.size(1);
-  const auto xc = x.contiguous();
-  thread_local Q4Rows rows;
-  quantize_rows<bf16>(xc.data_ptr<bf16>(), n, in, group, rows);
-  auto y = at::empty({n, out}, x.options());
-  const uint8_t* wp = qweight.data_ptr<uint8_t>();
-  const at::Half* smp = scale_offsets.data_ptr<at::Half>();
-  bf16* yp = y.data_ptr<bf16>();
-  const Q4Rows& shared = rows;  // read by every thread of the loop below
-  const int64_t blocks = out / 32;
-  at::parallel_for(0, blocks, 4, [&](int64_t begin, int64_t end) {
-    int64_t b = begin;
-    if (n == 1) {
-      for (; b + 2 <= end; b += 2) q4_block<2, 1>(wp, smp, shared, yp, in, out, group, b, 0);
-      for (; b < end; ++b) q4_block<1, 1>(wp, smp, shared, yp, in, out, group, b, 0);
-      return;
-    }
-    for (; b < end; ++b) {
-      int64_t r = 0;
-      for (; r + 4 <= n; r += 4) q4_block<1, 4>(wp, smp, shared, yp, in, out, group, b, r);
-      for (; r + 2 <= n; r += 2) q4_block<1, 2>(wp, smp, shared, yp, in, out, group, b, r);
-      for (; r < n; ++r) q4_block<1, 1>(wp, smp, shared, yp, in, out, group, b, r);
-    }
-  });
-  return y;
-}
+// The VNNI products for linear_q4_as (below): GPTQModel's layout, 32 outputs a block, bf16.
+struct VnniProducts {
+  using T = bf16;
+  static constexpr int64_t kBlock = 32;
+  template <int J, int R>
+  static void block(const uint8_t* wp, const at::Half* smp, const Q4Rows& rows, bf16* yp, int64_t in,
+                    int64_t out, int64_t group, int64_t b, int64_t r) {
+    q4_block<J, R>(wp, smp, rows, yp, in, out, group, b, r);
+  }
+};
 #endif
 
 
@@ -532,35 +510,66 @@ static inline void q4_block_avx2(const uint8_t* wp, const at::Half* smp, const Q
       for (int c = 0; c < R; ++c) _mm256_storeu_ps(yp + (r + c) * out + (b + a) * 16 + hh * 8, y[a][hh][c]);
 }
 
-// y [n, out] fp32 = x [n, in] fp32 times the 4-bit matrix in loracord's layout (see above).
-at::Tensor linear_q4_avx2(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale_offsets,
-                          int64_t group) {
-  const int64_t out = check_q4("linear_q4_avx2", x, at::kFloat, qweight, scale_offsets, group, 16);
+// The AVX2 products for linear_q4_as (below): loracord's layout, 16 outputs a block, fp32.
+struct Avx2Products {
+  using T = float;
+  static constexpr int64_t kBlock = 16;
+  template <int J, int R>
+  static void block(const uint8_t* wp, const at::Half* smp, const Q4Rows& rows, float* yp, int64_t in,
+                    int64_t out, int64_t group, int64_t b, int64_t r) {
+    q4_block_avx2<J, R>(wp, smp, rows, yp, in, out, group, b, r);
+  }
+};
+#endif
+
+// y [n, out] = x [n, in] times a 4-bit matrix, both in K::T: the front both products share.
+// `scale_offsets`: fp16 [groups, 2 out], for each group and 16 outputs their 16 scales then their
+// 16 offsets, so a group of a block reads one cache line of them. x is quantized once; each
+// thread then runs its blocks of K::kBlock outputs: one row two blocks at a time (independent
+// loads and sums), several rows four, two or one at a time per block (each weight widened once).
+template <typename K>
+at::Tensor linear_q4_as(const char* name, const at::Tensor& x, const at::Tensor& qweight,
+                        const at::Tensor& scale_offsets, int64_t group) {
+  using T = typename K::T;
+  const auto dtype = std::is_same_v<T, bf16> ? at::kBFloat16 : at::kFloat;
+  const int64_t out = check_q4(name, x, dtype, qweight, scale_offsets, group, K::kBlock);
   const int64_t n = x.size(0), in = x.size(1);
   const auto xc = x.contiguous();
   thread_local Q4Rows rows;
-  quantize_rows<float>(xc.data_ptr<float>(), n, in, group, rows);
+  quantize_rows<T>(xc.data_ptr<T>(), n, in, group, rows);
   auto y = at::empty({n, out}, x.options());
   const uint8_t* wp = qweight.data_ptr<uint8_t>();
   const at::Half* smp = scale_offsets.data_ptr<at::Half>();
-  float* yp = y.data_ptr<float>();
+  T* yp = y.data_ptr<T>();
   const Q4Rows& shared = rows;  // read by every thread of the loop below
-  const int64_t blocks = out / 16;
-  at::parallel_for(0, blocks, 4, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, out / K::kBlock, 4, [&](int64_t begin, int64_t end) {
     int64_t b = begin;
-    if (n == 1) {  // several blocks of one row: independent loads and sums
-      for (; b + 2 <= end; b += 2) q4_block_avx2<2, 1>(wp, smp, shared, yp, in, out, group, b, 0);
-      for (; b < end; ++b) q4_block_avx2<1, 1>(wp, smp, shared, yp, in, out, group, b, 0);
+    if (n == 1) {
+      for (; b + 2 <= end; b += 2) K::template block<2, 1>(wp, smp, shared, yp, in, out, group, b, 0);
+      for (; b < end; ++b) K::template block<1, 1>(wp, smp, shared, yp, in, out, group, b, 0);
       return;
     }
-    for (; b < end; ++b) {  // several rows per block: each 16 bytes of codes widened once
+    for (; b < end; ++b) {
       int64_t r = 0;
-      for (; r + 4 <= n; r += 4) q4_block_avx2<1, 4>(wp, smp, shared, yp, in, out, group, b, r);
-      for (; r + 2 <= n; r += 2) q4_block_avx2<1, 2>(wp, smp, shared, yp, in, out, group, b, r);
-      for (; r < n; ++r) q4_block_avx2<1, 1>(wp, smp, shared, yp, in, out, group, b, r);
+      for (; r + 4 <= n; r += 4) K::template block<1, 4>(wp, smp, shared, yp, in, out, group, b, r);
+      for (; r + 2 <= n; r += 2) K::template block<1, 2>(wp, smp, shared, yp, in, out, group, b, r);
+      for (; r < n; ++r) K::template block<1, 1>(wp, smp, shared, yp, in, out, group, b, r);
     }
   });
   return y;
+}
+
+#ifdef LORACORD_VNNI
+at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale_offsets,
+                     int64_t group) {
+  return linear_q4_as<VnniProducts>("linear_q4", x, qweight, scale_offsets, group);
+}
+#endif
+
+#ifdef LORACORD_AVX2
+at::Tensor linear_q4_avx2(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale_offsets,
+                          int64_t group) {
+  return linear_q4_as<Avx2Products>("linear_q4_avx2", x, qweight, scale_offsets, group);
 }
 #endif
 
