@@ -162,13 +162,70 @@ def test_projections_are_fused_over_shared_memory(batch: BatchModel) -> None:
     assert torch.allclose(fused(x), expected, atol=1e-5)
 
 
-def test_mixed_steps_and_prompt_chunks_take_the_plain_path(batch: BatchModel) -> None:
+def test_prompt_chunks_take_the_plain_path_and_decoding_rows_the_fast_one(
+    batch: BatchModel,
+) -> None:
+    """A step that reads a prompt chunk beside decoding rows runs the chunk through the plain
+    path and the rows through the fast one, each row's logits in the segments' order: the same
+    logits as each part alone."""
     before = dict(batch.paths)
     batch.step([Segment(0, 0, [1, 2, 3], True)])  # a prompt chunk
-    batch.step([Segment(0, 3, [4], True), Segment(1, 0, [1, 2], True)])  # decode + prefill
     batch.step([Segment(0, 4, [5], False)])  # no logits wanted
-    assert batch.paths["plain"] - before.get("plain", 0) == 3
+    assert batch.paths["plain"] - before.get("plain", 0) == 2
     assert batch.paths["fast"] == before.get("fast", 0)
+    batch.step([Segment(1, 0, [1, 2, 6], True), Segment(2, 0, [1, 2], False)])
+    decode, ends = Segment(1, 3, [4], True), Segment(2, 2, [6, 7], True)
+    chunks = [Segment(3, 0, [1], False), ends]
+    expected = torch.cat([batch.step([decode]), batch.plain_step(chunks)])
+    before = dict(batch.paths)
+    mixed = batch.step([decode, *chunks])  # decode + two chunks
+    assert batch.paths["plain"] - before["plain"] == 1 and batch.paths["fast"] - before["fast"] == 1
+    assert torch.equal(mixed, expected)
+
+
+@pytest.mark.parametrize(("rows", "slots"), [([0], [0]), ([1], [2]), ([2, 0, 3], [1, 0, 2])])
+def test_the_fp32_cpp_step_stays_within_its_rounding_of_the_plain_path(
+    request: pytest.FixtureRequest, loaded: tuple[Any, Any], rows: list[int], slots: list[int]
+) -> None:
+    """Logit by logit, teacher-forced on the plain path's greedy tokens: the fp32 C++ step (its
+    int16 activations, its own adapter terms) stays within 2e-3 of the logits' range of the
+    plain path over 16 steps, rows together on different adapters, and each adapter moves the
+    logits more than 10x that."""
+    batch = _native_batch(request, "batch")
+    prompts = [_ids(loaded[1], text) for text in PROMPTS[: len(rows)]]
+
+    def forced(fast: bool, decode_slots: list[int], answers: list[list[int]]) -> torch.Tensor:
+        first = [
+            batch.plain_step([Segment(row, 0, ids, True, slot)])[0]
+            for ids, row, slot in zip(prompts, rows, slots, strict=True)
+        ]
+        picks = [torch.stack(first)]
+        for i in range(16):
+            segments = [
+                Segment(row, len(ids) + i, [answer[i]], True, slot)
+                for ids, row, answer, slot in zip(prompts, rows, answers, decode_slots, strict=True)
+            ]
+            picks.append(batch.step(segments) if fast else batch.plain_step(segments))
+        return torch.stack(picks).float()  # [steps, rows, vocab]
+
+    answers = [[] for _ in rows]
+    for ids, row, slot, answer in zip(prompts, rows, slots, answers, strict=True):
+        logits = batch.plain_step([Segment(row, 0, ids, True, slot)])
+        for i in range(16):
+            answer.append(int(logits[0].argmax()))
+            segment = Segment(row, len(ids) + i, [answer[-1]], True, slot)
+            logits = batch.plain_step([segment])
+    plain = forced(False, slots, answers)
+    before = batch.paths["fast"]
+    fast = forced(True, slots, answers)
+    assert batch.paths["fast"] - before == 16
+    error = float((fast - plain).abs().max())
+    scale = float(plain.abs().max())
+    print(f"rows {rows} slots {slots}: max |fast - plain| {error:.4f} of {scale:.1f}")
+    assert error <= 2e-3 * scale, (error, scale)
+    if any(slots):
+        without = forced(True, [0] * len(rows), answers)
+        assert float((without - plain).abs().max()) > 10 * error
 
 
 def test_fast_decode_off_runs_the_plain_path(loaded: tuple[Any, Any]) -> None:

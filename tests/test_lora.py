@@ -43,7 +43,11 @@ def loaded(embedded_model_dir: Path) -> Iterator[tuple[Any, Any]]:
 
 @pytest.fixture(scope="module")
 def batch(loaded: tuple[Any, Any]) -> BatchModel:
-    return BatchModel(loaded[0], 4, 256, adapter_slots=3, adapter_max_rank=MAX_RANK)
+    """The batched forward's own LoRA arithmetic, held to PEFT's in fp32: the plain path and
+    the eager fast step. The C++ CPU step (not built here) computes its products from int16
+    activations, within 1e-4 of each output's range; tests/test_fast.py holds its adapter
+    terms to the plain path."""
+    return BatchModel(loaded[0], 4, 256, adapter_slots=3, adapter_max_rank=MAX_RANK, native=False)
 
 
 @pytest.fixture(scope="module")

@@ -77,6 +77,7 @@ class BatchModel:
         adapter_slots: int = 0,
         adapter_max_rank: int = 16,
         fast: bool = True,
+        native: bool = True,
         build_dir: Path | None = None,
     ) -> None:
         config = model.config
@@ -145,7 +146,8 @@ class BatchModel:
         # Decode-only steps (every row feeds one token: the steady state of serving) go through
         # `core.model.fast`; on a GPU replayed from CUDA graphs. `paths` counts the steps each
         # path ran, so a fallback is visible.
-        self.fast = FastDecode(self, build_dir=build_dir) if fast else None
+        # (native=False: the eager fast step alone, without the C++ or Triton step)
+        self.fast = FastDecode(self, native=native, build_dir=build_dir) if fast else None
         self.graphs = (
             CudaGraphs(self.fast) if self.fast is not None and self.device.type == "cuda" else None
         )
@@ -166,21 +168,50 @@ class BatchModel:
 
     def step(self, segments: list[Segment]) -> torch.Tensor:
         """Feed every segment; returns logits `[n, vocab]`, one row per segment that wants them,
-        in order."""
-        if (
-            self.fast is not None
-            and segments
-            and all(len(s.tokens) == 1 and s.wants_logits for s in segments)
-        ):
-            if self.graphs is not None:
-                logits = self.graphs.step(segments)
-                if logits is not None:
-                    self.paths["graph"] += 1
-                    return logits
-            self.paths["fast"] += 1
-            return self.fast.step(segments)
+        in order.
+
+        Decoding rows (one token, logits wanted) take the fast path whenever there is one. Without
+        CUDA graphs that holds in a step that reads a prompt chunk beside them too: the chunk
+        then runs through the plain path on its own (rows never interact), so a row decodes
+        through the same arithmetic whatever shares its step, and in fp32 answers exactly as it
+        would alone (the C++ CPU step's int16 activations differ from the plain path's dense
+        products in the last digits, enough to flip a near-tie). A graph writes a dummy token
+        into each row of its bucket that it does not decode, which could be the chunk's row:
+        with graphs such a step runs through the plain path whole."""
+        if self.fast is None or not segments:
+            self.paths["plain"] += 1
+            return self.plain_step(segments)
+        decoding = [len(s.tokens) == 1 and s.wants_logits for s in segments]
+        if all(decoding):
+            return self._decode(segments)
+        if not any(decoding) or self.graphs is not None:
+            self.paths["plain"] += 1
+            return self.plain_step(segments)
+        rest = self.plain_step([s for s, d in zip(segments, decoding, strict=True) if not d])
         self.paths["plain"] += 1
-        return self.plain_step(segments)
+        fast = self._decode([s for s, d in zip(segments, decoding, strict=True) if d])
+        # back in the segments' order: each decoding row has logits, a chunk only when it ends
+        picks: list[torch.Tensor] = []
+        fast_at = rest_at = 0
+        for s, d in zip(segments, decoding, strict=True):
+            if d:
+                picks.append(fast[fast_at])
+                fast_at += 1
+            elif s.wants_logits:
+                picks.append(rest[rest_at].to(fast.dtype))
+                rest_at += 1
+        return torch.stack(picks)
+
+    def _decode(self, segments: list[Segment]) -> torch.Tensor:
+        """Logits of decoding rows through CUDA graphs, else the fast step."""
+        assert self.fast is not None
+        if self.graphs is not None:
+            logits = self.graphs.step(segments)
+            if logits is not None:
+                self.paths["graph"] += 1
+                return logits
+        self.paths["fast"] += 1
+        return self.fast.step(segments)
 
     @torch.inference_mode()
     def plain_step(self, segments: list[Segment]) -> torch.Tensor:

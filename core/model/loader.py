@@ -175,7 +175,8 @@ def _dequantize_once_if_small(model: Any, runtime: Runtime) -> None:
     """On a CPU in fp32 the generic `torch` kernel dequantizes every weight on every forward
     (and recompiles that for each new input shape): 0.35-0.55 s per token on the embedded
     model. When the dense weights fit `DENSE_FP32_BUDGET_BYTES`, dequantize them once: the
-    same numbers the kernel computes, at dense-matmul speed. Each dense layer also keeps its
+    same weights the kernel computes with, at dense-matmul speed (computed in fp32 from the codes,
+    where GPTQModel's dequantize rounds them to fp16). Each dense layer also keeps its
     4-bit codes (`core.model.q4_cpu`, ~1/6 of the dense bytes), which decode steps read through
     the C++ step (`core.model.fast`): a token's step then reads 5 bits per weight, not 32."""
     import torch
@@ -189,11 +190,15 @@ def _dequantize_once_if_small(model: Any, runtime: Runtime) -> None:
     names = {id(m): name for name, m in model.named_modules()}
     packed = 0
     for layer in layers:
-        # the codes with their residual, for the C++ decode step's 4-bit products (before
-        # `fold_residual` takes the residual off the layer)
-        q4 = q4_cpu.from_gptq(layer) if q4_cpu.takes(layer) and q4_cpu.cpu_runs_it() else None
-        weight = type(layer).dequantize_weight(layer).to(torch.float32)  # [in, out], eager
-        weight = fold_residual(layer, weight)  # the whole weight
+        q4 = None
+        if q4_cpu.reads(layer):  # the weight from the codes in fp32, residual included
+            codes, scales, offsets = q4_cpu.parts(layer)
+            weight = q4_cpu.dense(codes, scales, offsets, int(layer.group_size)).t()
+            if q4_cpu.takes(layer) and q4_cpu.cpu_runs_it():  # for the C++ decode step
+                q4 = q4_cpu.pack(codes, scales, offsets, int(layer.group_size))
+        else:
+            weight = type(layer).dequantize_weight(layer).to(torch.float32)  # [in, out], eager
+            weight = fold_residual(layer, weight)  # the whole weight
         dense = torch.nn.Linear(
             layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta"
         )

@@ -109,30 +109,37 @@ def scale_offsets(scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return pair.reshape(groups, -1).to(torch.float16).contiguous()
 
 
-def takes(module: Any) -> bool:
-    """Whether a GPTQModel `torch`-kernel layer (GPTQ's own layout) packs into this layout: 4
-    bits, groups along consecutive inputs (no act-order), whole blocks of outputs, no bias (the
-    C++ step adds none)."""
+def reads(module: Any) -> bool:
+    """Whether `parts` reads a GPTQModel `torch`-kernel layer (GPTQ's own layout): 4 bits in
+    int32 words, groups along consecutive inputs (no act-order)."""
     from core.model.fast import _trivial_g_idx
 
     group = int(getattr(module, "group_size", -1))
-    out, inputs = int(module.out_features), int(module.in_features)
     return (
         int(getattr(module, "bits", 0)) == 4
         and getattr(module, "qweight", None) is not None
         and module.qweight.dtype == torch.int32
-        and getattr(module, "bias", None) is None
         and group > 0
-        and group % 4 == 0
-        and inputs % group == 0
-        and out % BLOCK == 0
+        and int(module.in_features) % group == 0
         and _trivial_g_idx(module)
     )
 
 
-def from_gptq(module: Any) -> Q4Matrix:
-    """A GPTQModel `torch`-kernel layer (`qweight [in / 8, out]`, zero points in GPTQ's v2
-    format, as that kernel computes with them) with its zero-point residuals, packed."""
+def takes(module: Any) -> bool:
+    """Whether such a layer also packs into this layout: whole blocks of outputs, groups of a
+    multiple of 4 inputs, no bias (the C++ step adds none)."""
+    return (
+        reads(module)
+        and getattr(module, "bias", None) is None
+        and int(module.group_size) % 4 == 0
+        and int(module.out_features) % BLOCK == 0
+    )
+
+
+def parts(module: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A `reads` layer's codes `[out, in]` and its fp32 scales and offsets `[groups, out]`
+    (`offset = residual - scale * zero`, its zero points in GPTQ's v2 format, as GPTQModel's
+    kernel computes with them, and its zero-point residual when it has one)."""
     from core.model import gptq_triton as gt
 
     out = int(module.out_features)
@@ -143,4 +150,20 @@ def from_gptq(module: Any) -> Q4Matrix:
     residual = residual_of(module)
     if residual is not None:
         offsets = offsets + residual
-    return pack(codes, scales, offsets, int(module.group_size))
+    return codes, scales, offsets
+
+
+def dense(
+    codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group: int
+) -> torch.Tensor:
+    """The fp32 weight `[out, in]` of `parts`: `scale * code + offset`, each product exact in
+    fp32 (an fp16 scale times a 4-bit code), one rounding in the sum. GPTQModel's own dequantize
+    computes in the scales' fp16 and was up to 1e-3 off the embedded model's fp32 weights; this
+    gives them exactly."""
+    index = torch.arange(codes.shape[1], device=codes.device) // group
+    return codes.float() * scales.T[:, index] + offsets.T[:, index]
+
+
+def from_gptq(module: Any) -> Q4Matrix:
+    """A `takes` layer, packed."""
+    return pack(*parts(module), int(module.group_size))
