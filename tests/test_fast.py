@@ -19,7 +19,7 @@ import torch
 from core.adapters import BaseShapes, inspect_adapter
 from core.model import q4_cpu
 from core.model.batch import BatchModel
-from core.model.kernels import choose_runtime, cpu_supports_bf16
+from core.model.kernels import choose_runtime, cpu_flags, cpu_supports_bf16
 from core.model.loader import load_for_serving
 from core.model.lora import read_weights
 from core.model.scheduler import Segment
@@ -31,16 +31,8 @@ from tests.conftest import CACHE_DIR
 COMPILED = CACHE_DIR / "compiled"
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return {flag for line in f if line.startswith("flags") for flag in line.split()[2:]}
-    except OSError:
-        return set()
-
-
 def _has_vnni() -> bool:
-    return "avx512_vnni" in _cpu_flags()
+    return "avx512_vnni" in cpu_flags()
 
 
 def _has_avx2() -> bool:

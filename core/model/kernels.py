@@ -7,6 +7,7 @@ Marlin are the fast serving kernels; only `torch` trains correctly there.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -101,13 +102,21 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX)."""
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's instruction-set flags, as /proc/cpuinfo lists them (none where it cannot be
+    read)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = f.read()
+            lines = [line for line in f if line.startswith("flags")]
     except OSError:
-        return False
+        return frozenset()
+    return frozenset(flag for line in lines for flag in line.split()[2:])
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX)."""
+    flags = cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

@@ -17,27 +17,21 @@ is the GGUF's own fp16 offset, exactly).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from core.model.kernels import cpu_flags
 from core.model.residuals import residual_of
 
 BLOCK = 16  # outputs per block of the layout
 
 
-@functools.cache
 def cpu_runs_it() -> bool:
     """Whether this CPU has what the C++ step's fp32 products are built with (AVX2, FMA and
     F16C): elsewhere (an ARM CPU, an x86 one older than 2013) the codes are not kept."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = {flag for line in f if line.startswith("flags") for flag in line.split()[2:]}
-    except OSError:
-        return False
-    return {"avx2", "fma", "f16c"} <= flags
+    return {"avx2", "fma", "f16c"} <= cpu_flags()
 
 
 @dataclass(frozen=True)
