@@ -193,12 +193,12 @@ def _dequantize_once_if_small(model: Any, runtime: Runtime) -> None:
         q4 = None
         if q4_cpu.reads(layer):  # the weight from the codes in fp32, residual included
             codes, scales, offsets = q4_cpu.parts(layer)
-            weight = q4_cpu.dense(codes, scales, offsets, int(layer.group_size)).t()
+            weight = q4_cpu.dense(codes, scales, offsets, int(layer.group_size))  # [out, in]
             if q4_cpu.takes(layer) and q4_cpu.cpu_runs_it():  # for the C++ decode step
                 q4 = q4_cpu.pack(codes, scales, offsets, int(layer.group_size))
         else:
             weight = type(layer).dequantize_weight(layer).to(torch.float32)  # [in, out], eager
-            weight = fold_residual(layer, weight)  # the whole weight
+            weight = fold_residual(layer, weight).t()  # the whole weight, [out, in]
         dense = torch.nn.Linear(
             layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta"
         )
@@ -206,7 +206,7 @@ def _dequantize_once_if_small(model: Any, runtime: Runtime) -> None:
         if q4 is not None:
             dense.__dict__["loracord_q4"] = q4
             packed += q4.packed.nbytes + q4.scale_offsets.nbytes
-        dense.weight = torch.nn.Parameter(weight.t().contiguous(), requires_grad=False)
+        dense.weight = torch.nn.Parameter(weight.contiguous(), requires_grad=False)
         if layer.bias is not None:
             dense.bias = torch.nn.Parameter(layer.bias.float().clone(), requires_grad=False)
         parent_name, _, child = names[id(layer)].rpartition(".")

@@ -43,10 +43,6 @@ class Q4Matrix:
     group: int
 
     @property
-    def out_features(self) -> int:
-        return int(self.packed.shape[0])
-
-    @property
     def in_features(self) -> int:
         return int(self.packed.shape[1]) * 2
 
@@ -75,10 +71,9 @@ class Q4Matrix:
         """The dense fp32 matrix `[out, in]` the products multiply by."""
         groups = self.scale_offsets.shape[0]
         pairs = self.scale_offsets.float().view(groups, -1, 2, BLOCK)
-        scales = pairs[:, :, 0].reshape(groups, -1).T  # [out, groups]
-        offsets = pairs[:, :, 1].reshape(groups, -1).T
-        index = torch.arange(self.in_features) // self.group
-        return self.codes().float() * scales[:, index] + offsets[:, index]
+        scales = pairs[:, :, 0].reshape(groups, -1)  # [groups, out]
+        offsets = pairs[:, :, 1].reshape(groups, -1)
+        return dense(self.codes(), scales, offsets, self.group)
 
 
 def pack(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group: int) -> Q4Matrix:
@@ -156,8 +151,3 @@ def dense(
     gives them exactly."""
     index = torch.arange(codes.shape[1], device=codes.device) // group
     return codes.float() * scales.T[:, index] + offsets.T[:, index]
-
-
-def from_gptq(module: Any) -> Q4Matrix:
-    """A `takes` layer, packed."""
-    return pack(*parts(module), int(module.group_size))
