@@ -93,7 +93,7 @@ def main() -> int:
                 batch.embed(ids), native.norms, native.matrices, native.offsets,
                 batch.cache.keys, batch.cache.values, cos, sin, list(range(n)),
                 [args.position] * n, fast.heads, fast.kv_heads, fast.head_dim, native.eps,
-                native.group, native.lora_a, native.lora_b, [],
+                native.group, native.lora_a, native.lora_b, [], [],
             )  # fmt: skip
 
         inputs = [torch.randn(n, w.shape[1] * 2).to(batch.dtype) for w in native.matrices]

@@ -72,9 +72,13 @@ def batch(
     shapes = BaseShapes.of_model(embedded_model_dir)
     root = tmp_path_factory.mktemp("fast-adapters")
     assert batch.lora is not None
-    for slot in (1, 2):
-        folder = write_adapter(root / str(slot), shapes, seed=slot, strength=0.15)
+    for slot in (1, 2):  # slot 2 holds rank 4 in the slots' 8 rows: the C++ step reads 4
+        rank = 8 // slot
+        folder = write_adapter(
+            root / str(slot), shapes, seed=slot, rank=rank, alpha=4.0 * rank, strength=0.15
+        )
         batch.lora.load(slot, read_weights(inspect_adapter(folder, shapes, 8)))
+    assert batch.lora.ranks == [0, 8, 4]
     return batch
 
 
@@ -272,7 +276,10 @@ def served(
     root = tmp_path_factory.mktemp("served-adapters")
     assert batch.lora is not None
     for slot in (1, 2):  # the same adapters as the fp32 `batch` fixture's
-        folder = write_adapter(root / str(slot), shapes, seed=slot, strength=0.15)
+        rank = 8 // slot
+        folder = write_adapter(
+            root / str(slot), shapes, seed=slot, rank=rank, alpha=4.0 * rank, strength=0.15
+        )
         batch.lora.load(slot, read_weights(inspect_adapter(folder, shapes, 8)))
     return batch
 
@@ -477,6 +484,8 @@ def test_the_cpp_step_refuses_a_row_or_position_outside_the_cache(
         position: int,
         offsets: list[torch.Tensor] | None = None,
         norms: list[torch.Tensor] | None = None,
+        slots: list[int] | None = None,
+        ranks: list[int] | None = None,
     ) -> Any:
         return native.module.decode_layers(
             hidden,
@@ -494,9 +503,10 @@ def test_the_cpp_step_refuses_a_row_or_position_outside_the_cache(
             fast.head_dim,
             native.eps,
             native.group,
-            [],
-            [],
-            [],
+            native.lora_a,
+            native.lora_b,
+            slots or [],
+            served.lora.ranks if ranks is None else ranks,
         )
 
     for row, position in ((0, served.cache.context), (served.cache.rows, 0), (-1, 0)):
@@ -513,7 +523,55 @@ def test_the_cpp_step_refuses_a_row_or_position_outside_the_cache(
     other = torch.float32 if hidden.dtype == torch.bfloat16 else torch.bfloat16
     with pytest.raises(RuntimeError, match="norm weights"):
         call(0, 0, norms=[native.norms[0].to(other), *native.norms[1:]])
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        call(0, 0, slots=[3])
+    with pytest.raises(RuntimeError, match="a rank per LoRA slot"):
+        call(0, 0, slots=[1], ranks=[0, 8])
+    with pytest.raises(RuntimeError, match="rank above its rows"):
+        call(0, 0, slots=[1], ranks=[0, 9, 4])
     assert call(0, 0).shape == hidden.shape
+
+
+@pytest.mark.parametrize("name", ["batch", "served"])
+def test_the_cpp_step_reads_only_a_slots_own_rank(
+    request: pytest.FixtureRequest, name: str
+) -> None:
+    """Slot 2 holds a rank-4 adapter in rank-8 slots: the C++ step reads its 4 rows and gives
+    exactly what all 8 (the last 4 zero) give, and the adapter changes the step."""
+    served = _native_batch(request, name)
+    fast = served.fast
+    assert fast is not None and fast.native is not None and served.lora is not None
+    native = fast.native
+    assert served.lora.ranks == [0, 8, 4]
+    hidden = served.embed(torch.tensor([7]))
+
+    def layers(slots: list[int], ranks: list[int]) -> torch.Tensor:
+        out = native.module.decode_layers(
+            hidden,
+            native.norms,
+            native.matrices,
+            native.offsets,
+            served.cache.keys,
+            served.cache.values,
+            fast.cos[3:4],
+            fast.sin[3:4],
+            [1],
+            [3],
+            fast.heads,
+            fast.kv_heads,
+            fast.head_dim,
+            native.eps,
+            native.group,
+            native.lora_a,
+            native.lora_b,
+            slots,
+            ranks,
+        )
+        return out
+
+    own = layers([2], [0, 8, 4])
+    assert torch.equal(own, layers([2], [0, 8, 8]))
+    assert not torch.equal(own, layers([], []))
 
 
 def _q4_layer(out: int, inputs: int, group: int, seed: int) -> dict[str, torch.Tensor]:

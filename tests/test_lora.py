@@ -255,12 +255,17 @@ def test_slots_are_preallocated_and_load_only_copies(
     assert torch.equal(slots.a[0, "q_proj"][1, :4], a)
     assert torch.equal(slots.b[0, "q_proj"][1, :4], (b * weights.scale).T)  # B.T, pre-scaled
     assert not slots.a[0, "q_proj"][1, 4:].any() and not slots.a[0, "q_proj"][0].any()
+    assert slots.ranks == [0, 4, 0]  # the rows the CPU's C++ step reads of each slot
     assert slots.plan([0, 0, 0]) is None
     with pytest.raises(ValueError):
         slots.load(3, weights)
     too_big = read_weights(_spec(adapters["a"], embedded_model_dir))
     with pytest.raises(AdapterError, match="rank"):
         LoraSlots(shapes, 1, 4, torch.float32, "cpu").load(1, too_big)
+    slots.load(2, too_big)
+    assert slots.ranks == [0, 4, too_big.rank]
+    slots.clear(1)
+    assert slots.ranks == [0, 0, too_big.rank]
 
 
 @pytest.mark.parametrize("damage", ["truncated", "nan"])

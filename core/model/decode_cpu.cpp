@@ -67,40 +67,83 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return out;
 }
 
-// LoRA: y[r, offset : offset + out] += (x[r] @ A[s].T) @ B[s].T for each token r on a slot
-// s > 0, the term rounded to T before the add (as the eager step adds it). A is
-// [slots + 1, rank, in] and bt (B transposed, pre-scaled) [slots + 1, rank, out], fp32.
-template <typename T>
-void add_lora(const T* x, int64_t in, T* y, int64_t y_stride, int64_t offset, const at::Tensor& a,
-              const at::Tensor& bt, const std::vector<int64_t>& slots) {
-  const int64_t rank = a.size(1), out = bt.size(2);
-  const float* ap = a.data_ptr<float>();
-  const float* bp = bt.data_ptr<float>();
-  std::vector<float> xf(in), low(rank), delta(out);
-  for (int64_t r = 0; r < static_cast<int64_t>(slots.size()); ++r) {
-    const int64_t s = slots[r];
-    if (s == 0) continue;
-    for (int64_t i = 0; i < in; ++i) xf[i] = static_cast<float>(x[r * in + i]);
-    const float* as = ap + s * rank * in;
-    for (int64_t j = 0; j < rank; ++j) {
-      float dot = 0.f;
+// The LoRA terms of one 4-bit product: y[r, part] += (x[r] @ A[s].T) @ B[s].T for each token r
+// on a slot s > 0, the term rounded to T before the add (as the eager step adds it). A part is
+// one projection's outputs within the product (q, k and v share qkv's x and outputs). `shrink`
+// computes low = x @ A[s].T on the calling thread before the product; the product's threads
+// then add low @ B[s].T to the outputs each of them wrote (`expand`), inside the product's own
+// parallel region: an OpenMP region costs microseconds here, more than splitting the shrink
+// saves (measured). Only each slot's first `ranks[s]` rows are read (the slots are zero-padded
+// to their largest rank): the terms' cost is those reads, which the step's weights have pushed
+// out of the caches, ~0.2 ms a step for rank 8 on the embedded model (BENCHMARKS.md).
+struct LoraPart {
+  const float* a;   // [slots + 1, max_rank, in]
+  const float* bt;  // B transposed, pre-scaled: [slots + 1, max_rank, out]
+  int64_t offset;   // the part's first output within the product
+  int64_t out;
+};
+
+struct LoraTerms {
+  std::vector<LoraPart> parts;
+  const std::vector<int64_t>* slots = nullptr;  // per token
+  const std::vector<int64_t>* ranks = nullptr;  // per slot
+  int64_t max_rank = 0;
+  std::vector<float> low;  // [parts, n, max_rank]
+
+  template <typename T>
+  void shrink(const T* x, int64_t n, int64_t in) {
+    low.assign(parts.size() * n * max_rank, 0.f);
+    thread_local std::vector<float> xf;
+    xf.resize(in);
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t s = (*slots)[r], rank = (*ranks)[s];
+      if (s == 0 || rank == 0) continue;
+      for (int64_t i = 0; i < in; ++i) xf[i] = static_cast<float>(x[r * in + i]);
+      for (size_t p = 0; p < parts.size(); ++p) {
+        const float* as = parts[p].a + s * max_rank * in;
+        float* lp = low.data() + (p * n + r) * max_rank;
+        for (int64_t j = 0; j < rank; ++j) {
+          const float* aj = as + j * in;
+          float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-      for (int64_t i = 0; i < in; ++i) dot += xf[i] * as[j * in + i];
-      low[j] = dot;
-    }
-    std::fill(delta.begin(), delta.end(), 0.f);
-    const float* bs = bp + s * rank * out;
-    for (int64_t j = 0; j < rank; ++j) {
-      const float l = low[j];
-#pragma omp simd
-      for (int64_t o = 0; o < out; ++o) delta[o] += l * bs[j * out + o];
-    }
-    T* row = y + r * y_stride + offset;
-    for (int64_t o = 0; o < out; ++o) {
-      row[o] = T(static_cast<float>(row[o]) + rounded<T>(delta[o]));
+          for (int64_t i = 0; i < in; ++i) dot += xf[i] * aj[i];
+          lp[j] = dot;
+        }
+      }
     }
   }
-}
+
+  // The terms of outputs [begin, end) of every token, added into y [n, y_stride].
+  template <typename T>
+  void expand(int64_t begin, int64_t end, T* y, int64_t y_stride, int64_t n) const {
+    thread_local std::vector<float> delta;
+    for (size_t p = 0; p < parts.size(); ++p) {
+      const LoraPart& part = parts[p];
+      const int64_t lo = std::max(begin, part.offset), hi = std::min(end, part.offset + part.out);
+      if (lo >= hi) continue;
+      const int64_t width = hi - lo;
+      delta.resize(width);
+      for (int64_t r = 0; r < n; ++r) {
+        const int64_t s = (*slots)[r], rank = (*ranks)[s];
+        if (s == 0 || rank == 0) continue;
+        const float* lp = low.data() + (p * n + r) * max_rank;
+        const float* bs = part.bt + s * max_rank * part.out + (lo - part.offset);
+        float* dp = delta.data();
+        std::fill(dp, dp + width, 0.f);
+        for (int64_t j = 0; j < rank; ++j) {
+          const float v = lp[j];
+          const float* bj = bs + j * part.out;
+#pragma omp simd
+          for (int64_t i = 0; i < width; ++i) dp[i] += v * bj[i];
+        }
+        T* row = y + r * y_stride + lo;
+        for (int64_t i = 0; i < width; ++i) {
+          row[i] = T(static_cast<float>(row[i]) + rounded<T>(dp[i]));
+        }
+      }
+    }
+  }
+};
 
 #ifdef LORACORD_VNNI
 // 16 bf16 -> fp32 (a 16-bit shift), and fp32 -> bf16 rounded to nearest even (as c10 rounds)
@@ -527,9 +570,10 @@ struct Avx2Products {
 // 16 offsets, so a group of a block reads one cache line of them. x is quantized once; each
 // thread then runs its blocks of K::kBlock outputs: one row two blocks at a time (independent
 // loads and sums), several rows four, two or one at a time per block (each weight widened once).
+// With `lora`, each thread adds the LoRA terms of the outputs it wrote (LoraTerms::expand).
 template <typename K>
 at::Tensor linear_q4_as(const char* name, const at::Tensor& x, const at::Tensor& qweight,
-                        const at::Tensor& scale_offsets, int64_t group) {
+                        const at::Tensor& scale_offsets, int64_t group, const LoraTerms* lora = nullptr) {
   using T = typename K::T;
   const auto dtype = std::is_same_v<T, bf16> ? at::kBFloat16 : at::kFloat;
   const int64_t out = check_q4(name, x, dtype, qweight, scale_offsets, group, K::kBlock);
@@ -547,14 +591,15 @@ at::Tensor linear_q4_as(const char* name, const at::Tensor& x, const at::Tensor&
     if (n == 1) {
       for (; b + 2 <= end; b += 2) K::template block<2, 1>(wp, smp, shared, yp, in, out, group, b, 0);
       for (; b < end; ++b) K::template block<1, 1>(wp, smp, shared, yp, in, out, group, b, 0);
-      return;
+    } else {
+      for (; b < end; ++b) {
+        int64_t r = 0;
+        for (; r + 4 <= n; r += 4) K::template block<1, 4>(wp, smp, shared, yp, in, out, group, b, r);
+        for (; r + 2 <= n; r += 2) K::template block<1, 2>(wp, smp, shared, yp, in, out, group, b, r);
+        for (; r < n; ++r) K::template block<1, 1>(wp, smp, shared, yp, in, out, group, b, r);
+      }
     }
-    for (; b < end; ++b) {
-      int64_t r = 0;
-      for (; r + 4 <= n; r += 4) K::template block<1, 4>(wp, smp, shared, yp, in, out, group, b, r);
-      for (; r + 2 <= n; r += 2) K::template block<1, 2>(wp, smp, shared, yp, in, out, group, b, r);
-      for (; r < n; ++r) K::template block<1, 1>(wp, smp, shared, yp, in, out, group, b, r);
-    }
+    if (lora != nullptr) lora->expand<T>(begin * K::kBlock, end * K::kBlock, yp, out, n);
   });
   return y;
 }
@@ -602,14 +647,14 @@ static void attend_head(const float* q, const float* kbase, const float* vbase, 
 // The step's 4-bit product for activations of type T.
 template <typename T>
 at::Tensor product_q4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale_offsets,
-                      int64_t group) {
+                      int64_t group, const LoraTerms* lora) {
   if constexpr (std::is_same_v<T, bf16>) {
 #ifdef LORACORD_VNNI
-    return linear_q4(x, qweight, scale_offsets, group);
+    return linear_q4_as<VnniProducts>("linear_q4", x, qweight, scale_offsets, group, lora);
 #endif
   } else {
 #ifdef LORACORD_AVX2
-    return linear_q4_avx2(x, qweight, scale_offsets, group);
+    return linear_q4_as<Avx2Products>("linear_q4_avx2", x, qweight, scale_offsets, group, lora);
 #endif
   }
   TORCH_CHECK(false, "decode_layers: this build has no 4-bit product for these activations");
@@ -624,10 +669,16 @@ at::Tensor decode_layers_as(at::Tensor hidden, const std::vector<at::Tensor>& no
                             const std::vector<int64_t>& positions, int64_t heads, int64_t kv_heads,
                             int64_t head_dim, double eps, int64_t group,
                             const std::vector<at::Tensor>& lora_a, const std::vector<at::Tensor>& lora_b,
-                            const std::vector<int64_t>& slots) {
+                            const std::vector<int64_t>& slots, const std::vector<int64_t>& ranks) {
   const int64_t n = hidden.size(0), d = hidden.size(1);
   const int64_t layers = static_cast<int64_t>(keys.size());
   const bool lora = !slots.empty();
+  LoraTerms qkv_lora, o_lora;  // q, k and v's terms in qkv's outputs; o's
+  for (LoraTerms* terms : {&qkv_lora, &o_lora}) {
+    terms->slots = &slots;
+    terms->ranks = &ranks;
+    terms->max_rank = lora ? lora_a[0].size(1) : 0;
+  }
   const int64_t groups = heads / kv_heads, half = head_dim / 2;
   const int64_t q_width = heads * head_dim, k_width = kv_heads * head_dim;
   const float scaling = 1.f / std::sqrt(static_cast<float>(head_dim));
@@ -636,21 +687,21 @@ at::Tensor decode_layers_as(at::Tensor hidden, const std::vector<at::Tensor>& no
   hidden = hidden.contiguous().clone();
   std::vector<float> qk((heads + kv_heads) * head_dim);
   at::Tensor attention = at::empty({n, q_width}, hidden.options());
-  auto product = [&](const at::Tensor& x, int64_t l, int64_t which) -> at::Tensor {
-    return product_q4<T>(x, matrices[4 * l + which], offsets[4 * l + which], group);
+  auto product = [&](const at::Tensor& x, int64_t l, int64_t which, const LoraTerms* terms) -> at::Tensor {
+    return product_q4<T>(x, matrices[4 * l + which], offsets[4 * l + which], group, terms);
+  };
+  auto part = [&](int64_t i, int64_t offset) {
+    return LoraPart{lora_a[i].data_ptr<float>(), lora_b[i].data_ptr<float>(), offset, lora_b[i].size(2)};
   };
   for (int64_t l = 0; l < layers; ++l) {
     at::Tensor x = rms_norm<T>(hidden, norms[2 * l], eps);
-    at::Tensor qkv = product(x, l, 0);
+    if (lora) {
+      qkv_lora.parts = {part(4 * l, 0), part(4 * l + 1, q_width), part(4 * l + 2, q_width + k_width)};
+      qkv_lora.shrink<T>(x.data_ptr<T>(), n, d);
+    }
+    at::Tensor qkv = product(x, l, 0, lora ? &qkv_lora : nullptr);
     const int64_t width = qkv.size(1);
     TORCH_CHECK(width == q_width + 2 * k_width, "decode_layers: q, k and v's outputs");
-    if (lora) {
-      const T* xp = x.data_ptr<T>();
-      T* yp = qkv.data_ptr<T>();
-      add_lora<T>(xp, d, yp, width, 0, lora_a[4 * l], lora_b[4 * l], slots);
-      add_lora<T>(xp, d, yp, width, q_width, lora_a[4 * l + 1], lora_b[4 * l + 1], slots);
-      add_lora<T>(xp, d, yp, width, q_width + k_width, lora_a[4 * l + 2], lora_b[4 * l + 2], slots);
-    }
     const T* qkvp = qkv.data_ptr<T>();
     float* kp = keys[l].data_ptr<float>();
     float* vp = values[l].data_ptr<float>();
@@ -696,16 +747,16 @@ at::Tensor decode_layers_as(at::Tensor hidden, const std::vector<at::Tensor>& no
         }
       });
     }
-    at::Tensor o = product(attention, l, 1);
-    TORCH_CHECK(o.size(1) == d, "decode_layers: o's outputs");
     if (lora) {
-      add_lora<T>(attention.data_ptr<T>(), q_width, o.data_ptr<T>(), d, 0, lora_a[4 * l + 3],
-                  lora_b[4 * l + 3], slots);
+      o_lora.parts = {part(4 * l + 3, 0)};
+      o_lora.shrink<T>(attention.data_ptr<T>(), n, q_width);
     }
+    at::Tensor o = product(attention, l, 1, lora ? &o_lora : nullptr);
+    TORCH_CHECK(o.size(1) == d, "decode_layers: o's outputs");
     T* hp = hidden.data_ptr<T>();
     add_into<T>(hp, o.data_ptr<T>(), n * d);
     at::Tensor x2 = rms_norm<T>(hidden, norms[2 * l + 1], eps);
-    at::Tensor gu = product(x2, l, 2);
+    at::Tensor gu = product(x2, l, 2, nullptr);
     const int64_t inner = gu.size(1) / 2;
     at::Tensor act = at::empty({n, inner}, hidden.options());
     const T* gp = gu.data_ptr<T>();
@@ -713,7 +764,7 @@ at::Tensor decode_layers_as(at::Tensor hidden, const std::vector<at::Tensor>& no
     for (int64_t r = 0; r < n; ++r) {
       silu_mul<T>(gp + r * 2 * inner, gp + r * 2 * inner + inner, actp + r * inner, inner);
     }
-    at::Tensor down = product(act, l, 3);
+    at::Tensor down = product(act, l, 3, nullptr);
     TORCH_CHECK(down.size(1) == d, "decode_layers: down's outputs");
     add_into<T>(hp, down.data_ptr<T>(), n * d);
   }
@@ -735,7 +786,7 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& norms
                          const std::vector<int64_t>& positions, int64_t heads, int64_t kv_heads,
                          int64_t head_dim, double eps, int64_t group,
                          const std::vector<at::Tensor>& lora_a, const std::vector<at::Tensor>& lora_b,
-                         const std::vector<int64_t>& slots) {
+                         const std::vector<int64_t>& slots, const std::vector<int64_t>& ranks) {
   at::NoGradGuard no_grad;
   const auto dtype = hidden.scalar_type();
   const int64_t n = hidden.size(0);
@@ -764,11 +815,21 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& norms
                     static_cast<int64_t>(lora_a.size()) == 4 * layers &&
                     static_cast<int64_t>(lora_b.size()) == 4 * layers,
                 "decode_layers: A and B.T of q, k, v, o per layer, a slot per token");
+    const int64_t d = hidden.size(1), q_width = heads * head_dim, k_width = kv_heads * head_dim;
     for (int64_t i = 0; i < 4 * layers; ++i) {
+      const int64_t in = i % 4 == 3 ? q_width : d;
+      const int64_t out = i % 4 == 0 ? q_width : i % 4 == 3 ? d : k_width;
       TORCH_CHECK(lora_a[i].scalar_type() == at::kFloat && lora_b[i].scalar_type() == at::kFloat &&
-                      lora_a[i].is_contiguous() && lora_b[i].is_contiguous() &&
-                      lora_a[i].size(0) == lora_b[i].size(0) && lora_a[i].size(1) == lora_b[i].size(1),
-                  "decode_layers: fp32 LoRA slots [slots + 1, rank, in|out]");
+                      lora_a[i].is_contiguous() && lora_b[i].is_contiguous() && lora_a[i].dim() == 3 &&
+                      lora_b[i].dim() == 3 && lora_a[i].sizes().slice(0, 2) == lora_a[0].sizes().slice(0, 2) &&
+                      lora_b[i].sizes().slice(0, 2) == lora_a[0].sizes().slice(0, 2) &&
+                      lora_a[i].size(2) == in && lora_b[i].size(2) == out,
+                  "decode_layers: fp32 LoRA slots [slots + 1, rank, in|out] of q, k, v and o");
+    }
+    TORCH_CHECK(static_cast<int64_t>(ranks.size()) == lora_a[0].size(0),
+                "decode_layers: a rank per LoRA slot");
+    for (int64_t rank : ranks) {
+      TORCH_CHECK(rank >= 0 && rank <= lora_a[0].size(1), "decode_layers: a slot's rank above its rows");
     }
     for (int64_t r = 0; r < n; ++r) {
       TORCH_CHECK(slots[r] >= 0 && slots[r] < lora_a[0].size(0), "decode_layers: slot out of range");
@@ -787,10 +848,10 @@ at::Tensor decode_layers(at::Tensor hidden, const std::vector<at::Tensor>& norms
   }
   if (dtype == at::kBFloat16) {
     return decode_layers_as<bf16>(hidden, norms, matrices, offsets, keys, values, cos, sin, rows, positions,
-                                  heads, kv_heads, head_dim, eps, group, lora_a, lora_b, slots);
+                                  heads, kv_heads, head_dim, eps, group, lora_a, lora_b, slots, ranks);
   }
   return decode_layers_as<float>(hidden, norms, matrices, offsets, keys, values, cos, sin, rows, positions,
-                                 heads, kv_heads, head_dim, eps, group, lora_a, lora_b, slots);
+                                 heads, kv_heads, head_dim, eps, group, lora_a, lora_b, slots, ranks);
 }
 
 namespace {

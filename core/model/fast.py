@@ -471,6 +471,7 @@ class _NativeLayers:
             self.lora_a,
             self.lora_b,
             [s.slot for s in segments] if any(s.slot for s in segments) else [],
+            batch.lora.ranks if batch.lora is not None else [],
         )
         return batch.lm_head(fast.norm(hidden))
 

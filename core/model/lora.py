@@ -137,6 +137,10 @@ class LoraSlots:
                     slots + 1, max_rank, fan_out, dtype=dtype, device=self.device
                 )
         self._slot_views: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        # Each slot's rank (0: empty): its rows past it are zero, and the CPU's C++ step skips
+        # them (`core.model.fast`). Set after a load's copy, so it never covers rows not yet
+        # written; the other paths compute every slot at `max_rank`.
+        self.ranks = [0] * (slots + 1)
 
     @property
     def nbytes(self) -> int:
@@ -194,6 +198,7 @@ class LoraSlots:
                 self.clear(slot)
                 raise
         torch._foreach_mul_(scaled, weights.scale)  # B held pre-scaled: no scaling per step
+        self.ranks[slot] = weights.rank
 
     def _views(self, slot: int, rank: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The first `rank` rows of A and of B.T of slot `slot`, for every projection in the
@@ -211,6 +216,7 @@ class LoraSlots:
         self._check_slot(slot)
         a_whole, b_whole = self._views(slot, self.max_rank)
         torch._foreach_zero_(a_whole + b_whole)
+        self.ranks[slot] = 0
 
     def plan(self, token_slots: list[int]) -> LoraStep | None:
         """How one step applies the adapters, given each token's slot; None when every token
