@@ -447,6 +447,7 @@ static inline void q4_block(const uint8_t* wp, const at::Half* smp, const Q4Rows
 // The VNNI products for linear_q4_as (below): GPTQModel's layout, 32 outputs a block, bf16.
 struct VnniProducts {
   using T = bf16;
+  static constexpr int kRows = 4;
   static constexpr int64_t kBlock = 32;
   template <int J, int R>
   static void block(const uint8_t* wp, const at::Half* smp, const Q4Rows& rows, bf16* yp, int64_t in,
@@ -557,6 +558,14 @@ static inline void q4_block_avx2(const uint8_t* wp, const at::Half* smp, const Q
 struct Avx2Products {
   using T = float;
   static constexpr int64_t kBlock = 16;
+  // The most rows a block multiplies at once. Four rows keep 8 int32 sums, 4 broadcasts of x and
+  // the codes live in the inner loop: more than AVX2's 16 ymm registers (spilled, slower than
+  // two rows twice), within the 32 an AVX512 CPU gives the same code.
+#ifdef __AVX512VL__
+  static constexpr int kRows = 4;
+#else
+  static constexpr int kRows = 2;
+#endif
   template <int J, int R>
   static void block(const uint8_t* wp, const at::Half* smp, const Q4Rows& rows, float* yp, int64_t in,
                     int64_t out, int64_t group, int64_t b, int64_t r) {
@@ -569,7 +578,7 @@ struct Avx2Products {
 // `scale_offsets`: fp16 [groups, 2 out], for each group and 16 outputs their 16 scales then their
 // 16 offsets, so a group of a block reads one cache line of them. x is quantized once; each
 // thread then runs its blocks of K::kBlock outputs: one row two blocks at a time (independent
-// loads and sums), several rows four, two or one at a time per block (each weight widened once).
+// loads and sums), several rows up to K::kRows at a time per block (each weight widened once).
 // With `lora`, each thread adds the LoRA terms of the outputs it wrote (LoraTerms::expand).
 template <typename K>
 at::Tensor linear_q4_as(const char* name, const at::Tensor& x, const at::Tensor& qweight,
@@ -594,7 +603,9 @@ at::Tensor linear_q4_as(const char* name, const at::Tensor& x, const at::Tensor&
     } else {
       for (; b < end; ++b) {
         int64_t r = 0;
-        for (; r + 4 <= n; r += 4) K::template block<1, 4>(wp, smp, shared, yp, in, out, group, b, r);
+        if constexpr (K::kRows >= 4) {
+          for (; r + 4 <= n; r += 4) K::template block<1, 4>(wp, smp, shared, yp, in, out, group, b, r);
+        }
         for (; r + 2 <= n; r += 2) K::template block<1, 2>(wp, smp, shared, yp, in, out, group, b, r);
         for (; r < n; ++r) K::template block<1, 1>(wp, smp, shared, yp, in, out, group, b, r);
       }
