@@ -465,13 +465,53 @@ def _native_batch(request: pytest.FixtureRequest, name: str) -> BatchModel:
     return batch
 
 
+def _decode_layers(
+    batch: BatchModel,
+    hidden: torch.Tensor,
+    row: int,
+    position: int,
+    rotation: int,
+    offsets: list[torch.Tensor] | None = None,
+    norms: list[torch.Tensor] | None = None,
+    slots: list[int] | None = None,
+    ranks: list[int] | None = None,
+) -> Any:
+    """The C++ step's layers for one token on `row` at `position`, rotated as position
+    `rotation`, with the batch's own arguments unless given."""
+    fast = batch.fast
+    assert fast is not None and fast.native is not None and batch.lora is not None
+    native = fast.native
+    return native.module.decode_layers(
+        hidden,
+        native.norms if norms is None else norms,
+        native.matrices,
+        native.offsets if offsets is None else offsets,
+        batch.cache.keys,
+        batch.cache.values,
+        fast.cos[rotation : rotation + 1],
+        fast.sin[rotation : rotation + 1],
+        [row],
+        [position],
+        fast.heads,
+        fast.kv_heads,
+        fast.head_dim,
+        native.eps,
+        native.group,
+        native.lora_a,
+        native.lora_b,
+        slots or [],
+        batch.lora.ranks if ranks is None else ranks,
+    )
+
+
 @pytest.mark.parametrize("name", ["batch", "served"])
 def test_the_cpp_step_refuses_a_row_or_position_outside_the_cache(
     request: pytest.FixtureRequest, name: str
 ) -> None:
     """The C++ loops index the cache, the norms and the 4-bit products' offsets without checks:
-    a bad row or position, or norms or offsets of the wrong number, shape or type, are refused
-    first, for the bf16 and the fp32 step alike."""
+    a bad row or position, norms or offsets of the wrong number, shape or type, a slot out of
+    range, or adapter ranks of the wrong number or above the slots' rows, are refused first,
+    for the bf16 and the fp32 step alike."""
     served = _native_batch(request, name)
     fast = served.fast
     assert fast is not None and fast.native is not None
@@ -487,27 +527,7 @@ def test_the_cpp_step_refuses_a_row_or_position_outside_the_cache(
         slots: list[int] | None = None,
         ranks: list[int] | None = None,
     ) -> Any:
-        return native.module.decode_layers(
-            hidden,
-            native.norms if norms is None else norms,
-            native.matrices,
-            native.offsets if offsets is None else offsets,
-            served.cache.keys,
-            served.cache.values,
-            fast.cos[:1],
-            fast.sin[:1],
-            [row],
-            [position],
-            fast.heads,
-            fast.kv_heads,
-            fast.head_dim,
-            native.eps,
-            native.group,
-            native.lora_a,
-            native.lora_b,
-            slots or [],
-            served.lora.ranks if ranks is None else ranks,
-        )
+        return _decode_layers(served, hidden, row, position, 0, offsets, norms, slots, ranks)
 
     for row, position in ((0, served.cache.context), (served.cache.rows, 0), (-1, 0)):
         with pytest.raises(RuntimeError, match="outside the cache"):
@@ -539,35 +559,11 @@ def test_the_cpp_step_reads_only_a_slots_own_rank(
     """Slot 2 holds a rank-4 adapter in rank-8 slots: the C++ step reads its 4 rows and gives
     exactly what all 8 (the last 4 zero) give, and the adapter changes the step."""
     served = _native_batch(request, name)
-    fast = served.fast
-    assert fast is not None and fast.native is not None and served.lora is not None
-    native = fast.native
-    assert served.lora.ranks == [0, 8, 4]
+    assert served.lora is not None and served.lora.ranks == [0, 8, 4]
     hidden = served.embed(torch.tensor([7]))
 
     def layers(slots: list[int], ranks: list[int]) -> torch.Tensor:
-        out = native.module.decode_layers(
-            hidden,
-            native.norms,
-            native.matrices,
-            native.offsets,
-            served.cache.keys,
-            served.cache.values,
-            fast.cos[3:4],
-            fast.sin[3:4],
-            [1],
-            [3],
-            fast.heads,
-            fast.kv_heads,
-            fast.head_dim,
-            native.eps,
-            native.group,
-            native.lora_a,
-            native.lora_b,
-            slots,
-            ranks,
-        )
-        return out
+        return _decode_layers(served, hidden, 1, 3, 3, slots=slots, ranks=ranks)
 
     own = layers([2], [0, 8, 4])
     assert torch.equal(own, layers([2], [0, 8, 8]))
